@@ -1,0 +1,8 @@
+"""zobench: reproduce zeroth-order and first-order LLM fine-tuning benchmarks."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("zobench")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"

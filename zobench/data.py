@@ -1,0 +1,125 @@
+"""Where a task's rows come from (hub, a local folder, or the bundled samples) and MeZO's sampling.
+
+Sources, picked by the task config:
+  task.samples=true   the small hand-written files in tasks/samples/<task>/ (explicit choice only)
+  task.data_dir=DIR   split files train/validation/test as .jsonl/.json/.parquet/.csv, or a
+                      `save_to_disk` folder, with the dataset's own columns
+  (neither)           the hub: datasets.load_dataset(hub.path, hub.name)
+A real run never falls back to the samples: an unreachable hub is an error that says what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ZobenchError
+from .paths import tasks_dir
+
+log = logging.getLogger(__name__)
+
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class Splits:
+    """Rows sampled by MeZO's protocol; `source` says where they were read from."""
+
+    train: list[dict[str, Any]]
+    dev: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    source: str
+
+
+def load_split_pools(task: dict[str, Any]):
+    """The task's train and test pools as `datasets.Dataset`s (columns checked), and a description."""
+    if task.get("samples") and task.get("data_dir"):
+        raise ZobenchError("choose one data source: task.samples=true or task.data_dir=DIR, not both")
+    if task.get("samples"):
+        folder = tasks_dir() / "samples" / task["name"]
+        pools = {role: _read_local(folder, split) for role, split in task["splits"].items()}
+        source = f"bundled samples {folder}"
+    elif task.get("data_dir"):
+        folder = Path(str(task["data_dir"])).expanduser()
+        if not folder.is_dir():
+            raise ZobenchError(f"task.data_dir={folder} is not a folder")
+        pools = {role: _read_local(folder, split) for role, split in task["splits"].items()}
+        source = f"local folder {folder}"
+    else:
+        pools = {role: _read_hub(task, split) for role, split in task["splits"].items()}
+        source = f"hub dataset {task['hub']['path']}/{task['hub'].get('name')}"
+    for role, pool in pools.items():
+        missing = [c for c in task["columns"] if c not in pool.column_names]
+        if missing:
+            where = getattr(pool, "_zobench_file", source)
+            raise ZobenchError(
+                f"{where} ({role} split) lacks column '{missing[0]}' that task '{task['name']}' needs; "
+                f"it has: {', '.join(pool.column_names)}"
+            )
+    return pools, source
+
+
+def _read_local(folder: Path, split: str):
+    import datasets
+
+    if (folder / "dataset_dict.json").exists():  # a DatasetDict written by save_to_disk
+        saved = datasets.load_from_disk(str(folder))
+        if split not in saved:
+            raise ZobenchError(f"{folder} (save_to_disk) has no split '{split}'; it has: {', '.join(saved)}")
+        return saved[split]
+    for suffix, builder in FILE_FORMATS.items():
+        path = folder / f"{split}{suffix}"
+        if path.exists():
+            datasets.disable_progress_bars()  # a local file loads in a blink: no bars
+            try:
+                pool = datasets.load_dataset(builder, data_files=str(path), split="train")
+            except Exception as error:
+                raise ZobenchError(f"could not read {path} as {builder}: {error}") from error
+            finally:
+                datasets.enable_progress_bars()
+            pool._zobench_file = str(path)
+            return pool
+    wanted = ", ".join(f"{split}{suffix}" for suffix in FILE_FORMATS)
+    raise ZobenchError(f"no '{split}' split in {folder}: looked for {wanted} or a save_to_disk folder")
+
+
+def _read_hub(task: dict[str, Any], split: str):
+    import datasets
+
+    hub = task["hub"]
+    try:
+        return datasets.load_dataset(hub["path"], hub.get("name"), split=split)
+    except Exception as error:  # connection, missing dataset, offline mode: all mean "not reachable"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ZobenchError(
+            f"could not load dataset {hub['path']}/{hub.get('name')} split '{split}' from the hub ({reason}); "
+            f"offline, set task.data_dir=DIR (files {split}.jsonl etc. in the dataset's columns) "
+            f"or task.samples=true for the bundled samples"
+        ) from error
+
+
+def sample_splits(pools, n_train: int, n_dev: int, n_test: int, seed: int, source: str) -> Splits:
+    """MeZO's protocol (large_models/tasks.py sample_subset; run.py main).
+
+    Train and dev: one seeded permutation of the train pool, the first n_train + n_dev rows; dev is the
+    *last* n_dev of them, so a small pool shrinks train, not dev. Test: the same seed's permutation of
+    the test pool (the dataset's validation split), first n_test rows.
+    """
+    train_pool, test_pool = pools["train"], pools["test"]
+    train_rows = _permuted_subset(train_pool, n_train + n_dev, seed)
+    if n_train + n_dev > len(train_pool):
+        log.warning("n_train + n_dev = %d > %d training rows: train shrinks to %d",
+                    n_train + n_dev, len(train_pool), max(len(train_pool) - n_dev, 0))
+    dev = train_rows[len(train_rows) - n_dev:] if n_dev else []
+    train = train_rows[: len(train_rows) - len(dev)]
+    test = _permuted_subset(test_pool, n_test, seed)
+    return Splits(train=train, dev=dev, test=test, source=source)
+
+
+def _permuted_subset(pool, count: int, seed: int) -> list[dict[str, Any]]:
+    order = np.random.RandomState(seed).permutation(len(pool))[:count]
+    return [pool[int(i)] for i in order]

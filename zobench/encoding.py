@@ -1,0 +1,106 @@
+"""Examples -> token ids (MeZO's rules) -> padded batches.
+
+MeZO (large_models/utils.py encode_prompt): the prompt and each prompt+candidate text are tokenized
+standalone (with BOS), both with trailing spaces stripped; the candidate's tokens are the last
+len(full) - len(prompt) tokens of the full sequence. Over-long sequences lose tokens from the left,
+after the BOS, so the answer part is never cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .tasks import Example
+
+
+@dataclass
+class EncodedExample:
+    sequences: list[list[int]]  # one per candidate: prompt + candidate (for generation: + gold target)
+    option_lens: list[int]  # tokens at the end of each sequence that belong to the candidate
+    gold: list[Any]  # candidate indices (candidate tasks) or gold answer texts (generation)
+    prompt_ids: list[int]  # the prompt alone, for generation
+    truncated: bool
+
+    @property
+    def train_index(self) -> int:
+        """The sequence a teacher-forced loss trains on: the (first) correct candidate."""
+        return self.gold[0] if self.gold and isinstance(self.gold[0], int) else 0
+
+
+class Encoder:
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.bos = tokenizer.bos_token_id
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def _truncate(self, ids: list[int], limit: int) -> tuple[list[int], bool]:
+        if len(ids) <= limit:
+            return ids, False
+        if self.bos is not None and ids and ids[0] == self.bos:
+            return [ids[0]] + ids[len(ids) - (limit - 1):], True
+        return ids[len(ids) - limit:], True
+
+    def encode(self, example: Example, generation_room: int = 0) -> EncodedExample:
+        prompt = example.prompt.strip(" ")
+        prompt_ids = self._ids(prompt)
+        sequences, option_lens, truncated = [], [], False
+        for candidate in example.candidates:
+            full = self._ids((prompt + candidate).strip(" "))
+            option_len = max(len(full) - len(prompt_ids), 1)
+            full, cut = self._truncate(full, self.max_length)
+            sequences.append(full)
+            option_lens.append(min(option_len, len(full) - 1))
+            truncated |= cut
+        # Generation keeps room for the new tokens (MeZO: max_length - max_new_tokens).
+        prompt_ids, cut = self._truncate(prompt_ids, self.max_length - generation_room)
+        return EncodedExample(sequences, option_lens, example.gold, prompt_ids, truncated or cut)
+
+
+@dataclass
+class SequenceBatch:
+    """Right-padded sequences; option_mask marks the tokens whose log-probs are scored."""
+
+    input_ids: torch.Tensor  # [N, T]
+    attention_mask: torch.Tensor  # [N, T]
+    option_mask: torch.Tensor  # [N, T] bool
+    example_index: torch.Tensor  # [N]: which example each sequence belongs to
+    candidate_index: torch.Tensor  # [N]: which candidate of its example
+    gold: torch.Tensor  # [B]: each example's (first) correct candidate
+    classification: bool  # all candidates of each example (True) or only the correct one (False)
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.gold.shape[0])
+
+    def to(self, device) -> "SequenceBatch":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return SequenceBatch(**moved)
+
+
+def collate(examples: Sequence[EncodedExample], pad_id: int, classification: bool,
+            pad_to_multiple: int = 8) -> SequenceBatch:
+    rows, example_index, candidate_index = [], [], []
+    for i, example in enumerate(examples):
+        chosen = range(len(example.sequences)) if classification else [example.train_index]
+        for c in chosen:
+            rows.append((example.sequences[c], example.option_lens[c]))
+            example_index.append(i)
+            candidate_index.append(c)
+    width = max(len(ids) for ids, _ in rows)
+    width = -(-width // pad_to_multiple) * pad_to_multiple
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    option = torch.zeros((len(rows), width), dtype=torch.bool)
+    for r, (ids, option_len) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention[r, : len(ids)] = 1
+        option[r, len(ids) - option_len: len(ids)] = True
+    gold = torch.tensor([e.train_index for e in examples], dtype=torch.long)
+    return SequenceBatch(input_ids, attention, option, torch.tensor(example_index),
+                         torch.tensor(candidate_index), gold, classification)

@@ -1,0 +1,13 @@
+"""Errors the user can fix: the CLI prints their message as one line, without a traceback."""
+
+
+class ZobenchError(Exception):
+    """Bad input or an unreachable resource; the message says what went wrong and how to fix it."""
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """The run was stopped by Ctrl-C or SIGTERM."""

@@ -1,0 +1,82 @@
+"""Evaluation: candidate scoring (argmax of log-likelihood) or greedy generation, plus the dev loss."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .encoding import EncodedExample, collate
+from .metrics import accuracy, generation_metrics
+from .objective import Objective, candidate_scores, loss_from_logprobs
+
+MAX_NEW_TOKENS = 50  # MeZO run.py: greedy, at most 50 new tokens, stop at a newline
+
+
+def evaluate(objective: Objective, examples: Sequence[EncodedExample], *, kind: str, metric: str,
+             tokenizer, classification: bool, batch_size: int, score: str = "mean",
+             device=None) -> dict[str, Any]:
+    """Returns {"metric": value of the task's metric, "loss": the training loss on these examples, ...}."""
+    if not examples:
+        return {"metric": None, "loss": None}
+    model = objective.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if kind == "generation":
+                result = _generation(objective, examples, tokenizer, batch_size, device)
+            else:
+                result = _candidates(objective, examples, tokenizer, classification, batch_size, score, device)
+    finally:
+        model.train(was_training)
+    result["metric"] = result[metric]
+    return result
+
+
+def _candidates(objective, examples, tokenizer, classification, batch_size, score, device):
+    predictions, losses, weights = [], [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start: start + batch_size]
+        batch = collate(chunk, tokenizer.pad_token_id, classification=True).to(device)
+        sums, counts = objective.option_logprobs(batch)
+        predictions += candidate_scores(batch, sums, counts, score).argmax(dim=1).tolist()
+        if classification:
+            losses.append(float(loss_from_logprobs(batch, sums, counts)))
+            weights.append(len(chunk))
+        else:  # teacher-forced loss of the correct candidates only, averaged over their tokens
+            gold_rows = batch.candidate_index == batch.gold[batch.example_index]
+            losses.append(-float(sums[gold_rows].sum()))
+            weights.append(int(counts[gold_rows].sum()))
+    loss = (sum(l * w for l, w in zip(losses, weights)) / sum(weights)) if classification \
+        else sum(losses) / max(sum(weights), 1)
+    return {"accuracy": accuracy(predictions, [e.gold for e in examples]), "loss": loss,
+            "predictions": predictions}
+
+
+def _generation(objective, examples, tokenizer, batch_size, device):
+    model = objective.model
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
+    stop_ids = [newline] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    predictions, nll, token_count = [], 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start: start + batch_size]
+        batch = collate(chunk, tokenizer.pad_token_id, classification=False).to(device)
+        sums, counts = objective.option_logprobs(batch)
+        nll -= float(sums.sum())
+        token_count += int(counts.sum())
+        width = max(len(e.prompt_ids) for e in chunk)
+        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, example in enumerate(chunk):  # left padding: generation continues every row at the end
+            input_ids[row, width - len(example.prompt_ids):] = torch.tensor(example.prompt_ids)
+            attention[row, width - len(example.prompt_ids):] = 1
+        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                do_sample=False, num_beams=1, max_new_tokens=MAX_NEW_TOKENS,
+                                eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+        new_tokens = output[:, width:]
+        objective.counter.forward_passes += int(new_tokens.shape[1])
+        objective.counter.tokens += int(attention.sum()) + int((new_tokens != tokenizer.pad_token_id).sum())
+        predictions += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    scores = generation_metrics(predictions, [e.gold for e in examples])
+    return {**scores, "loss": nll / max(token_count, 1), "predictions": predictions}

@@ -1,0 +1,119 @@
+"""Models and tokenizers: a hub id, a local directory, or a random init from the preset's `arch`.
+
+Model presets (conf/model/*.yaml):
+  init: pretrained   load `path` if set, else `hub_id` (AutoModelForCausalLM / AutoTokenizer)
+  init: random       build from `arch` (a transformers config: model_type + sizes), seeded by init_seed
+  tokenizer: null    the model's own; `byte`: zobench's offline byte-level tokenizer
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ZobenchError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ZobenchError(f"device={name} asked for, but no CUDA device is visible; use device=auto or cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: fp16 on CUDA (as the papers run), fp32 on CPU."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ZobenchError(f"unknown dtype '{name}'; valid: auto, {', '.join(DTYPES)}")
+    if device.type == "cpu" and DTYPES[name] == torch.float16:
+        raise ZobenchError("dtype=float16 is not supported for training on CPU; use float32 or bfloat16")
+    return DTYPES[name]
+
+
+def load_model(spec: dict[str, Any], device: torch.device, dtype: torch.dtype):
+    """Returns (model in eval mode on `device`, tokenizer)."""
+    tokenizer = _load_tokenizer(spec)
+    if spec.get("init", "pretrained") == "random":
+        model = _random_model(spec, tokenizer, dtype)
+    else:
+        model = _pretrained_model(spec, dtype)
+    if tokenizer.pad_token_id is None:  # LLaMA has none; padded positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def _source(spec: dict[str, Any]) -> str:
+    if spec.get("path"):
+        path = Path(str(spec["path"])).expanduser()
+        if not path.exists():
+            raise ZobenchError(f"model.path={path} does not exist; point it at a save_pretrained folder")
+        return str(path)
+    if not spec.get("hub_id"):
+        raise ZobenchError(f"model preset '{spec.get('name')}' has neither hub_id nor path")
+    return spec["hub_id"]
+
+
+def _load_tokenizer(spec: dict[str, Any]):
+    if spec.get("tokenizer") == "byte":
+        from .byte_tokenizer import byte_tokenizer
+
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    source = spec.get("tokenizer") or _source(spec)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as error:
+        raise _unreachable("tokenizer", source, error) from error
+
+
+def _pretrained_model(spec: dict[str, Any], dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    source = _source(spec)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except Exception as error:
+        raise _unreachable("model", source, error) from error
+
+
+def _random_model(spec: dict[str, Any], tokenizer, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = dict(spec.get("arch") or {})
+    if "model_type" not in arch:
+        raise ZobenchError(f"model preset '{spec.get('name')}' (init: random) needs arch.model_type")
+    model_type = arch.pop("model_type")
+    arch["vocab_size"] = max(int(arch.get("vocab_size", 0)), len(tokenizer))
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        token_id = getattr(tokenizer, key.removesuffix("_id") + "_id", None)
+        arch.setdefault(key, token_id)
+    config = AutoConfig.for_model(model_type, **arch)
+    with torch.random.fork_rng(devices=[]):  # the same initial weights whatever the run's seed
+        torch.manual_seed(int(spec.get("init_seed", 0)))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def _unreachable(what: str, source: str, error: Exception) -> ZobenchError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ZobenchError(
+        f"could not load the {what} '{source}' ({reason}); without hub access download it elsewhere and "
+        f"set model.path=/local/dir (a save_pretrained folder), or use model=opt-tiny for an offline run"
+    )
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())

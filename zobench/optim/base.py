@@ -1,0 +1,49 @@
+"""The interface every optimizer offers the runner; optimizers know nothing of tasks or data.
+
+An optimizer gets the model, a loss closure (batch -> scalar loss tensor) and its config node
+(conf/optimizer/<name>.yaml); `step(batch)` does one update and returns the loss it logs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ZobenchError
+
+LossFn = Callable[[Any], torch.Tensor]
+SCHEDULES = ("constant", "linear")
+
+
+class Optimizer:
+    zeroth_order = False
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, cfg, *, seed: int, total_steps: int):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.total_steps = int(total_steps)
+        self.steps_done = 0
+        self.base_lr = float(cfg.lr)
+        self.schedule = str(cfg.get("schedule", "constant"))
+        if self.base_lr < 0:
+            raise ZobenchError(f"optimizer.lr must be >= 0, got {self.base_lr}")
+        if self.schedule not in SCHEDULES:
+            raise ZobenchError(f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule}")
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step (MeZO: constant; FT baselines: linear decay to 0)."""
+        if self.schedule == "linear":
+            return self.base_lr * max(0.0, 1.0 - self.steps_done / max(self.total_steps, 1))
+        return self.base_lr
+
+    def step(self, batch) -> float:
+        loss = self._step(batch)
+        self.steps_done += 1
+        return loss
+
+    def _step(self, batch) -> float:
+        raise NotImplementedError

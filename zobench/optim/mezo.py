@@ -1,0 +1,64 @@
+"""MeZO: zeroth-order SGD with the SPSA estimate (Malladi et al. 2023, Algorithm 1 and Eq. 1).
+
+Per direction k (q of them, all evaluated at the same θ):
+  g_k = (L(θ + eps·z_k) − L(θ − eps·z_k)) / (2·eps)                       (Eq. 1, projected gradient)
+  θ ← θ − lr·((1/q)·Σ_k g_k·z_k + wd·θ)                                   (Algorithm 1; wd as trainer.py)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import Diverged, ZobenchError
+from .base import Optimizer
+from .engine import PerturbationEngine
+
+
+class MeZO(Optimizer):
+    zeroth_order = True
+
+    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int):
+        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps)
+        self.eps = float(cfg.eps)
+        self.q = int(cfg.get("q", 1))
+        self.weight_decay = float(cfg.get("weight_decay", 0.0))
+        if self.eps <= 0:
+            raise ZobenchError(f"optimizer.eps must be > 0, got {self.eps}")
+        if self.q < 1:
+            raise ZobenchError(f"optimizer.q (directions per step) must be >= 1, got {self.q}")
+        self.engine = PerturbationEngine(model.named_parameters(), seed)
+        self.last_projected_grads: list[tuple[int, float]] = []  # (seed, g) of the last step
+
+    def _loss(self, batch) -> float:
+        with torch.inference_mode():  # MeZO zo_forward: eval mode, no autograd graph
+            return float(self.loss_fn(batch))
+
+    def projected_gradients(self, batch) -> tuple[list[tuple[int, float]], float]:
+        """q (seed, g) pairs at θ; θ is left perturbed by −eps·z of the last direction."""
+        pairs, losses = [], []
+        for k in range(self.q):
+            seed = self.engine.draw_seed()
+            self.engine.perturb(seed, self.eps)
+            loss_plus = self._loss(batch)
+            self.engine.perturb(seed, -2 * self.eps)
+            loss_minus = self._loss(batch)
+            if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+                self.engine.perturb(seed, self.eps)
+                raise Diverged(f"loss is {loss_plus if not math.isfinite(loss_plus) else loss_minus}")
+            if k < self.q - 1:  # every direction is evaluated at the same θ
+                self.engine.perturb(seed, self.eps)
+            pairs.append((seed, (loss_plus - loss_minus) / (2 * self.eps)))
+            losses.append((loss_plus + loss_minus) / 2)
+        return pairs, sum(losses) / len(losses)
+
+    def _step(self, batch) -> float:
+        self.model.eval()
+        pairs, loss = self.projected_gradients(batch)
+        lr = self.lr
+        last_seed = pairs[-1][0]
+        terms = [(seed, self.eps if seed == last_seed else 0.0, lr * g / self.q) for seed, g in pairs]
+        self.engine.apply(terms, lr_times_wd=lr * self.weight_decay)
+        self.last_projected_grads = pairs
+        return loss

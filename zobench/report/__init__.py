@@ -1,0 +1,1 @@
+"""zobench-report: reads run directories only (never torch or the runner), so it runs anywhere."""

@@ -1,0 +1,280 @@
+"""The runner, top to bottom: build model, data, optimizer; train; evaluate; record.
+
+Every run, whatever happens, leaves config.yaml, metrics.json and log.jsonl in its directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import signal
+import threading
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from . import __version__
+from .best_weights import BestWeights
+from .data import load_split_pools, sample_splits
+from .encoding import Encoder, collate
+from .errors import Diverged, Interrupted, ZobenchError
+from .evaluate import MAX_NEW_TOKENS, evaluate
+from .models import load_model, parameter_count, resolve_device, resolve_dtype
+from .objective import Objective, PassCounter
+from .optim import build_optimizer
+from .records import (JsonlLog, Stopwatch, atomic_write_json, atomic_write_text, device_name, git_revision,
+                      peak_memory, reset_peak_memory)
+from .tasks import PromptTemplate
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run one job into `run_dir`; returns metrics.json's content. Raises after recording a failure."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "metrics.json").exists():
+        raise ZobenchError(f"{run_dir} already holds a run's results; zobench never overwrites them")
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    job = Job(cfg, run_dir)
+    try:
+        with _sigterm_raises_interrupted():
+            job.execute()
+        job.metrics["status"] = "completed"
+    except Diverged as error:
+        job.fail("diverged", f"diverged at step {job.metrics['steps']}: {error}")
+    except (KeyboardInterrupt, Interrupted):
+        job.fail("interrupted", f"interrupted at step {job.metrics['steps']}")
+        raise
+    except ZobenchError as error:
+        job.fail("failed", str(error))
+        raise
+    except Exception as error:
+        log.debug("traceback:\n%s", traceback.format_exc())
+        job.fail("failed", f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        job.close()
+    return job.metrics
+
+
+class Job:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.device = torch.device("cpu")
+        self.counter = PassCounter()  # every forward/backward/token, training and evaluation
+        self.eval_tokens = 0
+        self.best: BestWeights | None = None
+        self.log = JsonlLog(run_dir / "log.jsonl")
+        self.clock = Stopwatch(self.device)
+        self.metrics: dict[str, Any] = {
+            "task": cfg.task.name, "model": cfg.model.name, "optimizer": cfg.optimizer.name,
+            "seed": int(cfg.seed), "data_seed": int(cfg.data.seed), "status": "running", "error": None,
+            "metric": cfg.task.metric, "test_metric": None, "dev_metric": None, "dev_loss": None,
+            "test_scores": None, "best_step": None, "steps": 0, "steps_planned": int(cfg.train.steps),
+            "forward_passes": 0, "backward_passes": 0, "tokens": 0, "eval_forward_passes": 0,
+            "wall_clock_s": None, "train_wall_clock_s": None, "peak_memory_bytes": None,
+            "peak_memory_method": None, "device": None, "dtype": None, "n_params": None,
+            "data_source": None, "n_train": None, "n_dev": None, "n_test": None, "truncated": None,
+            "zobench_version": __version__, "git_revision": git_revision(), "run_dir": str(run_dir),
+            "started_at": _now(), "finished_at": None,
+        }
+        self._write_metrics()
+
+    # -- the job -------------------------------------------------------------------------------
+    def execute(self) -> None:
+        cfg = self.cfg
+        self.device = resolve_device(str(cfg.device))
+        dtype = resolve_dtype(str(cfg.dtype), self.device)
+        self.clock = Stopwatch(self.device)
+        reset_peak_memory(self.device)
+        torch.manual_seed(int(cfg.seed))
+        task = OmegaConf.to_container(cfg.task, resolve=True)
+        classification = bool(task["train_as_classification"])
+        if classification and task["kind"] == "generation":
+            raise ZobenchError(f"task '{task['name']}' is a generation task: train_as_classification must be false")
+        splits = self._data(task)
+        model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), self.device, dtype)
+        self.metrics.update(device=device_name(self.device), dtype=str(dtype).removeprefix("torch."),
+                            n_params=parameter_count(model))
+        encoded = self._encode(splits, task, tokenizer)
+        objective = Objective(model, self.counter)
+        optimizer = build_optimizer(cfg.optimizer, model, objective, seed=int(cfg.seed),
+                                    total_steps=int(cfg.train.steps))
+        evaluator = _Evaluator(objective, task, tokenizer, classification, cfg, self.device)
+        self.best = BestWeights(model, str(cfg.train.keep_best), self.run_dir)
+        self._train(optimizer, encoded, tokenizer.pad_token_id, classification, evaluator)
+        self.best.restore()
+        test = self._timed_eval(evaluator, encoded["test"], "test", self.metrics["steps"])
+        self.metrics.update(test_metric=test["metric"], test_scores=_scores(test))
+        log.info("test %s = %s (dev %s = %s, best step %s)", task["metric"], _fmt(test["metric"]),
+                 task["metric"], _fmt(self.metrics["dev_metric"]), self.metrics["best_step"])
+
+    def _data(self, task: dict[str, Any]):
+        pools, source = load_split_pools(task)
+        sizes = {key: min(int(self.cfg.data[key]), int(task["sizes"].get(key, 10**12)))
+                 for key in ("n_train", "n_dev", "n_test")}
+        splits = sample_splits(pools, seed=int(self.cfg.data.seed), source=source, **sizes)
+        if not splits.train:
+            raise ZobenchError(f"task '{task['name']}': no training examples left after sampling ({source})")
+        self.metrics.update(data_source=source, n_train=len(splits.train), n_dev=len(splits.dev),
+                            n_test=len(splits.test))
+        log.info("data: %d train / %d dev / %d test from %s", len(splits.train), len(splits.dev),
+                 len(splits.test), source)
+        return splits
+
+    def _encode(self, splits, task, tokenizer) -> dict[str, list]:
+        template = PromptTemplate(task)
+        encoder = Encoder(tokenizer, int(self.cfg.max_length))
+        room = MAX_NEW_TOKENS if task["kind"] == "generation" else 0
+        encoded = {name: [encoder.encode(template.render(row), room) for row in getattr(splits, name)]
+                   for name in ("train", "dev", "test")}
+        self.metrics["truncated"] = {name: sum(e.truncated for e in rows) for name, rows in encoded.items()}
+        if any(self.metrics["truncated"].values()):
+            log.warning("truncated from the left to max_length=%s: %s", self.cfg.max_length,
+                        self.metrics["truncated"])
+        return encoded
+
+    def _train(self, optimizer, encoded, pad_id, classification, evaluator) -> None:
+        train_cfg = self.cfg.train
+        steps, batch_size = int(train_cfg.steps), int(train_cfg.batch_size)
+        log_interval, eval_interval = max(int(train_cfg.log_interval), 1), int(train_cfg.eval_interval)
+        if steps < 1 or batch_size < 1:
+            raise ZobenchError(f"train.steps and train.batch_size must be >= 1, got {steps} and {batch_size}")
+        batches = _batch_order(len(encoded["train"]), batch_size, int(self.cfg.seed))
+        best_score, recent = math.inf, []
+        train_clock = Stopwatch(self.device)
+        train_seconds = 0.0
+        bar = tqdm(total=steps, desc=f"{self.cfg.optimizer.name} {self.cfg.task.name}", unit="step",
+                   dynamic_ncols=True, disable=None)
+        try:
+            for step in range(1, steps + 1):
+                indices = next(batches)
+                batch = collate([encoded["train"][i] for i in indices], pad_id, classification).to(self.device)
+                loss = optimizer.step(batch)
+                self._count_train()
+                self.metrics["steps"] = step
+                if not math.isfinite(loss):
+                    raise Diverged(f"loss is {loss}")
+                recent.append(loss)
+                if step % log_interval == 0 or step == steps:
+                    self.log.write({"event": "train", "step": step, "loss": sum(recent) / len(recent),
+                                    "lr": optimizer.lr, "elapsed_s": self.clock.elapsed(),
+                                    "forward_passes": self.metrics["forward_passes"]})
+                    bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+                    recent = []
+                bar.update(1)
+                if (eval_interval > 0 and step % eval_interval == 0) or step == steps:
+                    train_seconds += train_clock.elapsed()
+                    best_score = self._dev_eval(evaluator, encoded["dev"], step, best_score)
+                    train_clock = Stopwatch(self.device)
+        finally:
+            bar.close()
+            self.metrics["train_wall_clock_s"] = train_seconds + train_clock.elapsed()
+
+    def _dev_eval(self, evaluator, dev, step: int, best_score: float) -> float:
+        if not dev:
+            return best_score
+        result = self._timed_eval(evaluator, dev, "dev", step)
+        score = result["loss"] if self.cfg.train.select_by == "loss" else -result["metric"]
+        if score < best_score:  # the first evaluation always becomes the best
+            self.best.save()
+            self.metrics.update(dev_metric=result["metric"], dev_loss=result["loss"], best_step=step)
+            self._write_metrics()
+            return score
+        return best_score
+
+    def _timed_eval(self, evaluator, examples, split: str, step: int) -> dict[str, Any]:
+        passes, tokens = self.counter.forward_passes, self.counter.tokens
+        result = evaluator(examples)
+        self.metrics["eval_forward_passes"] += self.counter.forward_passes - passes
+        self.eval_tokens += self.counter.tokens - tokens
+        self.log.write({"event": "eval", "split": split, "step": step, "metric": result["metric"],
+                        "loss": result["loss"], **_scores(result), "elapsed_s": self.clock.elapsed(),
+                        "forward_passes": self.metrics["forward_passes"]})
+        return result
+
+    def _count_train(self) -> None:
+        """Training counts are the counter's totals minus what evaluation used."""
+        self.metrics["forward_passes"] = self.counter.forward_passes - self.metrics["eval_forward_passes"]
+        self.metrics["backward_passes"] = self.counter.backward_passes
+        self.metrics["tokens"] = self.counter.tokens - self.eval_tokens
+
+    # -- records -------------------------------------------------------------------------------
+    def fail(self, status: str, message: str) -> None:
+        self.metrics.update(status=status, error=message)
+        log.debug("%s: %s", status, message)  # the CLI prints it as one line
+
+    def close(self) -> None:
+        if self.best is not None:
+            self.best.discard()
+        total = self.clock.elapsed()
+        memory, method = peak_memory(self.device)
+        train_s = self.metrics["train_wall_clock_s"] or 0.0
+        self.metrics.update(
+            wall_clock_s=total, peak_memory_bytes=memory, peak_memory_method=method, finished_at=_now(),
+            forward_passes_per_s=(self.metrics["forward_passes"] / train_s) if train_s else None,
+            tokens_per_s=(self.metrics["tokens"] / train_s) if train_s else None,
+        )
+        self._write_metrics()
+        self.log.close()
+
+    def _write_metrics(self) -> None:
+        atomic_write_json(self.run_dir / "metrics.json", self.metrics)
+
+
+class _Evaluator:
+    def __init__(self, objective, task, tokenizer, classification, cfg, device):
+        self.objective, self.task, self.tokenizer = objective, task, tokenizer
+        self.classification, self.device = classification, device
+        self.batch_size, self.score = int(cfg.eval.batch_size), str(cfg.eval.score)
+
+    def __call__(self, examples):
+        return evaluate(self.objective, examples, kind=self.task["kind"], metric=self.task["metric"],
+                        tokenizer=self.tokenizer, classification=self.classification,
+                        batch_size=self.batch_size, score=self.score, device=self.device)
+
+
+def _batch_order(n: int, batch_size: int, seed: int):
+    """Endless batches of example indices, reshuffled every epoch (HF Trainer's random sampler)."""
+    rng = np.random.RandomState(seed)
+    while True:
+        order = rng.permutation(n).tolist()
+        for start in range(0, n, batch_size):  # the last batch of an epoch may be smaller
+            yield order[start: start + batch_size]
+
+
+def _scores(result: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in result.items() if k in ("accuracy", "f1", "em")}
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@contextmanager
+def _sigterm_raises_interrupted():
+    """SIGTERM (SLURM pre-emption, `kill`) ends the run as `interrupted`, with its files written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
