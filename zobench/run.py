@@ -123,7 +123,9 @@ class Job:
                  for key in ("n_train", "n_dev", "n_test")}
         splits = sample_splits(pools, seed=int(self.cfg.data.seed), source=source, **sizes)
         if not splits.train:
-            raise ZobenchError(f"task '{task['name']}': no training examples left after sampling ({source})")
+            raise ZobenchError(f"task '{task['name']}': no training examples left: the train split has "
+                               f"{len(pools['train'])} rows and dev takes {sizes['n_dev']} of them; "
+                               f"lower data.n_dev ({source})")
         self.metrics.update(data_source=source, n_train=len(splits.train), n_dev=len(splits.dev),
                             n_test=len(splits.test))
         log.info("data: %d train / %d dev / %d test from %s", len(splits.train), len(splits.dev),

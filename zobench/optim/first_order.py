@@ -36,9 +36,10 @@ class TorchOptimizer(Optimizer):
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         loss = self.loss_fn(batch)
-        if not math.isfinite(float(loss)):
-            raise Diverged(f"loss is {float(loss)}")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise Diverged(f"loss is {value}")
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return value
