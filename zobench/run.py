@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -150,7 +149,8 @@ class Job:
         log_interval, eval_interval = max(int(train_cfg.log_interval), 1), int(train_cfg.eval_interval)
         if steps < 1 or batch_size < 1:
             raise ZobenchError(f"train.steps and train.batch_size must be >= 1, got {steps} and {batch_size}")
-        batches = _batch_order(len(encoded["train"]), batch_size, int(self.cfg.seed))
+        train = encoded["train"]
+        batches = optimizer.batches([max(map(len, e.sequences)) for e in train], batch_size, int(self.cfg.seed))
         best_score, recent = math.inf, []
         train_clock = Stopwatch(self.device)
         train_seconds = 0.0
@@ -158,8 +158,7 @@ class Job:
                    dynamic_ncols=True, disable=None)
         try:
             for step in range(1, steps + 1):
-                indices = next(batches)
-                batch = collate([encoded["train"][i] for i in indices], pad_id, classification).to(self.device)
+                batch = _collate_indices(next(batches), train, pad_id, classification, self.device)
                 loss = optimizer.step(batch)
                 self._count_train()
                 self.metrics["steps"] = step
@@ -244,13 +243,11 @@ class _Evaluator:
                         batch_size=self.batch_size, score=self.score, device=self.device)
 
 
-def _batch_order(n: int, batch_size: int, seed: int):
-    """Endless batches of example indices, reshuffled every epoch (HF Trainer's random sampler)."""
-    rng = np.random.RandomState(seed)
-    while True:
-        order = rng.permutation(n).tolist()
-        for start in range(0, n, batch_size):  # the last batch of an epoch may be smaller
-            yield order[start: start + batch_size]
+def _collate_indices(indices, examples, pad_id, classification, device):
+    """An index list becomes one batch; a tuple of index lists a tuple of batches (see Optimizer.batches)."""
+    if isinstance(indices, tuple):
+        return tuple(_collate_indices(part, examples, pad_id, classification, device) for part in indices)
+    return collate([examples[i] for i in indices], pad_id, classification).to(device)
 
 
 def _scores(result: dict[str, Any]) -> dict[str, float]:

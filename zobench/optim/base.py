@@ -2,12 +2,15 @@
 
 An optimizer gets the model, a loss closure (batch -> scalar loss tensor) and its config node
 (conf/optimizer/<name>.yaml); `step(batch)` does one update and returns the loss it logs.
+Which examples make up each step's batch is the optimizer's choice too (`batches`), made from the
+examples' token lengths only: Addax, say, sends short and long examples different ways.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from ..errors import ZobenchError
@@ -39,6 +42,18 @@ class Optimizer:
         if self.schedule == "linear":
             return self.base_lr * max(0.0, 1.0 - self.steps_done / max(self.total_steps, 1))
         return self.base_lr
+
+    def batches(self, lengths: list[int], batch_size: int, seed: int) -> Iterator[Any]:
+        """Endless index lists, one per step; the runner collates each into a batch for `step`.
+
+        A yielded tuple of index lists becomes a tuple of batches. Default: shuffle every epoch
+        (HF Trainer's random sampler, as MeZO trains), the last batch of an epoch may be smaller.
+        """
+        rng = np.random.RandomState(seed)
+        while True:
+            order = rng.permutation(len(lengths)).tolist()
+            for start in range(0, len(order), batch_size):
+                yield order[start: start + batch_size]
 
     def step(self, batch) -> float:
         loss = self._step(batch)
