@@ -1,29 +1,61 @@
-"""`zobench-report PATH...`: lists the runs under the given folders (the tables come with issue #6)."""
+"""`zobench-report PATH...`: the tables of every run under the given folders, and the papers' beside them.
+
+Reads files only (metrics.json, config.yaml, log.jsonl): no torch, no runner, so a laptop can
+report a cluster's results. Writes Markdown, LaTeX and CSV tables and PNG plots to an output
+folder (default: report/ beside the runs) and prints the main table.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
-from .runs import find_runs
-
-COLUMNS = ["task", "model", "optimizer", "seed", "status", "metric", "dev_metric", "test_metric", "steps",
-           "forward_passes", "wall_clock_s", "peak_memory_bytes", "run_dir"]
+from .build import build_report
+from .references import default_reference_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="zobench-report", description=__doc__)
-    parser.add_argument("paths", nargs="*", default=["results"], help="run or sweep folders (default: results)")
-    args = parser.parse_args(argv)
-    runs = find_runs(args.paths)
-    if not runs:
+    args = _parser().parse_args(argv)
+    missing = [path for path in args.paths if not Path(path).exists()]
+    if missing:
+        print(f"zobench-report: no such folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.output) if args.output else default_output(args.paths)
+    reference_dir = None if args.no_reference else (Path(args.reference) if args.reference else default_reference_dir())
+    report = build_report(args.paths, out_dir, reference_dir, plots=not args.no_plots)
+    if report.runs == 0:
         print(f"zobench-report: no runs (metrics.json) under {', '.join(args.paths)}", file=sys.stderr)
         return 1
-    from tabulate import tabulate
-
-    rows = [[run.get(column) for column in COLUMNS] for run in runs]
-    print(tabulate(rows, headers=COLUMNS, floatfmt=".4g"))
+    print("Test accuracy / F1 (%), mean ± std over seeds; setting per (model, task, optimizer) chosen on dev "
+          "(selection.md)\n")
+    print(report.main_table)
+    print(f"\n{report.runs} runs: {report.completed} completed, {report.left_out} left out of the averages")
+    if report.left_out:
+        print(report.failures)
+    if reference_dir is None:
+        print("no reference folder (results/reference): the comparison table has no paper numbers; use --reference DIR")
+    print(f"\ntables (.md .tex .csv){' and plots' if report.plots else ''} in {out_dir}")
     return 0
+
+
+def default_output(paths: list[str]) -> Path:
+    """report/ in the folder that holds all the given runs."""
+    folders = [Path(path).resolve() for path in paths]
+    return Path(os.path.commonpath(folders)) / "report"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zobench-report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="*", default=["results"],
+                        help="run or sweep folders, searched recursively for metrics.json (default: results)")
+    parser.add_argument("-o", "--output", help="output folder (default: report/ beside the runs)")
+    parser.add_argument("--reference", help="folder of the papers' CSVs (default: the repository's results/reference)")
+    parser.add_argument("--no-reference", action="store_true", help="leave the papers' numbers out")
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
+    return parser
 
 
 if __name__ == "__main__":

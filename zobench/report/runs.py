@@ -1,22 +1,89 @@
-"""Finding runs: every folder under the given paths that holds a metrics.json."""
+"""Reading run directories (metrics.json, config.yaml, log.jsonl) into pandas, and nothing else.
+
+A run directory is any folder holding a metrics.json. Its resolved config.yaml is flattened into
+columns named `cfg.<dotted key>` (e.g. `cfg.optimizer.lr`): those are the hyperparameters the
+selection compares; every metrics.json field is a column of its own.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
+
+import pandas as pd
+import yaml
+
+CONFIG_PREFIX = "cfg."
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[dict]:
+    """One record per metrics.json under the paths; an unreadable one becomes status 'unreadable'."""
     runs = []
     for root in paths:
         root = Path(root)
-        candidates = [root / "metrics.json"] if (root / "metrics.json").exists() else sorted(root.rglob("metrics.json"))
-        for metrics_file in candidates:
+        for metrics_file in _metrics_files(root):
             try:
                 record = json.loads(metrics_file.read_text())
             except (OSError, json.JSONDecodeError) as error:
-                record = {"status": "unreadable", "error": str(error)}
+                record = {"status": "unreadable", "error": f"metrics.json: {error}"}
             record["run_dir"] = str(metrics_file.parent)
             runs.append(record)
     return runs
+
+
+def _metrics_files(root: Path) -> list[Path]:
+    if (root / "metrics.json").exists():
+        return [root / "metrics.json"]
+    return sorted(root.rglob("metrics.json"))
+
+
+def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Every run as one row: metrics.json fields plus the flattened config (`cfg.*` columns)."""
+    rows = []
+    for record in find_runs(paths):
+        row = {key: _scalar(value) for key, value in record.items()}
+        row.update(_config_columns(Path(record["run_dir"]) / "config.yaml"))
+        rows.append(row)
+    runs = pd.DataFrame(rows)
+    for column in ("task", "model", "optimizer", "status", "error", "metric", "seed", "dev_metric", "test_metric"):
+        if column not in runs:
+            runs[column] = None
+    return runs
+
+
+def _config_columns(path: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}  # the run is still listed; it just has no hyperparameters to compare
+    return {CONFIG_PREFIX + key: value for key, value in _flatten(config).items()}
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: _scalar(node)}
+
+
+def _scalar(value: Any) -> Any:
+    """Lists and dicts become JSON text, so every cell is hashable and comparable."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
+def load_log(run_dir: str | Path) -> pd.DataFrame:
+    """log.jsonl as a DataFrame (train and eval events); a torn last line is skipped."""
+    rows = []
+    try:
+        lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
+    except OSError:
+        return pd.DataFrame()
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return pd.DataFrame(rows)

@@ -1,0 +1,67 @@
+"""One PNG per task: training loss vs forward passes and vs seconds, dev metric vs forward passes.
+
+One line per optimizer (per model and optimizer when there are several models), for the chosen
+setting, its seeds averaged step by step. Forward passes are the fair budget axis for ZO methods:
+a MeZO step costs two, an SGD step one forward and one backward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+from .runs import load_log
+from .tables import OPTIMIZER_ORDER, TASK_ORDER, ordered
+
+
+def curves(run_dirs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, dev) curves averaged over the runs, step by step."""
+    logs = [load_log(run_dir) for run_dir in run_dirs]
+    logs = [log for log in logs if not log.empty and "event" in log]
+    if not logs:
+        return pd.DataFrame(), pd.DataFrame()
+    events = pd.concat(logs, ignore_index=True)
+    train = events[events["event"] == "train"]
+    split = events["split"] if "split" in events else pd.Series(None, index=events.index, dtype=object)
+    dev = events[(events["event"] == "eval") & (split == "dev")]
+    train = train.groupby("step")[["loss", "forward_passes", "elapsed_s"]].mean().reset_index()
+    dev = dev.groupby("step")[["metric", "forward_passes"]].mean().reset_index()
+    return train, dev
+
+
+def plot_task(task: str, lines: dict[str, tuple[pd.DataFrame, pd.DataFrame]], path: Path) -> None:
+    figure = Figure(figsize=(15, 4.2), layout="constrained")
+    loss_fp, loss_s, dev_fp = figure.subplots(1, 3)
+    for label, (train, dev) in lines.items():
+        if not train.empty:
+            loss_fp.plot(train["forward_passes"], train["loss"], label=label)
+            loss_s.plot(train["elapsed_s"], train["loss"], label=label)
+        if not dev.empty:
+            dev_fp.plot(dev["forward_passes"], 100 * dev["metric"], marker="o", label=label)
+    loss_fp.set(title=f"{task}: training loss", xlabel="forward passes (training)", ylabel="loss")
+    loss_s.set(title=f"{task}: training loss", xlabel="seconds since the run started", ylabel="loss")
+    dev_fp.set(title=f"{task}: dev metric", xlabel="forward passes (training)", ylabel="dev metric (%)")
+    for axes in (loss_fp, loss_s, dev_fp):
+        axes.grid(alpha=0.3)
+    loss_fp.legend(fontsize="small")
+    figure.savefig(path, dpi=100)
+
+
+def plot_all(selected: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """plots/<task>.png for every task of the selected settings; returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    several_models = selected["model"].nunique() > 1
+    written = []
+    for task in ordered(selected["task"], TASK_ORDER):
+        rows = selected[selected["task"] == task]
+        lines = {}
+        for optimizer in ordered(rows["optimizer"], OPTIMIZER_ORDER):
+            for _, row in rows[rows["optimizer"] == optimizer].iterrows():
+                label = f"{row['model']} {optimizer}" if several_models else optimizer
+                lines[label] = curves(row["run_dirs"])
+        path = out_dir / f"{task}.png"
+        plot_task(task, lines, path)
+        written.append(path)
+    return written
