@@ -11,6 +11,9 @@ Template fields:
               expression that evaluates to a list of strings              -> list[str]
   gold        a Jinja expression: a candidate index, a list of them, or
               the text(s) of the correct candidate(s) / answers           -> see `Example.gold`
+
+Besides Jinja's own filters (trim, lower, replace, ...), templates may use the few MeZO-specific
+filters defined below (boolq_question, copa_premise, copa_choice, record_passage, record_options).
 """
 
 from __future__ import annotations
@@ -80,6 +83,44 @@ _ENV = jinja2.Environment(
     keep_trailing_newline=True,  # MeZO's templates end in "\n" for several tasks
     autoescape=False,
 )
+
+
+# Filters for the few MeZO templates (princeton-nlp/MeZO large_models/templates.py) that do more than
+# insert columns. Each mirrors one line of MeZO's code so the rendered text matches it character for character.
+def boolq_question(question: str) -> str:
+    """BoolQTemplateV3: end the question with "?" and upper-case its first character."""
+    if not question.endswith("?"):
+        question += "?"
+    return question[:1].upper() + question[1:]
+
+
+def copa_premise(premise: str) -> str:
+    """CopaTemplate.get_prompt: the premise without trailing spaces and without one final "."."""
+    premise = premise.rstrip()
+    return premise[:-1] if premise.endswith(".") else premise
+
+
+def copa_choice(choice: str) -> str:
+    """CopaTemplate.capitalize ("correct"): lower-case the first word unless it is "I"."""
+    words = choice.split(" ")
+    if words[0] != "I":
+        words[0] = words[0].lower()
+    return " ".join(words)
+
+
+def record_passage(passage: str) -> str:
+    """ReCoRDTemplateGPT3: the passage's "@highlight\\n" markers become "- " bullets."""
+    return passage.replace("@highlight\n", "- ")
+
+
+def record_options(entities, query: str) -> list[str]:
+    """ReCoRDTemplateGPT3: what verbalize adds to encode's "...\\n-" for each entity: " " and the
+    query with @placeholder replaced by the entity (the whole filled query is the scored option)."""
+    return [" " + query.replace("@placeholder", entity) for entity in entities]
+
+
+_ENV.filters.update(boolq_question=boolq_question, copa_premise=copa_premise, copa_choice=copa_choice,
+                    record_passage=record_passage, record_options=record_options)
 
 
 class PromptTemplate:
