@@ -65,6 +65,11 @@ def _source(spec: dict[str, Any]) -> str:
     return spec["hub_id"]
 
 
+def load_tokenizer(spec: dict[str, Any]):
+    """The preset's tokenizer alone, without the weights (for tools that only count tokens)."""
+    return _load_tokenizer(spec)
+
+
 def _load_tokenizer(spec: dict[str, Any]):
     if spec.get("tokenizer") == "byte":
         from .byte_tokenizer import byte_tokenizer

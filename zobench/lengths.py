@@ -1,0 +1,126 @@
+"""`zobench-lengths`: the token-length distribution of a task's sampled training set.
+
+Addax splits each step's examples at a length threshold L_T (short ones get a first-order gradient,
+long ones a zeroth-order estimate); L_T is read off this distribution. Overrides compose exactly as
+for `zobench`, so the training set is the one a run with the same overrides trains on:
+
+    zobench-lengths task=rte model=opt-13b              # hub data, the model's own tokenizer
+    zobench-lengths task=rte model=opt-13b l_t=180      # also: how many examples have <= 180 tokens
+    zobench-lengths task.samples=true model=opt-tiny data.n_train=16 data.n_dev=8
+
+An example's length is the one the runner hands the optimizer: the tokens of its longest
+prompt + answer sequence (over all candidates; prompt + gold target for generation tasks), after
+MeZO's left truncation to max_length. Percentiles are nearest-rank: p90 = the smallest length that
+at least 90% of the examples do not exceed.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ZobenchError
+
+PERCENTILES = (50, 75, 90, 95, 99)
+
+
+@dataclass
+class LengthReport:
+    task: str
+    model: str
+    source: str
+    max_length: int
+    lengths: list[int]
+    truncated: int  # examples cut from the left to max_length
+    l_t: int | None = None
+
+    def percentile(self, q: float) -> int:
+        return int(np.percentile(self.lengths, q, method="inverted_cdf"))
+
+    @property
+    def at_or_under(self) -> int | None:
+        return None if self.l_t is None else sum(length <= self.l_t for length in self.lengths)
+
+    def summary(self) -> dict:
+        return {"count": len(self.lengths), "min": min(self.lengths),
+                **{f"p{q}": self.percentile(q) for q in PERCENTILES}, "max": max(self.lengths),
+                "truncated": self.truncated, "l_t": self.l_t, "at_or_under": self.at_or_under}
+
+    def __str__(self) -> str:
+        n = len(self.lengths)
+        spread = "  ".join(f"p{q} {self.percentile(q)}" for q in PERCENTILES)
+        lines = [f"task {self.task}, model {self.model}: {n} training examples from {self.source}",
+                 f"tokens per example (prompt + answer, longest candidate; max_length={self.max_length}):",
+                 f"  min {min(self.lengths)}  {spread}  max {max(self.lengths)}",
+                 f"  truncated from the left: {self.truncated}"]
+        if self.l_t is not None:
+            lines.append(f"  at or under l_t={self.l_t}: {self.at_or_under} of {n} "
+                         f"({100 * self.at_or_under / n:.1f}%); above: {n - self.at_or_under}")
+        return "\n".join(lines)
+
+
+def length_report(cfg, l_t: int | None = None) -> LengthReport:
+    """Sample the training set as the runner does, tokenize it with the model preset's tokenizer."""
+    from omegaconf import OmegaConf
+
+    from .data import load_split_pools, sample_splits
+    from .encoding import Encoder
+    from .evaluate import MAX_NEW_TOKENS
+    from .models import load_tokenizer
+    from .tasks import PromptTemplate
+
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    pools, source = load_split_pools(task)
+    # The runner's sizes (run.Job._data): the config's, capped by the task's; the test split is not needed.
+    n_train, n_dev = (min(int(cfg.data[key]), int(task["sizes"].get(key, 10**12))) for key in ("n_train", "n_dev"))
+    train = sample_splits(pools, n_train=n_train, n_dev=n_dev, n_test=0, seed=int(cfg.data.seed), source=source).train
+    if not train:
+        raise ZobenchError(f"task '{task['name']}': no training examples left: the train split has "
+                           f"{len(pools['train'])} rows and dev takes {n_dev} of them; lower data.n_dev ({source})")
+    tokenizer = load_tokenizer(OmegaConf.to_container(cfg.model, resolve=True))
+    template, encoder = PromptTemplate(task), Encoder(tokenizer, int(cfg.max_length))
+    room = MAX_NEW_TOKENS if task["kind"] == "generation" else 0
+    encoded = [encoder.encode(template.render(row), room) for row in train]
+    return LengthReport(task=task["name"], model=str(cfg.model.name), source=source, max_length=int(cfg.max_length),
+                        lengths=[max(map(len, e.sequences)) for e in encoded],
+                        truncated=sum(e.truncated for e in encoded), l_t=l_t)
+
+
+def _split_arguments(args: list[str]) -> tuple[list[str], int | None]:
+    """`l_t=N` (or --l_t=N) is this tool's own argument; everything else is a Hydra override."""
+    overrides, l_t = [], None
+    for arg in args:
+        if arg.startswith(("l_t=", "--l_t=")):
+            value = arg.split("=", 1)[1]
+            if not value.isdigit():
+                raise ZobenchError(f"l_t must be a whole number of tokens, got '{value}'")
+            l_t = int(value)
+        else:
+            overrides.append(arg)
+    return overrides, l_t
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .configs import compose
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(arg in ("-h", "--help") for arg in args):
+        print(__doc__)
+        return
+    try:
+        overrides, l_t = _split_arguments(args)
+        report = length_report(compose(overrides), l_t)
+    except (ZobenchError, HydraException, OmegaConfBaseException) as error:
+        message = " ".join(str(error).split()) or type(error).__name__  # one line, Hydra's hints included
+        print(f"zobench-lengths: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(report, flush=True)
+
+
+if __name__ == "__main__":
+    main()
