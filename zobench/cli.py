@@ -52,12 +52,13 @@ def _job(cfg) -> str:
 def main() -> None:
     import hydra
 
-    from .configs import check_overrides, register_tasks
+    from .configs import check_overrides, register_resolvers, register_tasks
     from .paths import conf_dir
 
     overrides = [arg for arg in sys.argv[1:] if "=" in arg and not arg.startswith("-")]
     try:
         check_overrides(overrides)
+        register_resolvers()
         register_tasks()
     except ZobenchError as error:
         _say(f"error: {error}")

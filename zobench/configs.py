@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
@@ -11,6 +13,13 @@ from .paths import conf_dir
 from .tasks import load_task_definition, task_names
 
 GROUPS = ("model", "task", "optimizer", "experiment")
+
+
+def register_resolvers() -> None:
+    """${pid:} in run directory names: two runs started in the same microsecond still differ."""
+    if not OmegaConf.has_resolver("pid"):
+        # Cached: the value travels with the config, so sweep jobs in child processes keep the parent's.
+        OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
 
 
 def register_tasks() -> None:
@@ -51,6 +60,7 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
     overrides = list(overrides or [])
     check_overrides(overrides)
+    register_resolvers()
     register_tasks()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)

@@ -4,6 +4,7 @@ Model presets (conf/model/*.yaml):
   init: pretrained   load `path` if set, else `hub_id` (AutoModelForCausalLM / AutoTokenizer)
   init: random       build from `arch` (a transformers config: model_type + sizes), seeded by init_seed
   tokenizer: null    the model's own; `byte`: zobench's offline byte-level tokenizer
+  device_map: null   `auto` (or an accelerate device map) shards the model over the visible GPUs
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(spec: dict[str, Any], device: torch.device, dtype: torch.dtype):
-    """Returns (model in eval mode on `device`, tokenizer)."""
+    """Returns (model in eval mode on `device`, or sharded by `device_map`, and its tokenizer)."""
     tokenizer = _load_tokenizer(spec)
     if spec.get("init", "pretrained") == "random":
         model = _random_model(spec, tokenizer, dtype)
@@ -51,7 +52,27 @@ def load_model(spec: dict[str, Any], device: torch.device, dtype: torch.dtype):
         model = _pretrained_model(spec, dtype)
     if tokenizer.pad_token_id is None:  # LLaMA has none; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    device_map = spec.get("device_map")
+    if device_map:
+        model = _dispatch(model, device_map, dtype)
+    else:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def input_device(model) -> torch.device:
+    """Where a batch goes: the device of the input embeddings (the first shard of a sharded model)."""
+    return model.get_input_embeddings().weight.device
+
+
+def _dispatch(model, device_map, dtype):
+    """accelerate places each block on a device; hooks move activations between them."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if device_map == "auto":
+        no_split = getattr(model, "_no_split_modules", None) or []
+        device_map = infer_auto_device_map(model, no_split_module_classes=no_split, dtype=dtype)
+    return dispatch_model(model, device_map=dict(device_map))
 
 
 def _source(spec: dict[str, Any]) -> str:

@@ -25,12 +25,13 @@ from .data import load_split_pools, sample_splits
 from .encoding import Encoder, collate
 from .errors import Diverged, Interrupted, ZobenchError
 from .evaluate import MAX_NEW_TOKENS, evaluate
-from .models import load_model, parameter_count, resolve_device, resolve_dtype
+from .models import input_device, load_model, parameter_count, resolve_device, resolve_dtype
 from .objective import Objective, PassCounter
 from .optim import build_optimizer
 from .records import (JsonlLog, Stopwatch, atomic_write_json, atomic_write_text, device_name, git_revision,
                       peak_memory, reset_peak_memory)
 from .tasks import PromptTemplate
+from .validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         job.metrics["status"] = "completed"
     except Diverged as error:
         job.fail("diverged", f"diverged at step {job.metrics['steps']}: {error}")
+    except (torch.cuda.OutOfMemoryError, MemoryError) as error:
+        message = job.out_of_memory(error)
+        raise ZobenchError(message) from error
     except (KeyboardInterrupt, Interrupted):
         job.fail("interrupted", f"interrupted at step {job.metrics['steps']}")
         raise
@@ -90,6 +94,7 @@ class Job:
     # -- the job -------------------------------------------------------------------------------
     def execute(self) -> None:
         cfg = self.cfg
+        validate(cfg)
         self.device = resolve_device(str(cfg.device))
         dtype = resolve_dtype(str(cfg.dtype), self.device)
         self.clock = Stopwatch(self.device)
@@ -101,6 +106,7 @@ class Job:
             raise ZobenchError(f"task '{task['name']}' is a generation task: train_as_classification must be false")
         splits = self._data(task)
         model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), self.device, dtype)
+        self.device = input_device(model)  # batches go where the (first shard of the) model is
         self.metrics.update(device=device_name(self.device), dtype=str(dtype).removeprefix("torch."),
                             n_params=parameter_count(model))
         encoded = self._encode(splits, task, tokenizer)
@@ -212,6 +218,15 @@ class Job:
     def fail(self, status: str, message: str) -> None:
         self.metrics.update(status=status, error=message)
         log.debug("%s: %s", status, message)  # the CLI prints it as one line
+
+    def out_of_memory(self, error: BaseException) -> str:
+        memory, method = peak_memory(self.device)
+        message = (f"out of memory at step {self.metrics['steps']} (peak {memory / 2**30:.2f} GiB, {method}): "
+                   f"lower train.batch_size or eval.batch_size, shorten max_length, use dtype=float16/bfloat16 "
+                   f"on GPU, shard with model.device_map=auto, or pick a zeroth-order optimizer")
+        log.debug("out of memory: %r", error)
+        self.fail("failed", message)
+        return message
 
     def close(self) -> None:
         if self.best is not None:
