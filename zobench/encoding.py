@@ -51,7 +51,8 @@ class Encoder:
         prompt_ids = self._ids(prompt)
         sequences, option_lens, truncated = [], [], False
         for candidate in example.candidates:
-            full = self._ids((prompt + candidate).strip(" "))
+            # MeZO strips verbalize(), i.e. the unstripped prompt + candidate (COPA's prompt ends in a space)
+            full = self._ids((example.prompt + candidate).strip(" "))
             option_len = max(len(full) - len(prompt_ids), 1)
             full, cut = self._truncate(full, self.max_length)
             sequences.append(full)
