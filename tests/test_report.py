@@ -155,6 +155,14 @@ def test_no_runs_is_one_line_and_exit_1(tmp_path, capsys):
     assert main([str(tmp_path / "absent")]) == 2
 
 
+def test_a_torn_metrics_file_is_listed_not_fatal(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text('{"status": "comp')
+    code, out = report(tmp_path, tmp_path / "run")
+    assert code == 0
+    assert "unreadable" in (out / "failures.md").read_text() and "0 completed" in capsys.readouterr().out
+
+
 def test_the_report_never_imports_torch_or_the_runner(sweep, tmp_path):
     probe = ("import sys; from zobench.report.cli import main; "
              f"code = main([{str(sweep)!r}, '-o', {str(tmp_path / 'out')!r}]); "

@@ -147,6 +147,14 @@ def comparison_table(selected: pd.DataFrame, references: pd.DataFrame) -> tuple[
     return display, merged
 
 
+def _whole(value) -> str:
+    """Seeds come back as floats once a column has a gap; show them as the integers they are."""
+    try:
+        return str(int(value))
+    except (TypeError, ValueError):
+        return DASH
+
+
 def _signed(value) -> str:
     return DASH if value is None or math.isnan(value) else f"{value:+.1f}"
 
@@ -154,23 +162,27 @@ def _signed(value) -> str:
 # -- runs, and the ones left out ----------------------------------------------------------------------
 def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     frame = runs.assign(setting=label_runs(runs))
-    return pd.DataFrame({
-        "model": frame["model"], "task": frame["task"], "optimizer": frame["optimizer"], "seed": frame["seed"],
-        "setting": frame["setting"], "status": frame["status"],
+    table = pd.DataFrame({
+        "model": frame["model"], "task": frame["task"], "optimizer": frame["optimizer"],
+        "seed": frame["seed"].map(_whole), "setting": frame["setting"], "status": frame["status"],
         "dev": [percent(v) for v in pd.to_numeric(frame["dev_metric"], errors="coerce")],
         "test": [percent(v) for v in pd.to_numeric(frame["test_metric"], errors="coerce")],
         "run": frame["run_dir"],
     })
+    return table.astype(object).fillna(DASH)  # an unreadable metrics.json has no names
 
 
 def failures_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Every run that did not complete, with its status and message: left out of all averages."""
     frame = not_completed(runs)
-    return pd.DataFrame({
+    silent = (frame["status"] == "running") & frame["error"].isna()
+    message = frame["error"].where(~silent, "no end recorded: still running, or killed before it could write one")
+    table = pd.DataFrame({
         "status": frame["status"], "model": frame["model"], "task": frame["task"],
-        "optimizer": frame["optimizer"], "seed": frame["seed"], "message": frame["error"].fillna(DASH),
+        "optimizer": frame["optimizer"], "seed": frame["seed"].map(_whole), "message": message,
         "run": frame["run_dir"],
     })
+    return table.astype(object).fillna(DASH)
 
 
 # -- writing -----------------------------------------------------------------------------------------
