@@ -1,18 +1,34 @@
 """The one perturbation engine every zeroth-order method uses.
 
-A direction z is never stored: z_i for parameter i is regenerated from (step seed, i) with one
-torch.Generator per device, so it depends neither on the parameters' order across devices nor on
-how a model is sharded. MeZO (Malladi et al. 2023, Algorithm 1; large_models/trainer.py) perturbs
-+eps·z, -2eps·z, +eps·z and regenerates z a fourth time for the update; here the restore and the
-update are one fused pass, so a step costs 3 regenerations of z instead of 4.
+A direction z is never stored: it is regenerated from (step seed, parameter index, block), with one
+torch.Generator per device, so it depends neither on the parameters' order across devices nor on how a
+model is sharded. Each parameter's z is made of independently seeded blocks of BLOCK elements, so a
+method may regenerate one block of several past directions at once (AdaMeZO) with block-sized buffers.
+
+Three ways to use it:
+- in place (MeZO, Malladi et al. 2023, Algorithm 1): `perturb` +eps·z, -2eps·z, then `apply` restores
+  and updates in one fused pass, so a step costs 3 regenerations of z instead of MeZO's 4;
+- in the forward (Sparse MeZO's memory-efficient S-MeZO-EI, Liu et al. 2024 §4): inside
+  `perturbed_in_forward` each module sees θ + scale·z while it runs, built for that call and freed
+  after it; θ itself never changes, so a mask computed from θ is the same for +eps, -eps and the update;
+- block by block (`update`): a rule gets each block of θ with the blocks of z of any number of seeds,
+  for stateful or adaptive updates (AdaMeZO, ZO-Adam, ZO-SGD with momentum).
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+BLOCK = 1 << 20  # elements per independently seeded block of z (4 MiB in fp32)
+
+# (parameter index, a block of θ, flattened and unperturbed) -> where z may be nonzero (bool), or None.
+Mask = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+# (parameter index, a block of θ to change in place, the blocks of z (one per seed, lazily), offset).
+Rule = Callable[[int, torch.Tensor, Iterator[torch.Tensor], int], None]
 
 
 def decays(name: str) -> bool:
@@ -20,11 +36,25 @@ def decays(name: str) -> bool:
     return not ("bias" in name or "layer_norm" in name or "layernorm" in name)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _block_seed(seed: int, index: int, block: int) -> int:
+    """A well-mixed 64-bit seed (splitmix64's finalizer): the CPU generator (mt19937) keeps only the low
+    32 bits of a seed, so shifting the step seed up (seed << k) would leave few distinct directions."""
+    x = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + block * 0x94D049BB133111EB) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 class PerturbationEngine:
-    def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]], seed: int):
+    def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]], seed: int,
+                 mask: Mask | None = None):
         # named_parameters() yields a tied weight (OPT's embedding = LM head) once: perturbed once.
         self.named = [(name, p) for name, p in named_parameters if p.requires_grad]
         self.decays = [decays(name) for name, _ in self.named]
+        self.mask = mask  # Sparse MeZO: z is zeroed where the mask (of the unperturbed θ) is False
         self._seeds = np.random.RandomState(seed)
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -38,17 +68,36 @@ class PerturbationEngine:
     def set_seed_state(self, state) -> None:
         self._seeds.set_state(state)
 
-    def direction(self, seed: int, index: int, param: torch.Tensor) -> torch.Tensor:
-        """z for parameter `index` under `seed`: N(0, 1) in the parameter's dtype, on its device."""
-        generator = self._generators.get(param.device)
+    # -- z ---------------------------------------------------------------------------------------
+    def _fill(self, out: torch.Tensor, seed: int, index: int, block: int) -> torch.Tensor:
+        """Writes block `block` of z(seed) for parameter `index` into the 1-D tensor `out`: N(0, 1)."""
+        generator = self._generators.get(out.device)
         if generator is None:
-            generator = self._generators[param.device] = torch.Generator(device=param.device)
-        generator.manual_seed((seed << 20) + index)
-        return torch.randn(param.shape, generator=generator, device=param.device, dtype=param.dtype)
+            generator = self._generators[out.device] = torch.Generator(device=out.device)
+        generator.manual_seed(_block_seed(seed, index, block))
+        return out.normal_(generator=generator)
+
+    def direction(self, seed: int, index: int, param: torch.Tensor) -> torch.Tensor:
+        """z for parameter `index` under `seed`: N(0, 1) in the parameter's dtype, on its device (unmasked)."""
+        z = torch.empty(param.shape, device=param.device, dtype=param.dtype)
+        flat = z.view(-1)
+        for block, start in enumerate(range(0, flat.numel(), BLOCK)):
+            self._fill(flat[start:start + BLOCK], seed, index, block)
+        return z
+
+    def _masked_block(self, seed: int, index: int, theta: torch.Tensor, block: int, keep) -> torch.Tensor:
+        z = self._fill(torch.empty_like(theta), seed, index, block)
+        return z if keep is None else z.mul_(keep)
+
+    # -- in place (MeZO) ---------------------------------------------------------------------------
+    def _unmasked_only(self) -> None:
+        if self.mask is not None:  # a mask of a perturbed θ would differ from the unperturbed one's
+            raise RuntimeError("a masked engine perturbs in the forward (perturbed_in_forward), never in place")
 
     @torch.no_grad()
     def perturb(self, seed: int, scale: float) -> None:
         """θ ← θ + scale·z(seed)."""
+        self._unmasked_only()
         for index, (_, param) in enumerate(self.named):
             param.add_(self.direction(seed, index, param), alpha=scale)
 
@@ -60,6 +109,7 @@ class PerturbationEngine:
         θ ← θ − step·z(seed) (the update); on parameters that decay, the restored θ is first scaled by
         (1 − lr·wd): θ ← (1 − lr·wd)(θ + Σ restore·z) − Σ step·z, the MeZO update θ − lr(g·z + wd·θ).
         """
+        self._unmasked_only()
         for index, (_, param) in enumerate(self.named):
             keep = 1.0 - lr_times_wd if self.decays[index] else 1.0
             if keep != 1.0:
@@ -68,3 +118,79 @@ class PerturbationEngine:
                 coefficient = keep * restore - step
                 if coefficient != 0.0:
                     param.add_(self.direction(seed, index, param), alpha=coefficient)
+
+    # -- in the forward (Sparse MeZO) --------------------------------------------------------------
+    @contextmanager
+    def perturbed_in_forward(self, model: torch.nn.Module, seed: int, scale: float):
+        """Inside, every module's forward sees its own parameters at θ + scale·z(seed) (masked).
+
+        The perturbed copy of a parameter lives only while its module runs (one layer at a time, as
+        MeZO's in-place z does), and θ is never written: leaving restores it exactly. A tied weight is
+        rebuilt in each module that uses it. Assumes, as in HF models, that a module reads its
+        parameters only in its own forward.
+        """
+        index_of = {id(p): i for i, (_, p) in enumerate(self.named)}
+        swapped: dict[int, tuple[torch.Tensor, torch.nn.Module]] = {}
+
+        def before(module, args):
+            for param in module.parameters(recurse=False):
+                index = index_of.get(id(param))
+                if index is not None and id(param) not in swapped:
+                    swapped[id(param)] = (param.data, module)
+                    param.data = self._perturbed_copy(seed, index, param.data, scale)
+
+        def after(module, args, output):
+            for param in module.parameters(recurse=False):
+                if id(param) in swapped and swapped[id(param)][1] is module:
+                    param.data = swapped.pop(id(param))[0]
+
+        owners = [m for m in model.modules() if any(id(p) in index_of for p in m.parameters(recurse=False))]
+        handles = [m.register_forward_pre_hook(before) for m in owners]
+        handles += [m.register_forward_hook(after) for m in owners]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for param in (p for _, p in self.named if id(p) in swapped):  # a forward that raised
+                param.data = swapped.pop(id(param))[0]
+
+    @torch.no_grad()
+    def _perturbed_copy(self, seed: int, index: int, theta: torch.Tensor, scale: float) -> torch.Tensor:
+        out = torch.empty_like(theta)
+        flat, source = out.view(-1), theta.reshape(-1)
+        for block, start in enumerate(range(0, flat.numel(), BLOCK)):
+            part, theta_part = flat[start:start + BLOCK], source[start:start + BLOCK]
+            self._fill(part, seed, index, block)
+            keep = self.mask(index, theta_part) if self.mask is not None else None
+            if keep is not None:
+                part.mul_(keep)
+            part.mul_(scale).add_(theta_part)
+        return out
+
+    # -- block by block (stateful and adaptive rules) ------------------------------------------------
+    @torch.no_grad()
+    def update(self, seeds: Sequence[int], rule: Rule, restore: tuple[int, float] | None = None) -> None:
+        """One pass over θ in blocks: `rule(index, θ block, zs, offset)` changes the block in place.
+
+        zs yields the block of z(seed) for each seed in order, masked by the engine's mask of the block's
+        θ as it was on entry. `restore` = (seed, scale) undoes an in-place perturbation, θ += scale·z(seed),
+        fused into the pass: it is done when that seed's block is drawn, before the rule sees it.
+        """
+        if restore is not None and restore[0] not in seeds:
+            raise ValueError(f"the restored seed {restore[0]} must be one of the seeds drawn")
+        for index, (_, param) in enumerate(self.named):
+            flat = param.data.view(-1)
+            for block, start in enumerate(range(0, flat.numel(), BLOCK)):
+                theta = flat[start:start + BLOCK]
+                keep = self.mask(index, theta) if self.mask is not None else None
+                rule(index, theta, self._block_stream(seeds, index, theta, block, keep, restore), start)
+
+    def _block_stream(self, seeds, index, theta, block, keep, restore) -> Iterator[torch.Tensor]:
+        pending = restore
+        for seed in seeds:
+            z = self._masked_block(seed, index, theta, block, keep)
+            if pending is not None and seed == pending[0]:
+                theta.add_(z, alpha=pending[1])
+                pending = None  # once, even if an old seed repeats
+            yield z

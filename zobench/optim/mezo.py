@@ -53,12 +53,25 @@ class MeZO(Optimizer):
             losses.append((loss_plus + loss_minus) / 2)
         return pairs, sum(losses) / len(losses)
 
+    def restore(self, pairs: list[tuple[int, float]]) -> None:
+        """Back to θ after projected_gradients (Addax's first-order half needs θ between the two)."""
+        self.engine.perturb(pairs[-1][0], self.eps)
+
+    def update(self, pairs: list[tuple[int, float]], lr: float, lr_times_wd: float, restore: bool) -> None:
+        """θ ← θ − lr·(1/q)·Σ scale(g_k)·z_k, decayed by (1 − lr_times_wd); `restore` fuses the restore in."""
+        last_seed = pairs[-1][0]
+        terms = [(seed, self.eps if restore and seed == last_seed else 0.0, lr * self.step_scale(g) / self.q)
+                 for seed, g in pairs]
+        self.engine.apply(terms, lr_times_wd=lr_times_wd)
+        self.last_projected_grads = pairs
+
+    def step_scale(self, g: float) -> float:
+        """What multiplies z in the update: g itself (ZO-SGD-Sign uses its sign)."""
+        return g
+
     def _step(self, batch) -> float:
         self.model.eval()
         pairs, loss = self.projected_gradients(batch)
         lr = self.lr
-        last_seed = pairs[-1][0]
-        terms = [(seed, self.eps if seed == last_seed else 0.0, lr * g / self.q) for seed, g in pairs]
-        self.engine.apply(terms, lr_times_wd=lr * self.weight_decay)
-        self.last_projected_grads = pairs
+        self.update(pairs, lr, lr * self.weight_decay, restore=True)
         return loss
