@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zobench-report: no such folder: {', '.join(missing)}", file=sys.stderr)
         return 2
     out_dir = Path(args.output) if args.output else default_output(args.paths)
-    reference_dir = None if args.no_reference else (Path(args.reference) if args.reference else default_reference_dir())
+    reference_dir = Path(args.reference) if args.reference else default_reference_dir()
+    if args.no_reference:
+        reference_dir = None
     report = build_report(args.paths, out_dir, reference_dir, plots=not args.no_plots)
     if report.runs == 0:
         print(f"zobench-report: no runs (metrics.json) under {', '.join(args.paths)}", file=sys.stderr)
@@ -34,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{report.runs} runs: {report.completed} completed, {report.left_out} left out of the averages")
     if report.left_out:
         print(report.failures)
-    if reference_dir is None:
-        print("no reference folder (results/reference): the comparison table has no paper numbers; use --reference DIR")
+    if reference_dir is None and not args.no_reference:
+        print("no results/reference folder here: the comparison has no paper numbers (--reference DIR)")
     print(f"\ntables (.md .tex .csv){' and plots' if report.plots else ''} in {out_dir}")
     return 0
 
@@ -50,9 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zobench-report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", default=["results"],
-                        help="run or sweep folders, searched recursively for metrics.json (default: results)")
+                        help="run or sweep folders, searched for metrics.json (default: results)")
     parser.add_argument("-o", "--output", help="output folder (default: report/ beside the runs)")
-    parser.add_argument("--reference", help="folder of the papers' CSVs (default: the repository's results/reference)")
+    parser.add_argument("--reference", help="the papers' CSVs (default: the checkout's results/reference)")
     parser.add_argument("--no-reference", action="store_true", help="leave the papers' numbers out")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     return parser

@@ -65,8 +65,9 @@ def accuracy_table(selected: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     for (model, optimizer), group in _sorted(selected).groupby(["model", "optimizer"], sort=False):
         by_task = group.set_index("task")
         row = {"model": model, "optimizer": optimizer}
+        means, stds = by_task["test_mean"], by_task["test_std"]
         for task in tasks:
-            row[headers[task]] = percent(by_task["test_mean"].get(task, math.nan), by_task["test_std"].get(task, math.nan))
+            row[headers[task]] = percent(means.get(task, math.nan), stds.get(task, math.nan))
         complete = all(task in by_task.index for task in tasks) and by_task["test_mean"].notna().all()
         row["avg"] = percent(by_task["test_mean"].mean()) if complete and len(tasks) > 1 else DASH
         rows.append(row)
@@ -116,11 +117,10 @@ def memory_table(selected: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 # -- 4. side by side with the papers -----------------------------------------------------------------
 def ours_long(selected: pd.DataFrame) -> pd.DataFrame:
     """Our numbers in the references' shape: (model, task, optimizer, metric, value)."""
-    parts = [
-        selected.assign(value=100 * selected["test_mean"])[[*GROUP, "metric", "value"]],
-        selected.assign(metric="peak_memory_gb", value=selected["peak_memory_gb"])[[*GROUP, "metric", "value"]],
-        selected.assign(metric="seconds_per_step", value=selected["seconds_per_step"])[[*GROUP, "metric", "value"]],
-    ]
+    columns = [*GROUP, "metric", "value"]
+    parts = [selected.assign(value=100 * selected["test_mean"])[columns]]  # percent, as the papers
+    for metric in ("peak_memory_gb", "seconds_per_step"):
+        parts.append(selected.assign(metric=metric, value=selected[metric])[columns])
     return pd.concat(parts, ignore_index=True)
 
 
