@@ -40,6 +40,12 @@ class BestWeights:
             tmp.replace(self.path)
         self.saved = self.mode != "none"
 
+    def adopt_saved(self) -> bool:
+        """After a resume from saved weights: is the best-on-dev copy still there? (disk: yes)"""
+        if self.mode == "disk":
+            self.saved = self.path.exists()
+        return self.mode == "none" or self.saved
+
     @torch.no_grad()
     def restore(self) -> None:
         """Copy the saved weights back tensor by tensor, then drop the copy."""

@@ -1,5 +1,9 @@
 """`zobench`: the Hydra entry point. cfg -> run(cfg); known errors become one line on stderr.
 
+`zobench resume=RUN_DIR` re-runs the command that made RUN_DIR in RUN_DIR, which resumes an
+interrupted or failed run from its checkpoint (re-running a command with hydra.run.dir=RUN_DIR does
+the same).
+
 Exit status of a single run: 0 completed (or diverged: a result, reported as such), 1 failed,
 2 bad input before the run started, 130 interrupted. In a multirun a failed job is recorded and
 reported, and the sweep goes on with the next job.
@@ -8,8 +12,13 @@ reported, and the sweep goes on with the next job.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from .errors import Interrupted, ZobenchError
+
+# The command line that started a run, kept in its directory for `resume=` (Hydra's own copy in
+# .hydra/ is rewritten by every later command pointed at the directory).
+OVERRIDES_FILE = "overrides.yaml"
 
 
 def _say(message: str) -> None:
@@ -25,6 +34,7 @@ def _job(cfg) -> str:
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    _keep_overrides(Path(run_dir), list(hydra_cfg.overrides.task))
     try:
         metrics = run(cfg, run_dir)
     except (KeyboardInterrupt, Interrupted):
@@ -49,12 +59,44 @@ def _job(cfg) -> str:
     return metrics["status"]
 
 
+def _keep_overrides(run_dir: Path, overrides: list[str]) -> None:
+    if not (run_dir / "metrics.json").exists():  # a fresh run, not a resume
+        import yaml
+
+        from .records import atomic_write_text
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        kept = [o for o in overrides if not o.startswith("hydra.run.dir=")]
+        atomic_write_text(run_dir / OVERRIDES_FILE, yaml.safe_dump(kept))
+
+
+def _expand_resume(argv: list[str]) -> list[str]:
+    """`resume=RUN_DIR` means: the command that made RUN_DIR, again, in RUN_DIR (which resumes it)."""
+    asked = [arg for arg in argv if arg.startswith("resume=")]
+    if not asked:
+        return argv
+    import yaml
+
+    run_dir = Path(asked[-1].split("=", 1)[1]).expanduser()
+    overrides_file = run_dir / OVERRIDES_FILE
+    if not overrides_file.exists():
+        raise ZobenchError(f"resume={run_dir}: no zobench run there (looked for {overrides_file})")
+    original = yaml.safe_load(overrides_file.read_text()) or []
+    rest = [arg for arg in argv if not arg.startswith("resume=")]
+    return original + rest + [f"hydra.run.dir={run_dir}"]
+
+
 def main() -> None:
     import hydra
 
     from .configs import check_overrides, register_resolvers, register_tasks
     from .paths import conf_dir
 
+    try:
+        sys.argv[1:] = _expand_resume(sys.argv[1:])
+    except ZobenchError as error:
+        _say(f"error: {error}")
+        sys.exit(2)
     overrides = [arg for arg in sys.argv[1:] if "=" in arg and not arg.startswith("-")]
     try:
         check_overrides(overrides)

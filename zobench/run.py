@@ -6,6 +6,7 @@ Every run, whatever happens, leaves config.yaml, metrics.json and log.jsonl in i
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import math
 import signal
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .best_weights import BestWeights
+from .checkpoint import TRAJECTORY, Checkpointer, RecordingLoss, keep_lines_up_to, read_trajectory, replay
 from .data import load_split_pools, sample_splits
 from .encoding import Encoder, collate
 from .errors import Diverged, Interrupted, ZobenchError
@@ -37,15 +39,19 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run one job into `run_dir`; returns metrics.json's content. Raises after recording a failure."""
+    """Run one job into `run_dir`, or resume the interrupted/failed one there; returns metrics.json's
+    content. Raises after recording a failure."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "metrics.json").exists():
-        raise ZobenchError(f"{run_dir} already holds a run's results; zobench never overwrites them")
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    job = Job(cfg, run_dir)
+    resume_state = _resumable_state(run_dir, cfg)
+    if resume_state is None:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    else:  # lines logged after the checkpoint are written again by the resumed run
+        for name in ("log.jsonl", TRAJECTORY):
+            keep_lines_up_to(run_dir / name, resume_state["step"])
+    job = Job(cfg, run_dir, resume_state)
     try:
-        with _sigterm_raises_interrupted():
+        with _signals_stop(job):
             job.execute()
         job.metrics["status"] = "completed"
     except Diverged as error:
@@ -68,13 +74,38 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return job.metrics
 
 
+def _resumable_state(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """None for a fresh directory; the checkpoint of an unfinished run made with the same config."""
+    metrics_file = run_dir / "metrics.json"
+    if not metrics_file.exists():
+        return None
+    status = json.loads(metrics_file.read_text()).get("status")
+    if status == "completed":
+        raise ZobenchError(f"{run_dir} already holds a completed run; zobench never overwrites results")
+    state = Checkpointer.load_state(run_dir)
+    if state is None:
+        raise ZobenchError(f"{run_dir} holds a {status} run that left no checkpoint to resume from; "
+                           f"zobench never overwrites results: start a new run")
+    saved = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else None
+    if saved != OmegaConf.to_yaml(cfg, resolve=True):
+        raise ZobenchError(f"{run_dir} was started with another config; resume it as it was with "
+                           f"`zobench resume={run_dir}`")
+    log.info("resuming the %s run in %s from step %d", status, run_dir, state["step"])
+    return state
+
+
 class Job:
-    def __init__(self, cfg: DictConfig, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
+    def __init__(self, cfg: DictConfig, run_dir: Path, resume_state: dict[str, Any] | None = None):
+        self.cfg, self.run_dir, self.resume_state = cfg, run_dir, resume_state
         self.device = torch.device("cpu")
         self.counter = PassCounter()  # every forward/backward/token, training and evaluation
         self.eval_tokens = 0
+        self.best_score = math.inf
+        self.earlier_seconds = {"total": 0.0, "train": 0.0}  # spent before a resume
         self.best: BestWeights | None = None
+        self.checkpointer: Checkpointer | None = None
+        self.stop_requested = False  # set by SIGTERM/SIGINT during training: stop after the step
+        self.in_training_loop = False
         self.log = JsonlLog(run_dir / "log.jsonl")
         self.clock = Stopwatch(self.device)
         self.metrics: dict[str, Any] = {
@@ -87,8 +118,15 @@ class Job:
             "peak_memory_method": None, "device": None, "dtype": None, "n_params": None,
             "data_source": None, "n_train": None, "n_dev": None, "n_test": None, "truncated": None,
             "zobench_version": __version__, "git_revision": git_revision(), "run_dir": str(run_dir),
-            "started_at": _now(), "finished_at": None,
+            "started_at": _now(), "finished_at": None, "resumed_at_step": None,
         }
+        if resume_state is not None:
+            saved = resume_state["job"]
+            self.metrics.update(saved["metrics"], status="running", error=None,
+                                resumed_at_step=resume_state["step"])
+            self.counter = PassCounter(**saved["counter"])
+            self.eval_tokens, self.best_score = saved["eval_tokens"], saved["best_score"]
+            self.earlier_seconds = saved["seconds"]
         self._write_metrics()
 
     # -- the job -------------------------------------------------------------------------------
@@ -111,16 +149,48 @@ class Job:
                             n_params=parameter_count(model))
         encoded = self._encode(splits, task, tokenizer)
         objective = Objective(model, self.counter)
-        optimizer = build_optimizer(cfg.optimizer, model, objective, seed=int(cfg.seed),
+        recording = RecordingLoss(objective)  # the loss values of each step: the ZO trajectory
+        optimizer = build_optimizer(cfg.optimizer, model, recording, seed=int(cfg.seed),
                                     total_steps=int(cfg.train.steps))
         evaluator = _Evaluator(objective, task, tokenizer, classification, cfg, self.device)
         self.best = BestWeights(model, str(cfg.train.keep_best), self.run_dir)
-        self._train(optimizer, encoded, tokenizer.pad_token_id, classification, evaluator)
+        self.checkpointer = Checkpointer(self.run_dir, model, optimizer, bool(cfg.checkpoint.weights))
+        start = self._resume(optimizer) if self.resume_state is not None else 0
+        self._train(optimizer, recording, encoded, tokenizer.pad_token_id, classification, evaluator, start)
         self.best.restore()
         test = self._timed_eval(evaluator, encoded["test"], "test", self.metrics["steps"])
         self.metrics.update(test_metric=test["metric"], test_scores=_scores(test))
         log.info("test %s = %s (dev %s = %s, best step %s)", task["metric"], _fmt(test["metric"]),
                  task["metric"], _fmt(self.metrics["dev_metric"]), self.metrics["best_step"])
+        if cfg.save_model:
+            self._save_model(model, tokenizer)
+        self.checkpointer.finish()
+
+    def _resume(self, optimizer) -> int:
+        """Bring model and optimizer to the checkpoint's step; returns that step."""
+        state, checkpointer = self.resume_state, self.checkpointer
+        step, best_step = state["step"], self.metrics["best_step"]
+        if state["mode"] == "weights":
+            checkpointer.restore_weights()
+            optimizer.load_state_dict(state["optimizer"])
+            if best_step is not None and not self.best.adopt_saved():
+                log.warning("the best-on-dev weights (step %s) did not survive the stop (train.keep_best=%s); "
+                            "the test uses the best of the evaluations from now on", best_step, self.best.mode)
+                self.best_score = math.inf
+        else:  # the trajectory rebuilds the weights, and the best-on-dev copy on the way
+            replay(optimizer, read_trajectory(self.run_dir, up_to=step),
+                   on_step=lambda s: self.best.save() if s == best_step else None)
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed at step %d (%s checkpoint)", step, state["mode"])
+        return step
+
+    def _save_model(self, model, tokenizer) -> None:
+        """The tested weights as a save_pretrained folder, moved into place only once complete."""
+        target, partial = self.run_dir / "model", self.run_dir / "model.partial"
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.replace(target)
+        self.metrics["saved_model"] = str(target)
 
     def _data(self, task: dict[str, Any]):
         pools, source = load_split_pools(task)
@@ -149,23 +219,27 @@ class Job:
                         self.metrics["truncated"])
         return encoded
 
-    def _train(self, optimizer, encoded, pad_id, classification, evaluator) -> None:
+    def _train(self, optimizer, recording, encoded, pad_id, classification, evaluator, start: int) -> None:
         train_cfg = self.cfg.train
         steps, batch_size = int(train_cfg.steps), int(train_cfg.batch_size)
-        log_interval, eval_interval = max(int(train_cfg.log_interval), 1), int(train_cfg.eval_interval)
-        if steps < 1 or batch_size < 1:
-            raise ZobenchError(f"train.steps and train.batch_size must be >= 1, got {steps} and {batch_size}")
+        log_interval, eval_interval = int(train_cfg.log_interval), int(train_cfg.eval_interval)
+        checkpoint_every = int(self.cfg.checkpoint.every)
         train = encoded["train"]
         batches = optimizer.batches([max(map(len, e.sequences)) for e in train], batch_size, int(self.cfg.seed))
-        best_score, recent = math.inf, []
+        for _ in range(start):  # the data order of the steps already done
+            next(batches)
+        recent = []
         train_clock = Stopwatch(self.device)
-        train_seconds = 0.0
-        bar = tqdm(total=steps, desc=f"{self.cfg.optimizer.name} {self.cfg.task.name}", unit="step",
-                   dynamic_ncols=True, disable=None)
+        self.metrics["train_wall_clock_s"] = self.earlier_seconds["train"]
+        bar = tqdm(total=steps, initial=start, desc=f"{self.cfg.optimizer.name} {self.cfg.task.name}",
+                   unit="step", dynamic_ncols=True, disable=None)
+        self.in_training_loop = True
         try:
-            for step in range(1, steps + 1):
+            for step in range(start + 1, steps + 1):
                 batch = _collate_indices(next(batches), train, pad_id, classification, self.device)
+                lr = optimizer.lr
                 loss = optimizer.step(batch)
+                self.checkpointer.record_step(step, recording.take(), lr)
                 self._count_train()
                 self.metrics["steps"] = step
                 if not math.isfinite(loss):
@@ -173,30 +247,46 @@ class Job:
                 recent.append(loss)
                 if step % log_interval == 0 or step == steps:
                     self.log.write({"event": "train", "step": step, "loss": sum(recent) / len(recent),
-                                    "lr": optimizer.lr, "elapsed_s": self.clock.elapsed(),
+                                    "lr": lr, "elapsed_s": self._elapsed(),
                                     "forward_passes": self.metrics["forward_passes"]})
                     bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
                     recent = []
                 bar.update(1)
-                if (eval_interval > 0 and step % eval_interval == 0) or step == steps:
-                    train_seconds += train_clock.elapsed()
-                    best_score = self._dev_eval(evaluator, encoded["dev"], step, best_score)
+                evaluate_now = (eval_interval > 0 and step % eval_interval == 0) or step == steps
+                if evaluate_now:
+                    self.metrics["train_wall_clock_s"] += train_clock.elapsed()
+                    self._dev_eval(evaluator, encoded["dev"], step)
                     train_clock = Stopwatch(self.device)
+                if evaluate_now or step % checkpoint_every == 0 or self.stop_requested:
+                    self.metrics["train_wall_clock_s"] += train_clock.elapsed()
+                    train_clock = Stopwatch(self.device)
+                    self.checkpointer.save(step, self._job_state())
+                if self.stop_requested:
+                    raise Interrupted("stop requested")
         finally:
+            self.in_training_loop = False
             bar.close()
-            self.metrics["train_wall_clock_s"] = train_seconds + train_clock.elapsed()
+            self.metrics["train_wall_clock_s"] += train_clock.elapsed()
 
-    def _dev_eval(self, evaluator, dev, step: int, best_score: float) -> float:
+    def _dev_eval(self, evaluator, dev, step: int) -> None:
         if not dev:
-            return best_score
+            return
         result = self._timed_eval(evaluator, dev, "dev", step)
         score = result["loss"] if self.cfg.train.select_by == "loss" else -result["metric"]
-        if score < best_score:  # the first evaluation always becomes the best
+        if score < self.best_score:  # the first evaluation always becomes the best
+            self.best_score = score
             self.best.save()
             self.metrics.update(dev_metric=result["metric"], dev_loss=result["loss"], best_step=step)
             self._write_metrics()
-            return score
-        return best_score
+
+    def _elapsed(self) -> float:
+        return self.earlier_seconds["total"] + self.clock.elapsed()
+
+    def _job_state(self) -> dict[str, Any]:
+        """Everything of the job a resume needs besides model and optimizer."""
+        return {"metrics": dict(self.metrics), "counter": vars(self.counter).copy(),
+                "eval_tokens": self.eval_tokens, "best_score": self.best_score,
+                "seconds": {"total": self._elapsed(), "train": self.metrics["train_wall_clock_s"]}}
 
     def _timed_eval(self, evaluator, examples, split: str, step: int) -> dict[str, Any]:
         passes, tokens = self.counter.forward_passes, self.counter.tokens
@@ -204,7 +294,7 @@ class Job:
         self.metrics["eval_forward_passes"] += self.counter.forward_passes - passes
         self.eval_tokens += self.counter.tokens - tokens
         self.log.write({"event": "eval", "split": split, "step": step, "metric": result["metric"],
-                        "loss": result["loss"], **_scores(result), "elapsed_s": self.clock.elapsed(),
+                        "loss": result["loss"], **_scores(result), "elapsed_s": self._elapsed(),
                         "forward_passes": self.metrics["forward_passes"]})
         return result
 
@@ -231,7 +321,9 @@ class Job:
     def close(self) -> None:
         if self.best is not None:
             self.best.discard()
-        total = self.clock.elapsed()
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        total = self._elapsed()
         memory, method = peak_memory(self.device)
         train_s = self.metrics["train_wall_clock_s"] or 0.0
         self.metrics.update(
@@ -278,17 +370,26 @@ def _now() -> str:
 
 
 @contextmanager
-def _sigterm_raises_interrupted():
-    """SIGTERM (SLURM pre-emption, `kill`) ends the run as `interrupted`, with its files written."""
+def _signals_stop(job: Job):
+    """SIGTERM (SLURM pre-emption, `kill`) and Ctrl-C end the run as `interrupted`, files written.
+
+    During training the run stops after the current step, with a checkpoint to resume from; a
+    second Ctrl-C, or a signal outside the training loop, stops it at once.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
+        if job.in_training_loop and not job.stop_requested:
+            job.stop_requested = True
+            log.warning("signal %d: stopping after this step (again to stop at once)", signum)
+            return
         raise Interrupted(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -38,6 +38,7 @@ RUN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.select_by": (lambda v: v in ("loss", "metric"), "loss or metric"),
     "train.keep_best": (lambda v: v in ("disk", "host", "none"), "disk, host or none"),
     "eval.batch_size": (lambda v: v >= 1, ">= 1"),
+    "checkpoint.every": (lambda v: v >= 1, ">= 1"),
     "eval.score": (lambda v: v in ("mean", "sum"), "mean or sum"),
     "data.n_train": (lambda v: v >= 1, ">= 1"),
     "data.n_dev": (lambda v: v >= 0, ">= 0"),

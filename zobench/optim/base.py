@@ -62,3 +62,28 @@ class Optimizer:
 
     def _step(self, batch) -> float:
         raise NotImplementedError
+
+    # -- checkpoints (zobench/checkpoint.py) ------------------------------------------------------
+    @property
+    def replayable(self) -> bool:
+        """Can the run be rebuilt from the loss values each step saw (checkpoint.ReplayLoss)? Yes for
+        purely zeroth-order methods; one that takes real gradients checkpoints its weights instead."""
+        return self.zeroth_order
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume from saved weights needs besides them; optimizers with more state extend it."""
+        state: dict[str, Any] = {"steps_done": self.steps_done}
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            state["engine_seeds"] = engine.seed_state()
+        inner = getattr(self, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            state["torch_optimizer"] = inner.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps_done = state["steps_done"]
+        if "engine_seeds" in state:
+            self.engine.set_seed_state(state["engine_seeds"])
+        if "torch_optimizer" in state:
+            self.optimizer.load_state_dict(state["torch_optimizer"])

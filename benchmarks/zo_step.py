@@ -1,0 +1,137 @@
+"""MeZO step vs inference: time and peak memory, side by side on the same model and batch.
+
+    python benchmarks/zo_step.py                      # random-init OPT-125m size (CPU, ~125M params)
+    python benchmarks/zo_step.py --model opt-tiny     # a quick check
+
+Prints the inference forward time, the MeZO step time and step / (2 forwards); then the peak memory
+(VmHWM on CPU, max_memory_allocated on CUDA) of an evaluation-only process and of a MeZO-training
+process, each measured in its own subprocess so one's high-water mark does not hide the other's.
+Goals (issue #3): step <= 1.15 x two forwards; MeZO peak <= 1.05 x inference peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def build(model_name: str, batch_size: int, device: str):
+    from omegaconf import OmegaConf
+
+    from zobench.configs import compose
+    from zobench.data import load_split_pools
+    from zobench.encoding import Encoder, collate
+    from zobench.models import load_model, parameter_count, resolve_device, resolve_dtype
+    from zobench.objective import Objective
+    from zobench.optim import build_optimizer
+    from zobench.tasks import PromptTemplate
+
+    cfg = compose([f"model={model_name}", "model.init=random", "model.tokenizer=byte", "task.samples=true",
+                   "optimizer=mezo", "optimizer.lr=1e-6", f"device={device}"])
+    dev = resolve_device(cfg.device)
+    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), dev,
+                                  resolve_dtype(cfg.dtype, dev))
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    pools, _ = load_split_pools(task)
+    template, encoder = PromptTemplate(task), Encoder(tokenizer, 512)
+    rows = [pools["train"][i % len(pools["train"])] for i in range(batch_size)]
+    batch = collate([encoder.encode(template.render(r)) for r in rows], tokenizer.pad_token_id,
+                    classification=True).to(dev)
+    objective = Objective(model)
+    optimizer = build_optimizer(cfg.optimizer, model, objective, seed=0, total_steps=10**6)
+    return model, objective, optimizer, batch, parameter_count(model), dev
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, dev) -> float:
+    sync(dev)
+    start = time.perf_counter()
+    fn()
+    sync(dev)
+    return time.perf_counter() - start
+
+
+def speed(args) -> None:
+    model, objective, optimizer, batch, n_params, dev = build(args.model, args.batch_size, args.device)
+    model.eval()
+
+    def forward():
+        with torch.inference_mode():
+            float(objective(batch))
+
+    for _ in range(2):  # warm-up
+        forward()
+        optimizer.step(batch)
+    forwards, steps, perturbs = [], [], []
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
+        forwards.append(timed(forward, dev))
+        steps.append(timed(lambda: optimizer.step(batch), dev))
+        perturbs.append(timed(lambda: optimizer.engine.perturb(0, 0.0), dev))
+    f, s, p = (statistics.median(x) for x in (forwards, steps, perturbs))
+    tokens = int(batch.attention_mask.sum())
+    print(f"model {args.model} (random init, {n_params / 1e6:.1f}M params) on {dev}, "
+          f"{torch.get_num_threads()} threads; batch {args.batch_size} examples = "
+          f"{batch.input_ids.shape[0]} sequences x {batch.input_ids.shape[1]} tokens ({tokens} real)")
+    print(f"median of {args.repeats}:")
+    print(f"  inference forward          {f * 1e3:9.1f} ms")
+    print(f"  MeZO step                  {s * 1e3:9.1f} ms")
+    print(f"  one pass regenerating z    {p * 1e3:9.1f} ms   (a step makes 3)")
+    print(f"  step / (2 x forward)       {s / (2 * f):9.3f}    goal <= 1.15")
+
+
+def memory_probe(args) -> None:
+    """Child process: build, run `mode` a few times, print the peak as JSON."""
+    from zobench.records import peak_memory, reset_peak_memory
+
+    model, objective, optimizer, batch, _, dev = build(args.model, args.batch_size, args.device)
+    reset_peak_memory(dev)
+    for _ in range(3):
+        if args.probe == "eval":
+            with torch.inference_mode():
+                float(objective(batch))
+        else:
+            optimizer.step(batch)
+    print(json.dumps(dict(zip(("bytes", "method"), peak_memory(dev)))))
+
+
+def memory(args) -> None:
+    peaks = {}
+    for mode in ("eval", "mezo"):
+        out = subprocess.run([sys.executable, __file__, "--probe", mode, "--model", args.model,
+                              "--batch-size", str(args.batch_size), "--device", args.device],
+                             capture_output=True, text=True, check=True)
+        peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    method = peaks["eval"]["method"]
+    print(f"peak memory ({method}, each in its own process):")
+    print(f"  evaluation only            {peaks['eval']['bytes'] / 2**20:9.1f} MiB")
+    print(f"  MeZO training              {peaks['mezo']['bytes'] / 2**20:9.1f} MiB")
+    print(f"  MeZO / evaluation          {peaks['mezo']['bytes'] / peaks['eval']['bytes']:9.3f}    goal <= 1.05")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="opt-125m")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--probe", choices=["eval", "mezo"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        memory_probe(args)
+        return
+    speed(args)
+    memory(args)
+
+
+if __name__ == "__main__":
+    main()
