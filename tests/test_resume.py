@@ -116,3 +116,26 @@ def test_replay_rebuilds_the_tested_weights_from_the_trajectory(tmp_path):
     first = json.loads(trajectory[0])
     assert len(trajectory) == 240 and len(first["losses"]) == 2 and len(first["directions"]) == 1
     assert (run_dir / "trajectory.jsonl").stat().st_size < 100_000  # kilobytes, not weights
+
+
+def test_a_failed_run_with_a_checkpoint_resumes(quick_cfg, tmp_path, monkeypatch):
+    from zobench.errors import ZobenchError
+    from zobench.objective import Objective
+    from zobench.run import run
+
+    cfg = quick_cfg("train.steps=6", "train.eval_interval=0", "checkpoint.every=2")
+    original, calls = Objective.option_logprobs, []
+
+    def fails_once(self, batch):
+        calls.append(1)
+        if len(calls) == 7:  # the fourth MeZO step runs out of memory
+            raise MemoryError
+        return original(self, batch)
+
+    monkeypatch.setattr(Objective, "option_logprobs", fails_once)
+    with pytest.raises(ZobenchError, match="out of memory at step 3"):
+        run(cfg, tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+    metrics = run(cfg, tmp_path)
+    assert metrics["status"] == "completed" and metrics["resumed_at_step"] == 2
+    assert metrics["forward_passes"] == 12 and metrics["steps"] == 6
