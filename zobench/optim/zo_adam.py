@@ -1,0 +1,34 @@
+"""ZO-Adam, ZO-Bench's adaptive baseline with stored moments (Zhang et al., ICML 2024; ZO-Bench/ZO-LLM
+trainer `zo_adam`: torch.optim.Adam with its defaults), the memory-hungry method AdaMeZO is compared to.
+With ĝ the zeroth-order estimate (MeZO's Eq. 1 times z) and t the step (Kingma & Ba, Algorithm 1):
+  m ← β1·m + (1 − β1)·ĝ,   v ← β2·v + (1 − β2)·ĝ²
+  θ ← θ − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + ε_adam)     (torch.optim.Adam's arithmetic)
+Two stored moments per parameter: three times MeZO's parameter memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import ZobenchError
+from .zo_stateful import StatefulZO
+
+
+class ZOAdam(StatefulZO):
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int):
+        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps)
+        self.beta1, self.beta2 = (float(b) for b in cfg.betas)
+        self.adam_eps = float(cfg.adam_eps)
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ZobenchError(f"optimizer.betas must be in [0, 1), got {list(cfg.betas)}")
+
+    def step_block(self, theta, grad, state, lr) -> None:
+        exp_avg, exp_avg_sq = state
+        exp_avg.lerp_(grad, 1 - self.beta1)
+        exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        correction1 = 1 - self.beta1 ** self.updates
+        correction2_root = math.sqrt(1 - self.beta2 ** self.updates)
+        denominator = (exp_avg_sq.sqrt() / correction2_root).add_(self.adam_eps)
+        theta.addcdiv_(exp_avg, denominator, value=-lr / correction1)

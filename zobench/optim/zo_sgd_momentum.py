@@ -1,0 +1,25 @@
+"""ZO-SGD-MMT, ZO-Bench's momentum baseline (Zhang et al., ICML 2024; ZO-Bench/ZO-LLM trainer `zo_sgd` with
+`--momentum 0.9`, i.e. torch.optim.SGD): with ĝ the zeroth-order estimate (MeZO's Eq. 1 times z),
+  b ← μ·b + ĝ,   θ ← θ − lr·b          (torch.optim.SGD, dampening 0, no Nesterov; b starts at 0)
+One stored buffer b per parameter: twice MeZO's parameter memory.
+"""
+
+from __future__ import annotations
+
+from ..errors import ZobenchError
+from .zo_stateful import StatefulZO
+
+
+class ZOSGDMomentum(StatefulZO):
+    state_names = ("momentum_buffer",)
+
+    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int):
+        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps)
+        self.momentum = float(cfg.momentum)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ZobenchError(f"optimizer.momentum must be in [0, 1), got {self.momentum}")
+
+    def step_block(self, theta, grad, state, lr) -> None:
+        buffer, = state
+        buffer.mul_(self.momentum).add_(grad)
+        theta.add_(buffer, alpha=-lr)

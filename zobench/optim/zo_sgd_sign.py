@@ -1,0 +1,17 @@
+"""ZO-SGD-Sign, ZO-Bench's sign baseline (Zhang et al., ICML 2024; ZO-Bench/ZO-LLM trainer `zo_sign_opt`,
+`np.sign(projected_grad) * z`): MeZO with the projected gradient g (Eq. 1) replaced by its sign,
+  θ ← θ − lr·((1/q)·Σ_k sign(g_k)·z_k + wd·θ)
+ZO-Bench's runs feed sign(g)·z to HF's default AdamW unless `--optimizer sgd` is given; this is the
+signed-SGD rule its name and code intend. No state: MeZO's memory, MeZO's 3 regenerations of z.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .mezo import MeZO
+
+
+class ZOSGDSign(MeZO):
+    def step_scale(self, g: float) -> float:
+        return math.copysign(1.0, g) if g != 0 else 0.0
