@@ -1,0 +1,106 @@
+"""Addax (Li et al., ICLR 2025, arXiv 2410.06441, Algorithm 1 and Eq. (3)): zeroth- and in-place first-order.
+
+The training set is split once by tokenized length at L_T (Algorithm 1, lines 2-5): D1 = examples of
+length ≤ L_T (first-order), D0 = the longer ones (zeroth-order). Each step draws K0 examples B0 from D0
+and K1 examples B1 from D1 and updates
+  g0 = [L(θ + εz; B0) − L(θ − εz; B0)] / (2ε),   g1 = ∇L(θ; B1)
+  θ ← θ − η·(α·g0·z + (1 − α)·g1)                                                       (Eq. 3, our reading)
+The paper's text could not be read: this form is the issue's and two third-party summaries'; the
+official README confirms only that the update is "Equation (3)", built on MeZO's code. Both halves are
+taken at the same θ_t: the ZO half evaluates its two losses and restores θ, the FO half runs IP-SGD on
+B1 with step (1 − α)·η (applied in place during backward), then the ZO update regenerates z once more.
+So the ZO half stays at inference memory and the FO half holds only B1's activations.
+The ZO half is any of zobench's ZO methods (`zo`: mezo, sparse_mezo or adamezo, with their own
+conf/optimizer/<zo>.yaml defaults and `zo_options` on top): a combination no paper's code offers.
+α = 0 is IP-SGD on B1 (no ZO passes), α = 1 the ZO method on B0 (no backward).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from typing import Iterator
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from ..errors import ZobenchError
+from ..paths import conf_dir
+from .base import Optimizer
+from .ip_sgd import in_place_sgd_step
+
+log = logging.getLogger(__name__)
+ZO_METHODS = ("mezo", "sparse_mezo", "adamezo")
+
+
+class Addax(Optimizer):
+    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int):
+        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps)
+        self.alpha, self.k0, self.k1 = float(cfg.alpha), int(cfg.k0), int(cfg.k1)
+        self.l_t = None if cfg.get("l_t") is None else int(cfg.l_t)
+        self.weight_decay = float(cfg.get("weight_decay", 0.0))
+        if not 0.0 <= self.alpha <= 1.0 or self.k0 < 1 or self.k1 < 1:
+            raise ZobenchError(f"addax needs alpha in [0, 1] and k0, k1 >= 1, got alpha={self.alpha}, "
+                               f"k0={self.k0}, k1={self.k1}")
+        from . import build_optimizer  # the package's builder; imported here to avoid a cycle
+
+        self.zo = build_optimizer(zo_config(cfg), model, loss_fn, seed=seed, total_steps=total_steps)
+
+    # -- data: the split by length and the pair of batches per step --------------------------------
+    def split(self, lengths: list[int]) -> tuple[list[int], list[int], int]:
+        """(D0: indices longer than L_T, D1: the others, L_T); l_t null means the median length."""
+        threshold = self.l_t if self.l_t is not None else int(statistics.median_low(lengths))
+        long = [i for i, n in enumerate(lengths) if n > threshold]
+        short = [i for i, n in enumerate(lengths) if n <= threshold]
+        if not long or not short:
+            empty = "D0 (longer than l_t, zeroth-order)" if not long else "D1 (at most l_t, first-order)"
+            raise ZobenchError(
+                f"addax: optimizer.l_t={threshold} leaves {empty} empty: the {len(lengths)} training examples "
+                f"are {min(lengths)} to {max(lengths)} tokens long; choose l_t from {min(lengths)} to "
+                f"{max(lengths) - 1}, or use optimizer=ip_sgd / a ZO optimizer alone")
+        return long, short, threshold
+
+    def batches(self, lengths: list[int], batch_size: int, seed: int) -> Iterator[tuple[list[int], list[int]]]:
+        """Endless (K0 indices from D0, K1 indices from D1); train.batch_size is not used (k0 + k1 is)."""
+        long, short, threshold = self.split(lengths)
+        log.info("addax: l_t=%d splits %d examples into %d long (zeroth-order, k0=%d a step) and %d short "
+                 "(first-order, k1=%d a step)", threshold, len(lengths), len(long), self.k0, len(short), self.k1)
+        rng = np.random.RandomState(seed)
+        longs, shorts = _shuffled_forever(long, rng), _shuffled_forever(short, rng)
+        while True:
+            yield [next(longs) for _ in range(self.k0)], [next(shorts) for _ in range(self.k1)]
+
+    # -- the step -------------------------------------------------------------------------------
+    def _step(self, batch) -> float:
+        if not (isinstance(batch, tuple) and len(batch) == 2):
+            raise ZobenchError("addax steps on a pair of batches (long B0 for the zeroth-order half, short B1 "
+                               "for the first-order half), as Addax.batches yields them")
+        long_batch, short_batch = batch
+        lr, alpha = self.lr, self.alpha
+        if alpha == 0.0:
+            return in_place_sgd_step(self.model, self.loss_fn, short_batch, lr, self.weight_decay)
+        self.model.eval()  # the ZO half as MeZO: no dropout
+        pairs, zo_loss = self.zo.projected_gradients(long_batch)
+        if alpha == 1.0:
+            self.zo.update(pairs, lr, lr * self.weight_decay, restore=True)
+            return zo_loss
+        self.zo.restore(pairs)  # g1 is taken at θ_t, as g0
+        fo_loss = in_place_sgd_step(self.model, self.loss_fn, short_batch, (1.0 - alpha) * lr)
+        self.zo.update(pairs, alpha * lr, lr * self.weight_decay, restore=False)
+        return (self.k0 * zo_loss + self.k1 * fo_loss) / (self.k0 + self.k1)
+
+
+def zo_config(cfg):
+    """The ZO half's config: conf/optimizer/<zo>.yaml, Addax's lr and eps, then `zo_options`."""
+    name = str(cfg.get("zo", "mezo"))
+    if name not in ZO_METHODS:
+        raise ZobenchError(f"optimizer.zo '{name}' is not a ZO method addax can use; valid: {', '.join(ZO_METHODS)}")
+    base = OmegaConf.load(conf_dir() / "optimizer" / f"{name}.yaml")
+    own = {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": 0.0, "schedule": "constant"}  # Addax applies lr and wd
+    return OmegaConf.merge(base, own, cfg.get("zo_options") or {})
+
+
+def _shuffled_forever(indices: list[int], rng: np.random.RandomState) -> Iterator[int]:
+    """The indices, reshuffled at every pass (each subset is its own epoch of HF's random sampler)."""
+    while True:
+        yield from (indices[i] for i in rng.permutation(len(indices)))
