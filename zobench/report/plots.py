@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
@@ -32,20 +33,24 @@ def curves(run_dirs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def plot_task(task: str, lines: dict[str, tuple[pd.DataFrame, pd.DataFrame]], path: Path) -> None:
-    figure = Figure(figsize=(15, 4.2), layout="constrained")
+    figure = Figure(figsize=(16, 4.2), layout="constrained")
     loss_fp, loss_s, dev_fp = figure.subplots(1, 3)
-    for label, (train, dev) in lines.items():
+    colors = matplotlib.colormaps["tab10"].colors
+    for index, (label, (train, dev)) in enumerate(lines.items()):
+        # ten colours, then the same ten dashed: more than ten lines stay apart
+        style = {"color": colors[index % 10], "linestyle": ("-", "--", ":")[index // 10 % 3], "label": label}
         if not train.empty:
-            loss_fp.plot(train["forward_passes"], train["loss"], label=label)
-            loss_s.plot(train["elapsed_s"], train["loss"], label=label)
+            loss_fp.plot(train["forward_passes"], train["loss"], **style)
+            loss_s.plot(train["elapsed_s"], train["loss"], **style)
         if not dev.empty:
-            dev_fp.plot(dev["forward_passes"], 100 * dev["metric"], marker="o", label=label)
+            dev_fp.plot(dev["forward_passes"], 100 * dev["metric"], marker="o", **style)
     loss_fp.set(title=f"{task}: training loss", xlabel="forward passes (training)", ylabel="loss")
     loss_s.set(title=f"{task}: training loss", xlabel="seconds since the run started", ylabel="loss")
     dev_fp.set(title=f"{task}: dev metric", xlabel="forward passes (training)", ylabel="dev metric (%)")
     for axes in (loss_fp, loss_s, dev_fp):
         axes.grid(alpha=0.3)
-    loss_fp.legend(fontsize="small")
+    handles, labels = (loss_fp if loss_fp.lines else dev_fp).get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right upper", fontsize="small")
     figure.savefig(path, dpi=100)
 
 
