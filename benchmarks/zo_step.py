@@ -3,10 +3,13 @@
     python benchmarks/zo_step.py                      # random-init OPT-125m size (CPU, ~125M params)
     python benchmarks/zo_step.py --model opt-tiny     # a quick check
 
-Prints the inference forward time, the MeZO step time and step / (2 forwards); then the peak memory
+Prints the inference forward time, the MeZO step time and step / (2 forwards), and zobench's step
+against a reference-style MeZO step written here as the paper's code does it (torch.manual_seed, then
+torch.normal per parameter, four passes over the weights: +eps, -2eps, +eps, update); then the peak memory
 (VmHWM on CPU, max_memory_allocated on CUDA) of an evaluation-only process and of a MeZO-training
 process, each measured in its own subprocess so one's high-water mark does not hide the other's.
-Goals (issue #3): step <= 1.15 x two forwards; MeZO peak <= 1.05 x inference peak.
+Goals (issues #3, #8): step <= 1.15 x two forwards; zobench / reference step <= 0.9;
+MeZO peak <= 1.05 x inference peak.
 """
 
 from __future__ import annotations
@@ -61,6 +64,33 @@ def timed(fn, dev) -> float:
     return time.perf_counter() - start
 
 
+def reference_step(model, objective, batch, eps: float, lr: float, seed: int) -> float:
+    """MeZO's trainer.py zo_step + zo_update as the paper's code runs them (large_models/trainer.py)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def perturb(scale):
+        torch.manual_seed(seed)
+        for _, p in params:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data + scale * z * eps
+
+    def loss():
+        with torch.inference_mode():
+            return float(objective(batch))
+
+    perturb(1)
+    plus = loss()
+    perturb(-2)
+    minus = loss()
+    perturb(1)
+    projected = (plus - minus) / (2 * eps)
+    torch.manual_seed(seed)
+    for _, p in params:
+        z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+        p.data = p.data - lr * (projected * z)
+    return plus
+
+
 def speed(args) -> None:
     model, objective, optimizer, batch, n_params, dev = build(args.model, args.batch_size, args.device)
     model.eval()
@@ -72,12 +102,13 @@ def speed(args) -> None:
     for _ in range(2):  # warm-up
         forward()
         optimizer.step(batch)
-    forwards, steps, perturbs = [], [], []
-    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
+    forwards, steps, perturbs, references = [], [], [], []
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits all alike
         forwards.append(timed(forward, dev))
         steps.append(timed(lambda: optimizer.step(batch), dev))
         perturbs.append(timed(lambda: optimizer.engine.perturb(0, 0.0), dev))
-    f, s, p = (statistics.median(x) for x in (forwards, steps, perturbs))
+        references.append(timed(lambda: reference_step(model, objective, batch, 1e-3, 1e-6, 0), dev))
+    f, s, p, r = (statistics.median(x) for x in (forwards, steps, perturbs, references))
     tokens = int(batch.attention_mask.sum())
     print(f"model {args.model} (random init, {n_params / 1e6:.1f}M params) on {dev}, "
           f"{torch.get_num_threads()} threads; batch {args.batch_size} examples = "
@@ -86,7 +117,10 @@ def speed(args) -> None:
     print(f"  inference forward          {f * 1e3:9.1f} ms")
     print(f"  MeZO step                  {s * 1e3:9.1f} ms")
     print(f"  one pass regenerating z    {p * 1e3:9.1f} ms   (a step makes 3)")
+    print(f"  reference-style MeZO step  {r * 1e3:9.1f} ms   (4 passes, torch.normal per parameter)")
     print(f"  step / (2 x forward)       {s / (2 * f):9.3f}    goal <= 1.15")
+    print(f"  reference / (2 x forward)  {r / (2 * f):9.3f}")
+    print(f"  zobench / reference step   {s / r:9.3f}    goal <= 0.9")
 
 
 def memory_probe(args) -> None:
