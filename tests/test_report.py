@@ -129,6 +129,20 @@ def test_select_best_prefers_dev_and_ignores_runs_that_did_not_complete():
     assert row["seeds"] == 2 and row["excluded"] == 0 and row["candidates"] == 3
 
 
+def test_a_key_older_runs_lack_is_no_setting_but_an_explicit_null_is():
+    base = {"model": "m", "task": "rte", "status": "completed", "metric": "accuracy", "dev_metric": 0.5,
+            "test_metric": 0.5, "cfg.optimizer.lr": 1e-3}
+    runs = pd.DataFrame([
+        {**base, "optimizer": "sgd", "seed": 0, "run_dir": "a"},                          # before peft existed
+        {**base, "optimizer": "sgd", "seed": 1, "run_dir": "b", "cfg.peft.name": "none"},
+        {**base, "optimizer": "addax", "seed": 0, "run_dir": "c", "cfg.optimizer.l_t": "null"},
+        {**base, "optimizer": "addax", "seed": 0, "run_dir": "d", "cfg.optimizer.l_t": 61},
+    ])
+    best = select_best(runs).set_index("optimizer")
+    assert best.loc["sgd", "setting"] == "default" and best.loc["sgd", "seeds"] == 2
+    assert best.loc["addax", "candidates"] == 2
+
+
 def test_tables_are_markdown_latex_csv_and_plots_are_png(sweep, tmp_path):
     _, out = report(tmp_path, sweep)
     for name in ("accuracy", "selection", "cost", "memory", "comparison", "runs", "failures"):

@@ -2,7 +2,8 @@
 
 A run directory is any folder holding a metrics.json. Its resolved config.yaml is flattened into
 columns named `cfg.<dotted key>` (e.g. `cfg.optimizer.lr`): those are the hyperparameters the
-selection compares; every metrics.json field is a column of its own.
+selection compares; every metrics.json field is a column of its own. A YAML null is kept as the
+text "null"; a key the run's config does not have (an older zobench) is missing (NaN).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
         for key, value in node.items():
             flat.update(_flatten(value, f"{prefix}{key}."))
         return flat
-    return {prefix[:-1]: _scalar(node)}
+    # an explicit null is a value ("l_t: null" is a setting); NaN is kept for a key the run lacks
+    return {prefix[:-1]: "null" if node is None else _scalar(node)}
 
 
 def _scalar(value: Any) -> Any:

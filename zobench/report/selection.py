@@ -40,7 +40,8 @@ def setting_columns(group: pd.DataFrame) -> list[str]:
         group = completed(group)
     candidates = [column for column in group.columns if column.startswith(CONFIG_PREFIX)
                   and column not in SEED_COLUMNS and column not in NOT_A_SETTING]
-    return [column for column in candidates if group[column].map(show_value).nunique() > 1]
+    # nunique skips missing values: a key that older runs lack is no difference by itself
+    return [column for column in candidates if group[column].dropna().map(show_value).nunique() > 1]
 
 
 def show_value(value) -> str:
