@@ -27,9 +27,13 @@ from .data import load_split_pools, sample_splits
 from .encoding import Encoder, collate
 from .errors import Diverged, Interrupted, ZobenchError
 from .evaluate import MAX_NEW_TOKENS, evaluate
+from .icl import demonstration_blocks
+from .linear_probe import LinearProbe, ProbeEvaluator, check_task
+from .loggers import open_trackers
 from .models import input_device, load_model, parameter_count, resolve_device, resolve_dtype
 from .objective import Objective, PassCounter
 from .optim import build_optimizer
+from .peft_adapters import apply_peft
 from .records import (JsonlLog, Stopwatch, atomic_write_json, atomic_write_text, device_name, git_revision,
                       peak_memory, reset_peak_memory)
 from .tasks import PromptTemplate
@@ -104,6 +108,7 @@ class Job:
         self.earlier_seconds = {"total": 0.0, "train": 0.0}  # spent before a resume
         self.best: BestWeights | None = None
         self.checkpointer: Checkpointer | None = None
+        self.saveable = None  # what save_model writes: the model, or a PEFT adapter alone
         self.stop_requested = False  # set by SIGTERM/SIGINT during training: stop after the step
         self.in_training_loop = False
         self.log = JsonlLog(run_dir / "log.jsonl")
@@ -111,11 +116,14 @@ class Job:
         self.metrics: dict[str, Any] = {
             "task": cfg.task.name, "model": cfg.model.name, "optimizer": cfg.optimizer.name,
             "seed": int(cfg.seed), "data_seed": int(cfg.data.seed), "status": "running", "error": None,
+            "peft": OmegaConf.select(cfg, "peft.name", default="none"),
+            "icl_k": int(OmegaConf.select(cfg, "icl.k", default=0)),
             "metric": cfg.task.metric, "test_metric": None, "dev_metric": None, "dev_loss": None,
             "test_scores": None, "best_step": None, "steps": 0, "steps_planned": int(cfg.train.steps),
             "forward_passes": 0, "backward_passes": 0, "tokens": 0, "eval_forward_passes": 0,
             "wall_clock_s": None, "train_wall_clock_s": None, "peak_memory_bytes": None,
             "peak_memory_method": None, "device": None, "dtype": None, "n_params": None,
+            "n_trainable_params": None,
             "data_source": None, "n_train": None, "n_dev": None, "n_test": None, "truncated": None,
             "zobench_version": __version__, "git_revision": git_revision(), "run_dir": str(run_dir),
             "started_at": _now(), "finished_at": None, "resumed_at_step": None,
@@ -133,6 +141,7 @@ class Job:
     def execute(self) -> None:
         cfg = self.cfg
         validate(cfg)
+        self.log.attach(open_trackers(cfg, self.run_dir, resumed=self.resume_state is not None))
         self.device = resolve_device(str(cfg.device))
         dtype = resolve_dtype(str(cfg.dtype), self.device)
         self.clock = Stopwatch(self.device)
@@ -142,29 +151,51 @@ class Job:
         classification = bool(task["train_as_classification"])
         if classification and task["kind"] == "generation":
             raise ZobenchError(f"task '{task['name']}' is a generation task: train_as_classification must be false")
+        trains = _check_method(cfg, task)
         splits = self._data(task)
         model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), self.device, dtype)
+        peft_spec = OmegaConf.to_container(cfg.peft, resolve=True) if "peft" in cfg else None
+        model, self.saveable = apply_peft(model, peft_spec, seed=int(cfg.seed))
         self.device = input_device(model)  # batches go where the (first shard of the) model is
         self.metrics.update(device=device_name(self.device), dtype=str(dtype).removeprefix("torch."),
-                            n_params=parameter_count(model))
+                            n_params=parameter_count(model),
+                            n_trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad)
+                            if trains else 0)
         encoded = self._encode(splits, task, tokenizer)
         objective = Objective(model, self.counter)
         recording = RecordingLoss(objective)  # the loss values of each step: the ZO trajectory
         optimizer = build_optimizer(cfg.optimizer, model, recording, seed=int(cfg.seed),
                                     total_steps=int(cfg.train.steps))
         evaluator = _Evaluator(objective, task, tokenizer, classification, cfg, self.device)
-        self.best = BestWeights(model, str(cfg.train.keep_best), self.run_dir)
-        self.checkpointer = Checkpointer(self.run_dir, model, optimizer, bool(cfg.checkpoint.weights))
-        start = self._resume(optimizer) if self.resume_state is not None else 0
-        self._train(optimizer, recording, encoded, tokenizer.pad_token_id, classification, evaluator, start)
-        self.best.restore()
+        self.best = BestWeights(model, str(cfg.train.keep_best) if trains else "none", self.run_dir)
+        if trains:
+            self.checkpointer = Checkpointer(self.run_dir, model, optimizer, bool(cfg.checkpoint.weights))
+            start = self._resume(optimizer) if self.resume_state is not None else 0
+            self._train(optimizer, recording, encoded, tokenizer.pad_token_id, classification, evaluator, start)
+            self.best.restore()
+        else:
+            evaluator = self._evaluate_only(optimizer, objective, encoded, tokenizer.pad_token_id, evaluator)
         test = self._timed_eval(evaluator, encoded["test"], "test", self.metrics["steps"])
         self.metrics.update(test_metric=test["metric"], test_scores=_scores(test))
         log.info("test %s = %s (dev %s = %s, best step %s)", task["metric"], _fmt(test["metric"]),
                  task["metric"], _fmt(self.metrics["dev_metric"]), self.metrics["best_step"])
         if cfg.save_model:
-            self._save_model(model, tokenizer)
-        self.checkpointer.finish()
+            self._save_model(tokenizer)
+        if self.checkpointer is not None:
+            self.checkpointer.finish()
+
+    def _evaluate_only(self, method, objective, encoded, pad_id: int, evaluator):
+        """Zero-shot and ICL: the model as loaded. Linear probing fits its probe first, on the training
+        sample's features: those forward passes and seconds are the run's training cost."""
+        self.metrics.update(steps_planned=0, train_wall_clock_s=0.0)
+        if isinstance(method, LinearProbe):
+            clock = Stopwatch(self.device)
+            evaluator = ProbeEvaluator(method, objective, pad_id, int(self.cfg.eval.batch_size), self.device)
+            evaluator.fit(encoded["train"])
+            self.metrics["train_wall_clock_s"] = clock.elapsed()
+            self._count_train()
+        self._dev_eval(evaluator, encoded["dev"], 0)
+        return evaluator
 
     def _resume(self, optimizer) -> int:
         """Bring model and optimizer to the checkpoint's step; returns that step."""
@@ -184,10 +215,11 @@ class Job:
         log.info("resumed at step %d (%s checkpoint)", step, state["mode"])
         return step
 
-    def _save_model(self, model, tokenizer) -> None:
-        """The tested weights as a save_pretrained folder, moved into place only once complete."""
+    def _save_model(self, tokenizer) -> None:
+        """The tested weights (with PEFT: the adapter alone) as a save_pretrained folder, moved into place
+        only once complete."""
         target, partial = self.run_dir / "model", self.run_dir / "model.partial"
-        model.save_pretrained(partial)
+        self.saveable.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         partial.replace(target)
         self.metrics["saved_model"] = str(target)
@@ -211,13 +243,27 @@ class Job:
         template = PromptTemplate(task)
         encoder = Encoder(tokenizer, int(self.cfg.max_length))
         room = MAX_NEW_TOKENS if task["kind"] == "generation" else 0
-        encoded = {name: [encoder.encode(template.render(row), room) for row in getattr(splits, name)]
-                   for name in ("train", "dev", "test")}
+        rendered = {name: [template.render(row) for row in getattr(splits, name)] for name in ("train", "dev", "test")}
+        contexts = self._demonstrations(rendered)
+        encoded = {name: [encoder.encode(example, room, context) for example, context in zip(examples, contexts[name])]
+                   for name, examples in rendered.items()}
         self.metrics["truncated"] = {name: sum(e.truncated for e in rows) for name, rows in encoded.items()}
         if any(self.metrics["truncated"].values()):
             log.warning("truncated from the left to max_length=%s: %s", self.cfg.max_length,
                         self.metrics["truncated"])
         return encoded
+
+    def _demonstrations(self, rendered) -> dict[str, list[str]]:
+        """ICL (icl.k > 0): each dev and test prompt's own k demonstrations from the training sample
+        (zobench/icl.py); test takes the first draws, so its demonstrations do not depend on the dev size.
+        Training examples never get any (MeZO)."""
+        k, n_test, n_dev = int(self.metrics["icl_k"]), len(rendered["test"]), len(rendered["dev"])
+        blocks = demonstration_blocks(rendered["train"], n_test + n_dev, k, int(self.cfg.data.seed)) if k \
+            else [""] * (n_test + n_dev)
+        if k > len(rendered["train"]):
+            log.warning("icl.k=%d but the training sample holds %d examples: each prompt gets all of them",
+                        k, len(rendered["train"]))
+        return {"train": [""] * len(rendered["train"]), "test": blocks[:n_test], "dev": blocks[n_test:]}
 
     def _train(self, optimizer, recording, encoded, pad_id, classification, evaluator, start: int) -> None:
         train_cfg = self.cfg.train
@@ -319,8 +365,8 @@ class Job:
         return message
 
     def close(self) -> None:
-        if self.best is not None:
-            self.best.discard()
+        if self.best is not None and self.metrics["status"] in ("completed", "diverged"):
+            self.best.discard()  # an interrupted or failed run keeps it for its resume
         if self.checkpointer is not None:
             self.checkpointer.close()
         total = self._elapsed()
@@ -332,6 +378,7 @@ class Job:
             tokens_per_s=(self.metrics["tokens"] / train_s) if train_s else None,
         )
         self._write_metrics()
+        self.log.finish(self.metrics)
         self.log.close()
 
     def _write_metrics(self) -> None:
@@ -348,6 +395,29 @@ class _Evaluator:
         return evaluate(self.objective, examples, kind=self.task["kind"], metric=self.task["metric"],
                         tokenizer=self.tokenizer, classification=self.classification,
                         batch_size=self.batch_size, score=self.score, device=self.device)
+
+
+def _check_method(cfg: DictConfig, task: dict[str, Any]) -> bool:
+    """Whether the optimizer trains; refuses, before anything is loaded, what a method cannot do."""
+    from hydra.utils import get_class
+
+    try:
+        method = get_class(cfg.optimizer._target_)
+    except Exception:  # build_optimizer reports it
+        return True
+    trains = getattr(method, "trains", True)
+    name, k = cfg.optimizer.get("name"), OmegaConf.select(cfg, "icl.k", default=0)
+    peft = OmegaConf.select(cfg, "peft.name", default="none")
+    if not isinstance(k, int) or k < 0:
+        raise ZobenchError(f"icl.k must be an integer >= 0, got {k!r}")
+    if k and (trains or issubclass(method, LinearProbe)):
+        raise ZobenchError(f"icl.k={k} is for optimizer=zero_shot (MeZO's ICL row); optimizer={name} evaluates "
+                           f"without demonstrations, as MeZO does after training")
+    if not trains and peft != "none":
+        raise ZobenchError(f"optimizer={name} trains no adapter: use peft=none")
+    if issubclass(method, LinearProbe):
+        check_task(task)
+    return trains
 
 
 def _collate_indices(indices, examples, pad_id, classification, device):
