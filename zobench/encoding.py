@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .icl import with_demonstrations
 from .tasks import Example
 
 
@@ -46,18 +47,25 @@ class Encoder:
             return [ids[0]] + ids[len(ids) - (limit - 1):], True
         return ids[len(ids) - limit:], True
 
-    def encode(self, example: Example, generation_room: int = 0) -> EncodedExample:
+    def encode(self, example: Example, generation_room: int = 0, demonstrations: str = "") -> EncodedExample:
+        """`demonstrations` (in-context learning, zobench/icl.py) go before the prompt; the candidate's
+        length is still measured on the prompt alone, as MeZO does."""
         prompt = example.prompt.strip(" ")
         prompt_ids = self._ids(prompt)
         sequences, option_lens, truncated = [], [], False
         for candidate in example.candidates:
             # MeZO strips verbalize(), i.e. the unstripped prompt + candidate (COPA's prompt ends in a space)
-            full = self._ids((example.prompt + candidate).strip(" "))
+            verbalized = (example.prompt + candidate).strip(" ")
+            full = self._ids(verbalized)
             option_len = max(len(full) - len(prompt_ids), 1)
+            if demonstrations:
+                full = self._ids(with_demonstrations(demonstrations, verbalized))
             full, cut = self._truncate(full, self.max_length)
             sequences.append(full)
             option_lens.append(min(option_len, len(full) - 1))
             truncated |= cut
+        if demonstrations:
+            prompt_ids = self._ids(with_demonstrations(demonstrations, prompt))
         # Generation keeps room for the new tokens (MeZO: max_length - max_new_tokens).
         prompt_ids, cut = self._truncate(prompt_ids, self.max_length - generation_room)
         return EncodedExample(sequences, option_lens, example.gold, prompt_ids, truncated or cut)

@@ -9,6 +9,7 @@ import torch
 from .encoding import EncodedExample, collate
 from .metrics import accuracy, generation_metrics
 from .objective import Objective, candidate_scores, loss_from_logprobs
+from .peft_adapters import generate
 
 MAX_NEW_TOKENS = 50  # MeZO run.py: greedy, at most 50 new tokens, stop at a newline
 
@@ -71,10 +72,9 @@ def _generation(objective, examples, tokenizer, batch_size, device):
         for row, example in enumerate(chunk):  # left padding: generation continues every row at the end
             input_ids[row, width - len(example.prompt_ids):] = torch.tensor(example.prompt_ids)
             attention[row, width - len(example.prompt_ids):] = 1
-        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                do_sample=False, num_beams=1, max_new_tokens=MAX_NEW_TOKENS,
-                                eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-        new_tokens = output[:, width:]
+        new_tokens = generate(model, input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                              do_sample=False, num_beams=1, max_new_tokens=MAX_NEW_TOKENS,
+                              eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
         objective.counter.forward_passes += int(new_tokens.shape[1])
         objective.counter.tokens += int(attention.sum()) + int((new_tokens != tokenizer.pad_token_id).sum())
         predictions += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -29,7 +29,9 @@ class Objective:
         # Logits only where an option token is predicted: the full [N, T, vocab] tensor is never built.
         self._body = getattr(model, "base_model", None)
         self._head = model.get_output_embeddings()
-        if self._body is model or self._head is None:
+        # The split needs a bare body: a wrapper whose base_model is itself a whole LM (PEFT prefix tuning,
+        # whose own forward adds the prefix) runs its full forward.
+        if self._body is model or self._head is None or _has_lm_head(self._body):
             self._body = None
 
     def option_logprobs(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +52,20 @@ class Objective:
         counts = target.sum(dim=1)
         return sums, counts
 
+    def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[N, T, hidden]: the states the LM head reads (linear probing's features); one counted forward."""
+        self.counter.forward_passes += 1
+        self.counter.tokens += int(attention_mask.sum())
+        if self._body is not None:
+            return self._body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        seen = {}
+        handle = self._head.register_forward_hook(lambda module, args, output: seen.setdefault("hidden", args[0]))
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            handle.remove()
+        return seen["hidden"]
+
     def loss(self, batch: SequenceBatch) -> torch.Tensor:
         sums, counts = self.option_logprobs(batch)
         loss = loss_from_logprobs(batch, sums, counts)
@@ -62,6 +78,11 @@ class Objective:
         return grad
 
     __call__ = loss
+
+
+def _has_lm_head(module) -> bool:
+    heads = getattr(module, "get_output_embeddings", None)
+    return callable(heads) and heads() is not None
 
 
 def candidate_scores(batch: SequenceBatch, sums: torch.Tensor, counts: torch.Tensor, how: str = "mean"):

@@ -7,6 +7,7 @@ process's high-water mark VmHWM from /proc/self/status (ru_maxrss elsewhere) —
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -52,18 +53,47 @@ def _jsonable(value):
 
 
 class JsonlLog:
-    """Append-only; each record is one line, flushed at once, so a killed run keeps every full line."""
+    """Append-only; each record is one line, flushed at once, so a killed run keeps every full line.
+
+    Trackers (zobench/loggers.py, `logger=...`) attached to it get the same records, then the final metrics.
+    A tracker that fails is switched off with a warning: it never costs the run its own records.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._handle = open(self.path, "a", buffering=1)
+        self.sinks: list = []
+
+    def attach(self, sinks) -> None:
+        """Add trackers; the lines already written (a resumed run's) reach them first."""
+        self.sinks += list(sinks)
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a killed run's half line
+                break
+            self._forward("record", record)
 
     def write(self, record: dict[str, Any]) -> None:
         self._handle.write(json.dumps(record, default=_jsonable) + "\n")
         self._handle.flush()
+        self._forward("record", json.loads(json.dumps(record, default=_jsonable)))
+
+    def finish(self, metrics: dict[str, Any]) -> None:
+        self._forward("finish", metrics)
+        self.sinks = []
 
     def close(self) -> None:
         self._handle.close()
+
+    def _forward(self, method: str, payload: dict[str, Any]) -> None:
+        for sink in list(self.sinks):
+            try:
+                getattr(sink, method)(payload)
+            except Exception as error:  # a tracker's failure is not the run's
+                logging.getLogger(__name__).warning("logger %s failed (%s: %s); it is switched off",
+                                                    type(sink).__name__, type(error).__name__, error)
+                self.sinks.remove(sink)
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -24,6 +24,7 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     from .errors import ZobenchError
     from .models import load_model, resolve_device, resolve_dtype
     from .optim import build_optimizer
+    from .peft_adapters import apply_peft
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
@@ -38,6 +39,9 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     device = resolve_device(str(cfg.device))
     model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), device,
                                   resolve_dtype(str(cfg.dtype), device))
+    # The run's adapter, initialised from the run's seed as the run did (peft=none: the model itself).
+    peft_spec = OmegaConf.to_container(cfg.peft, resolve=True) if "peft" in cfg else None
+    model, saveable = apply_peft(model, peft_spec, seed=int(cfg.seed))
     optimizer = build_optimizer(cfg.optimizer, model, ReplayLoss(), seed=int(cfg.seed),
                                 total_steps=int(cfg.train.steps))
     if not optimizer.replayable:
@@ -46,7 +50,7 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     with torch.no_grad():
         replay(optimizer, records[:step])
     out = Path(out) if out else run_dir / f"model-step-{step}"
-    model.save_pretrained(out)
+    saveable.save_pretrained(out)  # with PEFT: the adapter alone, as the run's save_model writes it
     tokenizer.save_pretrained(out)
     return out
 
