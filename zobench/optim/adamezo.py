@@ -66,3 +66,12 @@ class AdaMeZO(MeZO):
 
         self.engine.update([s for s, _ in self.history], rule, restore=(seed, self.eps) if restore else None)
         self.last_projected_grads = pairs
+
+    def state_dict(self) -> dict:
+        """For a resume from saved weights: the (seed, c) window and the step count, a few scalars."""
+        return {**super().state_dict(), "history": list(self.history), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.history = deque(state["history"], maxlen=self.history.maxlen)
+        self.updates = state["updates"]

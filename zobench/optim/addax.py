@@ -90,6 +90,15 @@ class Addax(Optimizer):
         return (self.k0 * zo_loss + self.k1 * fo_loss) / (self.k0 + self.k1)
 
 
+    def state_dict(self) -> dict:
+        """Addax takes real gradients, so it resumes from saved weights; its ZO half's state comes along."""
+        return {**super().state_dict(), "zo": self.zo.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.zo.load_state_dict(state["zo"])
+
+
 def zo_config(cfg):
     """The ZO half's config: conf/optimizer/<zo>.yaml, Addax's lr and eps, then `zo_options`."""
     name = str(cfg.get("zo", "mezo"))

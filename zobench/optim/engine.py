@@ -25,7 +25,7 @@ import torch
 
 BLOCK = 1 << 20  # elements per independently seeded block of z (4 MiB in fp32)
 
-# (parameter index, a block of θ, flattened and unperturbed) -> where z may be nonzero (bool), or None.
+# (parameter index, a block of θ, flattened and unperturbed) -> a 0/1 tensor z is multiplied by, or None.
 Mask = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 # (parameter index, a block of θ to change in place, the blocks of z (one per seed, lazily), offset).
 Rule = Callable[[int, torch.Tensor, Iterator[torch.Tensor], int], None]
@@ -54,7 +54,7 @@ class PerturbationEngine:
         # named_parameters() yields a tied weight (OPT's embedding = LM head) once: perturbed once.
         self.named = [(name, p) for name, p in named_parameters if p.requires_grad]
         self.decays = [decays(name) for name, _ in self.named]
-        self.mask = mask  # Sparse MeZO: z is zeroed where the mask (of the unperturbed θ) is False
+        self.mask = mask  # Sparse MeZO: z is multiplied by the 0/1 mask of the unperturbed θ
         self._seeds = np.random.RandomState(seed)
         self._generators: dict[torch.device, torch.Generator] = {}
 

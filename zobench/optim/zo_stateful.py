@@ -47,3 +47,11 @@ class StatefulZO(MeZO):
             self.state[index] = [torch.zeros_like(param, memory_format=torch.contiguous_format)
                                  for _ in self.state_names]
         return self.state[index]
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "zo_state": self.state, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.state = {index: [t.clone() for t in tensors] for index, tensors in state["zo_state"].items()}
+        self.updates = state["updates"]
