@@ -143,6 +143,21 @@ def test_a_key_older_runs_lack_is_no_setting_but_an_explicit_null_is():
     assert best.loc["addax", "candidates"] == 2
 
 
+def test_adapters_and_demonstrations_name_their_own_rows(tmp_path):
+    """MeZO (LoRA) and ICL are rows of their own in the papers' tables, not settings of MeZO and zero-shot."""
+    from zobench.report.runs import load_runs
+
+    cases = (("a", "mezo", "lora", 0), ("b", "mezo", "none", 0), ("c", "zero_shot", "none", 32),
+             ("d", "zero_shot", "none", 0))
+    for name, optimizer, peft, k in cases:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(
+            {"task": "rte", "model": "m", "optimizer": optimizer, "peft": peft, "status": "completed"}))
+        (tmp_path / name / "config.yaml").write_text(f"icl:\n  k: {k}\npeft:\n  name: {peft}\n")
+    runs = load_runs([tmp_path]).set_index("run_dir")["optimizer"]
+    assert [runs[str(tmp_path / n)] for n in "abcd"] == ["mezo_lora", "mezo", "icl", "zero_shot"]
+
+
 def test_tables_are_markdown_latex_csv_and_plots_are_png(sweep, tmp_path):
     _, out = report(tmp_path, sweep)
     for name in ("accuracy", "selection", "cost", "memory", "comparison", "runs", "failures"):

@@ -4,6 +4,10 @@ A run directory is any folder holding a metrics.json. Its resolved config.yaml i
 columns named `cfg.<dotted key>` (e.g. `cfg.optimizer.lr`): those are the hyperparameters the
 selection compares; every metrics.json field is a column of its own. A YAML null is kept as the
 text "null"; a key the run's config does not have (an older zobench) is missing (NaN).
+
+The `optimizer` column names the *method*, as the papers' rows do: the optimizer, with its adapter
+when there is one (`mezo_lora`, `adam_prefix`), and `icl` for zero-shot with demonstrations;
+`optimizer_config` keeps the optimizer's own name.
 """
 
 from __future__ import annotations
@@ -45,12 +49,28 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
     for record in find_runs(paths):
         row = {key: _scalar(value) for key, value in record.items()}
         row.update(_config_columns(Path(record["run_dir"]) / "config.yaml"))
+        row["optimizer_config"] = row.get("optimizer")
+        row["optimizer"] = method_name(row)
         rows.append(row)
     runs = pd.DataFrame(rows)
     for column in ("task", "model", "optimizer", "status", "error", "metric", "seed", "dev_metric", "test_metric"):
         if column not in runs:
             runs[column] = None
     return runs
+
+
+def method_name(row: dict[str, Any]) -> Any:
+    """'mezo', 'mezo_lora', 'adam_prefix', 'zero_shot', 'icl' …: one row of a paper's table each."""
+    optimizer = row.get("optimizer")
+    if not isinstance(optimizer, str):
+        return optimizer  # an unreadable run has no name
+    peft = row.get("peft", row.get(CONFIG_PREFIX + "peft.name"))
+    if isinstance(peft, str) and peft not in ("none", "null"):
+        optimizer = f"{optimizer}_{peft}"
+    demonstrations = row.get(CONFIG_PREFIX + "icl.k")
+    if optimizer == "zero_shot" and isinstance(demonstrations, (int, float)) and demonstrations > 0:
+        optimizer = "icl"
+    return optimizer
 
 
 def _config_columns(path: Path) -> dict[str, Any]:
