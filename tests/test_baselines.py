@@ -15,6 +15,7 @@ from zobench.errors import ZobenchError
 from zobench.icl import demonstration, demonstration_blocks
 from zobench.linear_probe import LinearProbe
 from zobench.models import load_model
+from zobench.replay import replay_run
 from zobench.run import run
 from zobench.tasks import Example
 
@@ -45,6 +46,8 @@ def test_zero_shot_and_icl_evaluate_the_model_as_loaded(quick_cfg, tmp_path, icl
     assert [(line["event"], line.get("split")) for line in _lines(tmp_path)] == [("eval", "dev"), ("eval", "test")]
     assert _weights_unchanged(cfg, tmp_path)
     assert not (tmp_path / "best_weights.safetensors").exists()
+    with pytest.raises(ZobenchError, match="trains nothing"):
+        replay_run(tmp_path)
 
 
 def test_icl_prompts_follow_mezo():

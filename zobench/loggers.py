@@ -155,8 +155,11 @@ class WandbSink(Sink):
         self.run.log(values, step=step)
 
     def finish(self, metrics):
+        import wandb
+
         self.run.summary.update({**final_scalars(metrics), "final/status": str(metrics.get("status"))})
         self.run.finish(exit_code=0 if metrics.get("status") == "completed" else 1)
+        wandb.teardown()  # finish() may return before wandb's service has written the run file: wait for it
 
 
 def _milliseconds() -> int:

@@ -75,9 +75,11 @@ class JsonlLog:
             self._forward("record", record)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, default=_jsonable) + "\n")
+        line = json.dumps(record, default=_jsonable)
+        self._handle.write(line + "\n")
         self._handle.flush()
-        self._forward("record", json.loads(json.dumps(record, default=_jsonable)))
+        if self.sinks:  # trackers get the line as written (plain JSON values)
+            self._forward("record", json.loads(line))
 
     def finish(self, metrics: dict[str, Any]) -> None:
         self._forward("finish", metrics)

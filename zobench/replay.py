@@ -44,6 +44,8 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     model, saveable = apply_peft(model, peft_spec, seed=int(cfg.seed))
     optimizer = build_optimizer(cfg.optimizer, model, ReplayLoss(), seed=int(cfg.seed),
                                 total_steps=int(cfg.train.steps))
+    if not getattr(optimizer, "trains", True):  # zero-shot, ICL, linear probing
+        raise ZobenchError(f"a {cfg.optimizer.name} run trains nothing: its model is {cfg.model.name} as loaded")
     if not optimizer.replayable:
         raise ZobenchError(f"a {cfg.optimizer.name} run cannot be replayed from its trajectory: it takes real "
                            f"gradients; use its saved model (save_model=true) instead")
