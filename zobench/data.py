@@ -102,6 +102,19 @@ def _read_hub(task: dict[str, Any], split: str):
         ) from error
 
 
+def sample_task(task: dict[str, Any], data_cfg) -> Splits:
+    """A task's splits as a run samples them: data.n_train/n_dev/n_test capped by the task's `sizes`."""
+    pools, source = load_split_pools(task)
+    sizes = {key: min(int(data_cfg[key]), int(task["sizes"].get(key, 10**12)))
+             for key in ("n_train", "n_dev", "n_test")}
+    splits = sample_splits(pools, seed=int(data_cfg["seed"]), source=source, **sizes)
+    if not splits.train:
+        raise ZobenchError(f"task '{task['name']}': no training examples left: the train split has "
+                           f"{len(pools['train'])} rows and dev takes {sizes['n_dev']} of them; "
+                           f"lower data.n_dev ({source})")
+    return splits
+
+
 def sample_splits(pools, n_train: int, n_dev: int, n_test: int, seed: int, source: str) -> Splits:
     """MeZO's protocol (large_models/tasks.py sample_subset; run.py main).
 

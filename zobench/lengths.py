@@ -65,20 +65,15 @@ def length_report(cfg, l_t: int | None = None) -> LengthReport:
     """Sample the training set as the runner does, tokenize it with the model preset's tokenizer."""
     from omegaconf import OmegaConf
 
-    from .data import load_split_pools, sample_splits
+    from .data import sample_task
     from .encoding import Encoder
     from .evaluate import MAX_NEW_TOKENS
     from .models import load_tokenizer
     from .tasks import PromptTemplate
 
     task = OmegaConf.to_container(cfg.task, resolve=True)
-    pools, source = load_split_pools(task)
-    # The runner's sizes (run.Job._data): the config's, capped by the task's; the test split is not needed.
-    n_train, n_dev = (min(int(cfg.data[key]), int(task["sizes"].get(key, 10**12))) for key in ("n_train", "n_dev"))
-    train = sample_splits(pools, n_train=n_train, n_dev=n_dev, n_test=0, seed=int(cfg.data.seed), source=source).train
-    if not train:
-        raise ZobenchError(f"task '{task['name']}': no training examples left: the train split has "
-                           f"{len(pools['train'])} rows and dev takes {n_dev} of them; lower data.n_dev ({source})")
+    splits = sample_task(task, cfg.data)
+    train, source = splits.train, splits.source
     tokenizer = load_tokenizer(OmegaConf.to_container(cfg.model, resolve=True))
     template, encoder = PromptTemplate(task), Encoder(tokenizer, int(cfg.max_length))
     room = MAX_NEW_TOKENS if task["kind"] == "generation" else 0

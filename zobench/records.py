@@ -99,8 +99,16 @@ class JsonlLog:
 
 
 def reset_peak_memory(device: torch.device) -> None:
+    """CUDA: the allocator's peak. CPU on Linux: VmHWM back to the current RSS (clear_refs "5"), so a
+    job in a reused worker process (joblib's loky) does not report an earlier job's peak."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:  # not Linux, or not allowed: the process's lifetime peak is what we can give
+        pass
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

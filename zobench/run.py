@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import __version__
 from .best_weights import BestWeights
 from .checkpoint import TRAJECTORY, Checkpointer, RecordingLoss, keep_lines_up_to, read_trajectory, replay
-from .data import load_split_pools, sample_splits
+from .data import sample_task
 from .encoding import Encoder, collate
 from .errors import Diverged, Interrupted, ZobenchError
 from .evaluate import MAX_NEW_TOKENS, evaluate
@@ -225,14 +225,8 @@ class Job:
         self.metrics["saved_model"] = str(target)
 
     def _data(self, task: dict[str, Any]):
-        pools, source = load_split_pools(task)
-        sizes = {key: min(int(self.cfg.data[key]), int(task["sizes"].get(key, 10**12)))
-                 for key in ("n_train", "n_dev", "n_test")}
-        splits = sample_splits(pools, seed=int(self.cfg.data.seed), source=source, **sizes)
-        if not splits.train:
-            raise ZobenchError(f"task '{task['name']}': no training examples left: the train split has "
-                               f"{len(pools['train'])} rows and dev takes {sizes['n_dev']} of them; "
-                               f"lower data.n_dev ({source})")
+        splits = sample_task(task, self.cfg.data)
+        source = splits.source
         self.metrics.update(data_source=source, n_train=len(splits.train), n_dev=len(splits.dev),
                             n_test=len(splits.test))
         log.info("data: %d train / %d dev / %d test from %s", len(splits.train), len(splits.dev),
