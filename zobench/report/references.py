@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..paths import PACKAGE_DIR
+from ..paths import reference_dir
 
 COLUMNS = ["paper", "table", "model", "task", "optimizer", "metric", "value", "source"]
 
 
 def default_reference_dir() -> Path | None:
-    """results/reference of a source checkout or editable install; None where it is not shipped."""
-    folder = PACKAGE_DIR.parent / "results" / "reference"
-    return folder if folder.is_dir() else None
+    """results/reference of a source checkout, or the copy a wheel ships; None where there is neither."""
+    try:
+        return reference_dir()
+    except FileNotFoundError:
+        return None
 
 
 def load_references(folder: str | Path | None) -> pd.DataFrame:
