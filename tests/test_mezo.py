@@ -9,6 +9,7 @@ from zobench.encoding import Encoder, collate
 from zobench.models import load_model
 from zobench.objective import Objective
 from zobench.optim import build_optimizer
+from zobench.optim import engine as engine_module
 from zobench.optim.engine import PerturbationEngine
 from zobench.tasks import PromptTemplate, load_task_definition
 
@@ -57,13 +58,14 @@ def test_lr_zero_restores_the_weights_to_rounding(quick_cfg):
 def test_step_regenerates_z_three_times_per_parameter(quick_cfg, monkeypatch):
     model, _, optimizer, batch = _setup(quick_cfg())
     calls = []
-    original = PerturbationEngine.direction
-    monkeypatch.setattr(PerturbationEngine, "direction",
-                        lambda self, seed, index, p: calls.append(index) or original(self, seed, index, p))
+    original = PerturbationEngine._fill
+    monkeypatch.setattr(PerturbationEngine, "_fill",
+                        lambda self, out, seed, index, block: calls.append((index, block)) or
+                        original(self, out, seed, index, block))
     optimizer.step(batch)
-    tensors = len(list(model.parameters()))
-    assert len(calls) == 3 * tensors
-    assert sorted(set(calls)) == list(range(tensors))
+    blocks = sum(-(-p.numel() // engine_module.BLOCK) for p in model.parameters())
+    assert len(calls) == 3 * blocks  # every block of z drawn three times: +eps, -2eps, restore+update
+    assert {index for index, _ in calls} == set(range(len(list(model.parameters()))))
 
 
 def test_average_zo_estimate_points_along_the_true_gradient(quick_cfg):

@@ -12,7 +12,7 @@ from .errors import ZobenchError
 from .paths import conf_dir
 from .tasks import load_task_definition, task_names
 
-GROUPS = ("model", "task", "optimizer", "experiment")
+GROUPS = ("model", "task", "optimizer", "experiment", "peft", "logger")
 
 
 def register_resolvers() -> None:

@@ -17,6 +17,8 @@ Three ways to use it:
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -56,7 +58,8 @@ class PerturbationEngine:
         self.decays = [decays(name) for name, _ in self.named]
         self.mask = mask  # Sparse MeZO: z is multiplied by the 0/1 mask of the unperturbed θ
         self._seeds = np.random.RandomState(seed)
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._local = threading.local()  # a generator per device and thread: see _each_parameter
+        self._pool: ThreadPoolExecutor | None = None
 
     def draw_seed(self) -> int:
         """A fresh direction seed (MeZO: np.random.randint(1000000000) per step)."""
@@ -71,9 +74,10 @@ class PerturbationEngine:
     # -- z ---------------------------------------------------------------------------------------
     def _fill(self, out: torch.Tensor, seed: int, index: int, block: int) -> torch.Tensor:
         """Writes block `block` of z(seed) for parameter `index` into the 1-D tensor `out`: N(0, 1)."""
-        generator = self._generators.get(out.device)
+        generators = self._local.__dict__.setdefault("generators", {})
+        generator = generators.get(out.device)
         if generator is None:
-            generator = self._generators[out.device] = torch.Generator(device=out.device)
+            generator = generators[out.device] = torch.Generator(device=out.device)
         generator.manual_seed(_block_seed(seed, index, block))
         return out.normal_(generator=generator)
 
@@ -94,14 +98,43 @@ class PerturbationEngine:
         if self.mask is not None:  # a mask of a perturbed θ would differ from the unperturbed one's
             raise RuntimeError("a masked engine perturbs in the forward (perturbed_in_forward), never in place")
 
-    @torch.no_grad()
+    def _each_block(self, work) -> None:
+        """work(index, block, θ block) for every block of every parameter, θ changed in place.
+
+        Block by block, z never takes more than a block of memory (4 MiB) per thread. On CPU the blocks
+        are shared among threads: torch's normal_ runs on one core, and each block's z comes from its
+        own seed, so the order does not matter and the result is the same bit for bit (issue #8: z
+        generation was a third of a CPU step). Other devices' blocks run on this thread, in order.
+        """
+
+        def guarded(item):
+            with torch.no_grad():  # grad mode is per thread
+                work(*item)
+
+        on_cpu, elsewhere = [], []
+        for index, (name, param) in enumerate(self.named):
+            if not param.is_contiguous():
+                raise RuntimeError(f"parameter {name} is not contiguous: the engine updates it block by block")
+            flat = param.data.view(-1)
+            for block, start in enumerate(range(0, flat.numel(), BLOCK)):
+                (on_cpu if param.device.type == "cpu" else elsewhere).append((index, block, flat[start:start + BLOCK]))
+        threads = torch.get_num_threads()
+        if threads > 1 and len(on_cpu) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="zobench-z")
+            list(self._pool.map(guarded, on_cpu))
+        else:
+            for item in on_cpu:
+                guarded(item)
+        for item in elsewhere:
+            guarded(item)
+
     def perturb(self, seed: int, scale: float) -> None:
         """θ ← θ + scale·z(seed)."""
         self._unmasked_only()
-        for index, (_, param) in enumerate(self.named):
-            param.add_(self.direction(seed, index, param), alpha=scale)
+        self._each_block(lambda index, block, theta: theta.add_(
+            self._fill(torch.empty_like(theta), seed, index, block), alpha=scale))
 
-    @torch.no_grad()
     def apply(self, terms: list[tuple[int, float, float]], lr_times_wd: float = 0.0) -> None:
         """One pass: restore, decay and update, regenerating each term's z once.
 
@@ -110,14 +143,19 @@ class PerturbationEngine:
         (1 − lr·wd): θ ← (1 − lr·wd)(θ + Σ restore·z) − Σ step·z, the MeZO update θ − lr(g·z + wd·θ).
         """
         self._unmasked_only()
-        for index, (_, param) in enumerate(self.named):
+
+        def one(index, block, theta):
             keep = 1.0 - lr_times_wd if self.decays[index] else 1.0
             if keep != 1.0:
-                param.mul_(keep)
+                theta.mul_(keep)
+            z = None
             for seed, restore, step in terms:
                 coefficient = keep * restore - step
                 if coefficient != 0.0:
-                    param.add_(self.direction(seed, index, param), alpha=coefficient)
+                    z = self._fill(torch.empty_like(theta) if z is None else z, seed, index, block)
+                    theta.add_(z, alpha=coefficient)
+
+        self._each_block(one)
 
     # -- in the forward (Sparse MeZO) --------------------------------------------------------------
     @contextmanager
