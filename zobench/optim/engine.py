@@ -129,11 +129,20 @@ class PerturbationEngine:
         for item in elsewhere:
             guarded(item)
 
+    def _scratch(self, theta: torch.Tensor) -> torch.Tensor:
+        """This thread's block-sized buffer for z (one per dtype and device): no allocation per block,
+        which in worker threads would leave freed blocks in per-thread malloc arenas (+90 MiB measured)."""
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        key = (theta.dtype, theta.device)
+        if key not in buffers:
+            buffers[key] = torch.empty(BLOCK, dtype=theta.dtype, device=theta.device)
+        return buffers[key][: theta.numel()]
+
     def perturb(self, seed: int, scale: float) -> None:
         """θ ← θ + scale·z(seed)."""
         self._unmasked_only()
         self._each_block(lambda index, block, theta: theta.add_(
-            self._fill(torch.empty_like(theta), seed, index, block), alpha=scale))
+            self._fill(self._scratch(theta), seed, index, block), alpha=scale))
 
     def apply(self, terms: list[tuple[int, float, float]], lr_times_wd: float = 0.0) -> None:
         """One pass: restore, decay and update, regenerating each term's z once.
@@ -152,7 +161,7 @@ class PerturbationEngine:
             for seed, restore, step in terms:
                 coefficient = keep * restore - step
                 if coefficient != 0.0:
-                    z = self._fill(torch.empty_like(theta) if z is None else z, seed, index, block)
+                    z = self._fill(self._scratch(theta) if z is None else z, seed, index, block)
                     theta.add_(z, alpha=coefficient)
 
         self._each_block(one)
