@@ -4,13 +4,15 @@
     python benchmarks/optimizers.py --model opt-tiny     # a quick check
     python benchmarks/optimizers.py --only mezo,adamezo  # a subset (inference and MeZO always run)
 
-Each optimizer runs in two subprocesses of its own: one times it (1 warm-up step, then --steps steps;
-the fastest is reported: on a shared machine other processes only ever add time), one measures its peak memory (1 warm-up step and 1 step): VmHWM on CPU (which
-includes the loaded weights), torch.cuda.max_memory_allocated on CUDA. On CPU the memory process runs
-with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 128 KiB, so every freed buffer goes back to the system and
-VmHWM is the high-water mark of live memory rather than of heap fragmentation (which otherwise moves
-it by +-100 MiB from run to run); the timing process keeps the default allocator. "inference" is a
-process that only runs forward passes on the batch (its time column is one forward).
+Time: one subprocess builds the model once, every optimizer on it, warms each up with one step, then
+takes --steps rounds, each optimizer one step per round (interleaved, so a machine's changing load hits
+all alike); the fastest of each optimizer's steps is reported (other processes only ever add time).
+"inference" is one forward pass on the batch in inference mode.
+Memory: one subprocess per optimizer (1 warm-up step, 1 step), so each peak is its own process's:
+VmHWM on CPU (it includes the loaded weights), torch.cuda.max_memory_allocated on CUDA. On CPU these
+run with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 128 KiB, so every freed buffer goes back to the system
+and VmHWM is the high-water mark of live memory rather than of heap fragmentation (which otherwise moves
+it by about +-100 MiB from run to run).
 The batch: --batch-size SST-2 sample examples (each with its 2 candidates). Addax gets the same
 examples, split by length: the 40% shortest first-order (k1), the rest zeroth-order (k0). AdaMeZO is
 measured in its adaptive phase (its history is pre-filled).
@@ -32,21 +34,26 @@ OPTIMIZERS = ["mezo", "sparse_mezo", "adamezo", "zo_sgd_sign", "zo_sgd_momentum"
               "sgd", "adam"]
 
 
-def build(args, name: str):
+def config(args, name: str):
+    from zobench.configs import compose
+
+    k1 = round(0.4 * args.batch_size)
+    extra = [f"optimizer.k0={args.batch_size - k1}", f"optimizer.k1={k1}"] if name == "addax" else []
+    return compose([f"model={args.model}", "model.init=random", "model.tokenizer=byte", "task.samples=true",
+                    f"optimizer={'mezo' if name == 'inference' else name}", f"device={args.device}", *extra])
+
+
+def load(args):
+    """(model, objective, batch, Addax's (long, short) pair, device)."""
     from omegaconf import OmegaConf
 
-    from zobench.configs import compose
     from zobench.data import load_split_pools
     from zobench.encoding import Encoder, collate
     from zobench.models import load_model, resolve_device, resolve_dtype
     from zobench.objective import Objective
-    from zobench.optim import build_optimizer
     from zobench.tasks import PromptTemplate
 
-    k1 = round(0.4 * args.batch_size)
-    extra = [f"optimizer.k0={args.batch_size - k1}", f"optimizer.k1={k1}"] if name == "addax" else []
-    cfg = compose([f"model={args.model}", "model.init=random", "model.tokenizer=byte", "task.samples=true",
-                   f"optimizer={'mezo' if name == 'inference' else name}", f"device={args.device}", *extra])
+    cfg = config(args, "mezo")
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), device,
                                   resolve_dtype(cfg.dtype, device))
@@ -59,94 +66,110 @@ def build(args, name: str):
     def batch_of(part):
         return collate(part, tokenizer.pad_token_id, classification=True).to(device)
 
-    batch = (batch_of(examples[k1:]), batch_of(examples[:k1])) if name == "addax" else batch_of(examples)
-    objective = Objective(model)
+    k1 = round(0.4 * args.batch_size)
+    return model, Objective(model), batch_of(examples), (batch_of(examples[k1:]), batch_of(examples[:k1])), device
+
+
+def work(args, name: str, model, objective, batch, pair):
+    """A callable doing one step of `name` (or one inference forward), and the optimizer's setup seconds."""
+    from zobench.optim import build_optimizer
+
+    if name == "inference":
+        def forward():
+            model.eval()
+            with torch.inference_mode():
+                float(objective(batch))
+        return forward, 0.0
     start = time.perf_counter()
-    optimizer = None if name == "inference" else build_optimizer(cfg.optimizer, model, objective, seed=0,
-                                                                 total_steps=10**6)
-    return model, objective, optimizer, batch, device, time.perf_counter() - start
-
-
-def probe(args) -> None:
-    """Child process: build, warm up, time, print one JSON line."""
-    from zobench.models import parameter_count
-    from zobench.records import peak_memory, reset_peak_memory, synchronize
-
-    model, objective, optimizer, batch, device, setup_s = build(args, args.probe)
-    reset_peak_memory(device)  # CUDA: the step's peak over the loaded weights; CPU: VmHWM is the process's
-
-    def forward():
-        model.eval()
-        with torch.inference_mode():
-            float(objective(batch))
-
-    work = forward if optimizer is None else (lambda: optimizer.step(batch))
-    work()
-    if args.probe == "adamezo":  # time the adaptive steps: h past directions to regenerate
+    optimizer = build_optimizer(config(args, name).optimizer, model, objective, seed=0, total_steps=10**6)
+    setup_s = time.perf_counter() - start
+    step_batch = pair if name == "addax" else batch
+    optimizer.step(step_batch)  # warm-up
+    if name == "adamezo":  # measure the adaptive steps: h past directions to regenerate
         optimizer.history.extend((optimizer.engine.draw_seed(), 1.0) for _ in range(optimizer.horizon))
         optimizer.updates = optimizer.horizon + 1
-    times = []
-    for _ in range(args.steps if args.mode == "time" else 1):
-        synchronize(device)
-        start = time.perf_counter()
-        work()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    return (lambda: optimizer.step(step_batch)), setup_s
+
+
+def probe_time(args, names) -> None:
+    from zobench.models import parameter_count
+    from zobench.records import synchronize
+
+    model, objective, batch, pair, device = load(args)
+    steps = {name: work(args, name, model, objective, batch, pair) for name in names}
+    times = {name: [] for name in names}
+    for _ in range(args.steps):
+        for name, (step, _) in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    print(json.dumps({"params": parameter_count(model), "device": str(device),
+                      "tokens": int(batch.attention_mask.sum()),
+                      "optimizers": {n: {"step_s": min(times[n]), "setup_s": steps[n][1]} for n in names}}))
+
+
+def probe_memory(args, name: str) -> None:
+    from zobench.records import peak_memory, reset_peak_memory
+
+    model, objective, batch, pair, device = load(args)
+    reset_peak_memory(device)  # CUDA: the steps' peak over the loaded weights; CPU: VmHWM is the process's
+    step, _ = work(args, name, model, objective, batch, pair)
+    step()
     peak, method = peak_memory(device)
-    tokens = sum(int(b.attention_mask.sum()) for b in (batch if isinstance(batch, tuple) else (batch,)))
-    print(json.dumps({"step_s": min(times), "peak": peak, "method": method, "setup_s": setup_s,
-                      "params": parameter_count(model), "tokens": tokens, "device": str(device)}))
+    print(json.dumps({"peak": peak, "method": method}))
+
+
+def _child(args, *probe: str, env=None) -> dict:
+    out = subprocess.run([sys.executable, __file__, *probe, "--model", args.model, "--batch-size",
+                          str(args.batch_size), "--steps", str(args.steps), "--device", args.device],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(probe)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="opt-125m")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (rounds) per optimizer")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", default=",".join(OPTIMIZERS), help="comma-separated optimizers")
-    parser.add_argument("--probe", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=["time", "memory"], default="time", help=argparse.SUPPRESS)
+    parser.add_argument("--time-probe", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.probe:
-        probe(args)
+    if args.time_probe:
+        probe_time(args, args.time_probe.split(","))
+        return
+    if args.memory_probe:
+        probe_memory(args, args.memory_probe)
         return
     names = ["inference", "mezo"] + [n for n in args.only.split(",") if n not in ("inference", "mezo")]
-    results = {}
+    timing = _child(args, "--time-probe", ",".join(names))
+    print("  timed", file=sys.stderr, flush=True)
+    memory_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    peaks = {}
     for name in names:
-        measured = {mode: _run_probe(args, name, mode) for mode in ("time", "memory")}
-        if None in measured.values():
-            continue
-        results[name] = {**measured["time"], "peak": measured["memory"]["peak"]}
-        print(f"  measured {name}", file=sys.stderr, flush=True)
-    report(args, results)
+        peaks[name] = _child(args, "--memory-probe", name, env=memory_env)
+        print(f"  measured the peak of {name}", file=sys.stderr, flush=True)
+    report(args, timing, peaks)
 
 
-def _run_probe(args, name: str, mode: str) -> dict | None:
-    env = dict(os.environ)
-    if mode == "memory":
-        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    out = subprocess.run([sys.executable, __file__, "--probe", name, "--mode", mode, "--model", args.model,
-                          "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--device", args.device],
-                         capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        print(f"{name} ({mode}): failed\n{out.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def report(args, results) -> None:
-    base, forward = results["mezo"], results["inference"]
-    print(f"model {args.model} (random init, {base['params'] / 1e6:.1f}M params) on {base['device']}, "
+def report(args, timing, peaks) -> None:
+    rows = {n: {**timing["optimizers"][n], "peak": peaks[n]["peak"]} for n in peaks}
+    base, forward, method = rows["mezo"], rows["inference"], peaks["mezo"]["method"]
+    print(f"model {args.model} (random init, {timing['params'] / 1e6:.1f}M params) on {timing['device']}, "
           f"{torch.get_num_threads()} threads; batch {args.batch_size} SST-2 examples x 2 candidates "
-          f"({forward['tokens']} real tokens); fastest of {args.steps} steps after 1 warm-up; "
-          f"peak memory: {base['method']}"
-          f"{' with 128 KiB mmap threshold' if base['method'] != 'cuda_max_allocated' else ''}, one process each")
+          f"({timing['tokens']} real tokens); time: fastest of {args.steps} interleaved steps after 1 warm-up; "
+          f"peak: {method}{' with a 128 KiB mmap threshold' if method != 'cuda_max_allocated' else ''}, "
+          f"one process each")
     header = (f"{'optimizer':<16}{'step ms':>10}{'x MeZO':>9}{'x fwd':>8}{'peak MiB':>11}{'x MeZO':>9}"
               f"{'x infer':>9}{'setup s':>9}")
     print(header)
     print("-" * len(header))
-    for name, r in results.items():
+    for name, r in rows.items():
         print(f"{name:<16}{r['step_s'] * 1e3:>10.0f}{r['step_s'] / base['step_s']:>9.2f}"
               f"{r['step_s'] / forward['step_s']:>8.2f}{r['peak'] / 2**20:>11.0f}{r['peak'] / base['peak']:>9.3f}"
               f"{r['peak'] / forward['peak']:>9.3f}{r['setup_s']:>9.1f}")
