@@ -51,8 +51,8 @@ class AdaMeZO(MeZO):
                    for i, (_, c) in enumerate(self.history)]
 
         def rule(index, theta, zs, offset):
-            m = torch.zeros(theta.shape, dtype=torch.float32, device=theta.device)
-            v = torch.zeros_like(m)
+            m = self.engine.scratch(theta, "m", torch.float32).zero_()
+            v = self.engine.scratch(theta, "v", torch.float32).zero_()
             for (w1, w2), z in zip(weights, zs):
                 z = z.float()
                 m.add_(z, alpha=w1)

@@ -58,7 +58,7 @@ class PerturbationEngine:
         self.decays = [decays(name) for name, _ in self.named]
         self.mask = mask  # Sparse MeZO: z is multiplied by the 0/1 mask of the unperturbed θ
         self._seeds = np.random.RandomState(seed)
-        self._local = threading.local()  # a generator per device and thread: see _each_parameter
+        self._local = threading.local()  # a generator per device and thread: see _each_block
         self._pool: ThreadPoolExecutor | None = None
 
     def draw_seed(self) -> int:
@@ -88,10 +88,6 @@ class PerturbationEngine:
         for block, start in enumerate(range(0, flat.numel(), BLOCK)):
             self._fill(flat[start:start + BLOCK], seed, index, block)
         return z
-
-    def _masked_block(self, seed: int, index: int, theta: torch.Tensor, block: int, keep) -> torch.Tensor:
-        z = self._fill(torch.empty_like(theta), seed, index, block)
-        return z if keep is None else z.mul_(keep)
 
     # -- in place (MeZO) ---------------------------------------------------------------------------
     def _unmasked_only(self) -> None:
@@ -129,20 +125,21 @@ class PerturbationEngine:
         for item in elsewhere:
             guarded(item)
 
-    def _scratch(self, theta: torch.Tensor) -> torch.Tensor:
-        """This thread's block-sized buffer for z (one per dtype and device): no allocation per block,
-        which in worker threads would leave freed blocks in per-thread malloc arenas (+90 MiB measured)."""
+    def scratch(self, theta: torch.Tensor, slot: str = "z", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """This thread's block-sized buffer `slot` (one per slot, dtype and device), as long as `theta`:
+        no allocation per block, which in worker threads would leave freed blocks in per-thread malloc
+        arenas (+90 MiB measured). Rules use their own slots (AdaMeZO's m and v, say)."""
         buffers = self._local.__dict__.setdefault("buffers", {})
-        key = (theta.dtype, theta.device)
+        key = (slot, dtype or theta.dtype, theta.device)
         if key not in buffers:
-            buffers[key] = torch.empty(BLOCK, dtype=theta.dtype, device=theta.device)
+            buffers[key] = torch.empty(BLOCK, dtype=key[1], device=theta.device)
         return buffers[key][: theta.numel()]
 
     def perturb(self, seed: int, scale: float) -> None:
         """θ ← θ + scale·z(seed)."""
         self._unmasked_only()
         self._each_block(lambda index, block, theta: theta.add_(
-            self._fill(self._scratch(theta), seed, index, block), alpha=scale))
+            self._fill(self.scratch(theta), seed, index, block), alpha=scale))
 
     def apply(self, terms: list[tuple[int, float, float]], lr_times_wd: float = 0.0) -> None:
         """One pass: restore, decay and update, regenerating each term's z once.
@@ -161,7 +158,7 @@ class PerturbationEngine:
             for seed, restore, step in terms:
                 coefficient = keep * restore - step
                 if coefficient != 0.0:
-                    z = self._fill(self._scratch(theta) if z is None else z, seed, index, block)
+                    z = self._fill(self.scratch(theta) if z is None else z, seed, index, block)
                     theta.add_(z, alpha=coefficient)
 
         self._each_block(one)
@@ -216,27 +213,30 @@ class PerturbationEngine:
         return out
 
     # -- block by block (stateful and adaptive rules) ------------------------------------------------
-    @torch.no_grad()
     def update(self, seeds: Sequence[int], rule: Rule, restore: tuple[int, float] | None = None) -> None:
         """One pass over θ in blocks: `rule(index, θ block, zs, offset)` changes the block in place.
 
         zs yields the block of z(seed) for each seed in order, masked by the engine's mask of the block's
-        θ as it was on entry. `restore` = (seed, scale) undoes an in-place perturbation, θ += scale·z(seed),
-        fused into the pass: it is done when that seed's block is drawn, before the rule sees it.
+        θ as it was on entry; each z lives in one buffer, valid until the next is drawn. `restore` =
+        (seed, scale) undoes an in-place perturbation, θ += scale·z(seed), fused into the pass: it is done
+        when that seed's block is drawn, before the rule sees it. Blocks run on several threads on CPU
+        (see _each_block): a rule must touch only its own block, using `scratch` for buffers.
         """
         if restore is not None and restore[0] not in seeds:
             raise ValueError(f"the restored seed {restore[0]} must be one of the seeds drawn")
-        for index, (_, param) in enumerate(self.named):
-            flat = param.data.view(-1)
-            for block, start in enumerate(range(0, flat.numel(), BLOCK)):
-                theta = flat[start:start + BLOCK]
-                keep = self.mask(index, theta) if self.mask is not None else None
-                rule(index, theta, self._block_stream(seeds, index, theta, block, keep, restore), start)
+
+        def one(index, block, theta):
+            keep = self.mask(index, theta) if self.mask is not None else None
+            rule(index, theta, self._block_stream(seeds, index, theta, block, keep, restore), block * BLOCK)
+
+        self._each_block(one)
 
     def _block_stream(self, seeds, index, theta, block, keep, restore) -> Iterator[torch.Tensor]:
         pending = restore
         for seed in seeds:
-            z = self._masked_block(seed, index, theta, block, keep)
+            z = self._fill(self.scratch(theta), seed, index, block)
+            if keep is not None:
+                z.mul_(keep)
             if pending is not None and seed == pending[0]:
                 theta.add_(z, alpha=pending[1])
                 pending = None  # once, even if an old seed repeats

@@ -43,7 +43,9 @@ class SparseMeZO(MeZO):
         """Where a block of parameter `index` may move: 1 where |θ| ≤ h, else 0, in θ's dtype (a float
         mask multiplies several times faster than a bool one on CPU); None: everywhere."""
         threshold = self.thresholds.get(index)
-        return None if threshold is None else theta.abs().le_(threshold)
+        if threshold is None:
+            return None
+        return torch.abs(theta, out=self.engine.scratch(theta, "mask")).le_(threshold)
 
     def projected_gradients(self, batch) -> tuple[list[tuple[int, float]], float]:
         """q (seed, g) pairs at θ; θ itself is never moved."""
@@ -69,11 +71,12 @@ class SparseMeZO(MeZO):
 
         def rule(index, theta, zs, offset):
             if lr_times_wd and self.engine.decays[index]:
-                trained = self.mask(index, theta)  # θ is still as on entry: the mask the zs carry
+                # θ is still as on entry: the same mask the zs carry (rewritten into the same buffer)
+                trained = self.mask(index, theta)
                 if trained is None:
                     theta.mul_(1.0 - lr_times_wd)
                 else:
-                    theta.sub_(theta * trained, alpha=lr_times_wd)
+                    theta.addcmul_(theta, trained, value=-lr_times_wd)
             for coefficient, z in zip(coefficients, zs):
                 theta.add_(z, alpha=-coefficient)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..errors import ZobenchError
 from .zo_stateful import StatefulZO
 
@@ -30,5 +32,6 @@ class ZOAdam(StatefulZO):
         exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
         correction1 = 1 - self.beta1 ** self.updates
         correction2_root = math.sqrt(1 - self.beta2 ** self.updates)
-        denominator = (exp_avg_sq.sqrt() / correction2_root).add_(self.adam_eps)
+        denominator = torch.sqrt(exp_avg_sq, out=self.engine.scratch(theta, "denominator"))
+        denominator.div_(correction2_root).add_(self.adam_eps)
         theta.addcdiv_(exp_avg, denominator, value=-lr / correction1)

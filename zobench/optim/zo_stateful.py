@@ -28,11 +28,13 @@ class StatefulZO(MeZO):
     def update(self, pairs, lr: float, lr_times_wd: float, restore: bool) -> None:
         self.updates += 1
         coefficients = [g / self.q for _, g in pairs]
+        for index in range(len(self.engine.named)):  # here, not in the rule: blocks run on several threads
+            self._state(index)
 
         def rule(index, theta, zs, offset):
-            grad = None
+            grad = self.engine.scratch(theta, "grad").zero_()
             for coefficient, z in zip(coefficients, zs):
-                grad = z.mul_(coefficient) if grad is None else grad.add_(z, alpha=coefficient)
+                grad.add_(z, alpha=coefficient)
             if self.weight_decay and self.engine.decays[index]:
                 grad.add_(theta, alpha=self.weight_decay)
             state = [s.view(-1)[offset:offset + theta.numel()] for s in self._state(index)]
