@@ -45,23 +45,13 @@ def config(args, name: str):
 
 def load(args):
     """(model, objective, batch, Addax's (long, short) pair, device)."""
-    from omegaconf import OmegaConf
+    from common import benchmark_setup
 
-    from zobench.data import load_split_pools
-    from zobench.encoding import Encoder, collate
-    from zobench.models import load_model, resolve_device, resolve_dtype
+    from zobench.encoding import collate
     from zobench.objective import Objective
-    from zobench.tasks import PromptTemplate
 
-    cfg = config(args, "mezo")
-    device = resolve_device(cfg.device)
-    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), device,
-                                  resolve_dtype(cfg.dtype, device))
-    task = OmegaConf.to_container(cfg.task, resolve=True)
-    pools, _ = load_split_pools(task)
-    template, encoder = PromptTemplate(task), Encoder(tokenizer, 512)
-    rows = [pools["train"][i % len(pools["train"])] for i in range(args.batch_size)]
-    examples = sorted((encoder.encode(template.render(r)) for r in rows), key=lambda e: max(map(len, e.sequences)))
+    _, model, tokenizer, examples, device = benchmark_setup(args.model, args.batch_size, args.device)
+    examples.sort(key=lambda e: max(map(len, e.sequences)))
 
     def batch_of(part):
         return collate(part, tokenizer.pad_token_id, classification=True).to(device)

@@ -25,27 +25,16 @@ import torch
 
 
 def build(model_name: str, batch_size: int, device: str):
-    from omegaconf import OmegaConf
+    from common import benchmark_setup
 
-    from zobench.configs import compose
-    from zobench.data import load_split_pools
-    from zobench.encoding import Encoder, collate
-    from zobench.models import load_model, parameter_count, resolve_device, resolve_dtype
+    from zobench.encoding import collate
+    from zobench.models import parameter_count
     from zobench.objective import Objective
     from zobench.optim import build_optimizer
-    from zobench.tasks import PromptTemplate
 
-    cfg = compose([f"model={model_name}", "model.init=random", "model.tokenizer=byte", "task.samples=true",
-                   "optimizer=mezo", "optimizer.lr=1e-6", f"device={device}"])
-    dev = resolve_device(cfg.device)
-    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), dev,
-                                  resolve_dtype(cfg.dtype, dev))
-    task = OmegaConf.to_container(cfg.task, resolve=True)
-    pools, _ = load_split_pools(task)
-    template, encoder = PromptTemplate(task), Encoder(tokenizer, 512)
-    rows = [pools["train"][i % len(pools["train"])] for i in range(batch_size)]
-    batch = collate([encoder.encode(template.render(r)) for r in rows], tokenizer.pad_token_id,
-                    classification=True).to(dev)
+    cfg, model, tokenizer, examples, dev = benchmark_setup(model_name, batch_size, device,
+                                                           ["optimizer=mezo", "optimizer.lr=1e-6"])
+    batch = collate(examples, tokenizer.pad_token_id, classification=True).to(dev)
     objective = Objective(model)
     optimizer = build_optimizer(cfg.optimizer, model, objective, seed=0, total_steps=10**6)
     return model, objective, optimizer, batch, parameter_count(model), dev

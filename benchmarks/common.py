@@ -1,0 +1,26 @@
+"""The model and batch every benchmark measures on: a preset with random weights and the byte
+tokenizer (no download), and `batch_size` bundled SST-2 sample examples, encoded as a run encodes them."""
+
+from __future__ import annotations
+
+
+def benchmark_setup(model_name: str, batch_size: int, device: str, overrides=()):
+    """Returns (cfg, model, tokenizer, encoded examples, device)."""
+    from omegaconf import OmegaConf
+
+    from zobench.configs import compose
+    from zobench.data import load_split_pools
+    from zobench.encoding import Encoder
+    from zobench.models import load_model, resolve_device, resolve_dtype
+    from zobench.tasks import PromptTemplate
+
+    cfg = compose([f"model={model_name}", "model.init=random", "model.tokenizer=byte", "task.samples=true",
+                   f"device={device}", *overrides])
+    dev = resolve_device(cfg.device)
+    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), dev,
+                                  resolve_dtype(cfg.dtype, dev))
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    pools, _ = load_split_pools(task)
+    template, encoder = PromptTemplate(task), Encoder(tokenizer, 512)
+    rows = [pools["train"][i % len(pools["train"])] for i in range(batch_size)]
+    return cfg, model, tokenizer, [encoder.encode(template.render(r)) for r in rows], dev
