@@ -1,9 +1,10 @@
 """The one perturbation engine every zeroth-order method uses.
 
 A direction z is never stored: it is regenerated from (step seed, parameter index, block), with one
-torch.Generator per device, so it depends neither on the parameters' order across devices nor on how a
-model is sharded. Each parameter's z is made of independently seeded blocks of BLOCK elements, so a
-method may regenerate one block of several past directions at once (AdaMeZO) with block-sized buffers.
+torch.Generator per device, so it depends neither on the parameters' order nor on how a model is sharded
+among GPUs. Each parameter's z is made of independently seeded blocks (block_size: 1M elements on CPU,
+16M on CUDA), so a method may regenerate one block of several past directions at once (AdaMeZO) with
+block-sized buffers.
 
 Three ways to use it:
 - in place (MeZO, Malladi et al. 2023, Algorithm 1): `perturb` +eps·z, -2eps·z, then `apply` restores
@@ -25,7 +26,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-BLOCK = 1 << 20  # elements per independently seeded block of z (4 MiB in fp32)
+BLOCK = 1 << 20  # elements per independently seeded block of z on CPU (4 MiB in fp32)
+CUDA_BLOCK = 1 << 24  # on CUDA: see block_size
 
 # (parameter index, a block of θ, flattened and unperturbed) -> a 0/1 tensor z is multiplied by, or None.
 Mask = Callable[[int, torch.Tensor], "torch.Tensor | None"]
@@ -39,6 +41,17 @@ def decays(name: str) -> bool:
 
 
 _MASK64 = (1 << 64) - 1
+
+
+def block_size(device: torch.device) -> int:
+    """Elements per independently seeded block of z on `device`.
+
+    A block costs a generator seeding and a few kernels. On CPU, 1M-element blocks keep the threads'
+    scratch small and the work evenly shared. On CUDA each kernel launch costs microseconds whatever its
+    size, and 1M-element blocks would mean ~13k launches per pass on OPT-13B; 16M-element blocks (32 MiB
+    of fp16 scratch) cut that to ~800. z therefore differs between CPU and CUDA, as the generators do anyway.
+    """
+    return CUDA_BLOCK if device.type == "cuda" else BLOCK
 
 
 def _block_seed(seed: int, index: int, block: int) -> int:
@@ -60,6 +73,7 @@ class PerturbationEngine:
         self._seeds = np.random.RandomState(seed)
         self._local = threading.local()  # a generator per device and thread: see _each_block
         self._pool: ThreadPoolExecutor | None = None
+        self.threads: int | None = None  # threads sharing CPU blocks; None: torch.get_num_threads()
 
     def draw_seed(self) -> int:
         """A fresh direction seed (MeZO: np.random.randint(1000000000) per step)."""
@@ -84,9 +98,9 @@ class PerturbationEngine:
     def direction(self, seed: int, index: int, param: torch.Tensor) -> torch.Tensor:
         """z for parameter `index` under `seed`: N(0, 1) in the parameter's dtype, on its device (unmasked)."""
         z = torch.empty(param.shape, device=param.device, dtype=param.dtype)
-        flat = z.view(-1)
-        for block, start in enumerate(range(0, flat.numel(), BLOCK)):
-            self._fill(flat[start:start + BLOCK], seed, index, block)
+        flat, size = z.view(-1), block_size(z.device)
+        for block, start in enumerate(range(0, flat.numel(), size)):
+            self._fill(flat[start:start + size], seed, index, block)
         return z
 
     # -- in place (MeZO) ---------------------------------------------------------------------------
@@ -102,19 +116,27 @@ class PerturbationEngine:
         own seed, so the order does not matter and the result is the same bit for bit (issue #8: z
         generation was a third of a CPU step). Other devices' blocks run on this thread, in order.
         """
-
-        def guarded(item):
-            with torch.no_grad():  # grad mode is per thread
-                work(*item)
-
-        on_cpu, elsewhere = [], []
+        items = []
         for index, (name, param) in enumerate(self.named):
             if not param.is_contiguous():
                 raise RuntimeError(f"parameter {name} is not contiguous: the engine updates it block by block")
-            flat = param.data.view(-1)
-            for block, start in enumerate(range(0, flat.numel(), BLOCK)):
-                (on_cpu if param.device.type == "cpu" else elsewhere).append((index, block, flat[start:start + BLOCK]))
-        threads = torch.get_num_threads()
+            flat, size = param.data.view(-1), block_size(param.device)
+            items += [(index, block, flat[start:start + size])
+                      for block, start in enumerate(range(0, flat.numel(), size))]
+        self._run(work, items)
+
+    def _run(self, work, items) -> None:
+        """work(*item) for each item (a block's arguments, its tensors on one device or another): CPU items
+        shared among the pool's threads, the others in order on this thread."""
+
+        inference = torch.is_inference_mode_enabled()
+
+        def guarded(item):
+            with torch.inference_mode(inference), torch.no_grad():  # grad modes are per thread: the caller's
+                work(*item)
+
+        on_cpu = [item for item in items if item[-1].device.type == "cpu"]
+        threads = self.threads or torch.get_num_threads()
         if threads > 1 and len(on_cpu) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(threads, thread_name_prefix="zobench-z")
@@ -122,8 +144,9 @@ class PerturbationEngine:
         else:
             for item in on_cpu:
                 guarded(item)
-        for item in elsewhere:
-            guarded(item)
+        for item in items:
+            if item[-1].device.type != "cpu":
+                guarded(item)
 
     def scratch(self, theta: torch.Tensor, slot: str = "z", dtype: torch.dtype | None = None) -> torch.Tensor:
         """This thread's block-sized buffer `slot` (one per slot, dtype and device), as long as `theta`:
@@ -132,7 +155,8 @@ class PerturbationEngine:
         buffers = self._local.__dict__.setdefault("buffers", {})
         key = (slot, dtype or theta.dtype, theta.device)
         if key not in buffers:
-            buffers[key] = torch.empty(BLOCK, dtype=key[1], device=theta.device)
+            with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+                buffers[key] = torch.empty(block_size(theta.device), dtype=key[1], device=theta.device)
         return buffers[key][: theta.numel()]
 
     def perturb(self, seed: int, scale: float) -> None:
@@ -202,14 +226,17 @@ class PerturbationEngine:
     @torch.no_grad()
     def _perturbed_copy(self, seed: int, index: int, theta: torch.Tensor, scale: float) -> torch.Tensor:
         out = torch.empty_like(theta)
-        flat, source = out.view(-1), theta.reshape(-1)
-        for block, start in enumerate(range(0, flat.numel(), BLOCK)):
-            part, theta_part = flat[start:start + BLOCK], source[start:start + BLOCK]
+        flat, source, size = out.view(-1), theta.reshape(-1), block_size(theta.device)
+
+        def one(block, theta_part, part):
             self._fill(part, seed, index, block)
             keep = self.mask(index, theta_part) if self.mask is not None else None
             if keep is not None:
                 part.mul_(keep)
             part.mul_(scale).add_(theta_part)
+
+        self._run(one, [(block, source[start:start + size], flat[start:start + size])
+                        for block, start in enumerate(range(0, flat.numel(), size))])
         return out
 
     # -- block by block (stateful and adaptive rules) ------------------------------------------------
@@ -227,7 +254,8 @@ class PerturbationEngine:
 
         def one(index, block, theta):
             keep = self.mask(index, theta) if self.mask is not None else None
-            rule(index, theta, self._block_stream(seeds, index, theta, block, keep, restore), block * BLOCK)
+            rule(index, theta, self._block_stream(seeds, index, theta, block, keep, restore),
+                 block * block_size(theta.device))
 
         self._each_block(one)
 
