@@ -46,13 +46,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_model(spec: dict[str, Any], device: torch.device, dtype: torch.dtype):
     """Returns (model in eval mode on `device`, or sharded by `device_map`, and its tokenizer)."""
     tokenizer = _load_tokenizer(spec)
+    device_map = spec.get("device_map")
     if spec.get("init", "pretrained") == "random":
-        model = _random_model(spec, tokenizer, dtype)
+        # built where it will run: a random 13B model is initialised in seconds on a GPU, minutes on the host
+        model = _random_model(spec, tokenizer, dtype, torch.device("cpu") if device_map else device)
     else:
         model = _pretrained_model(spec, dtype)
     if tokenizer.pad_token_id is None:  # LLaMA has none; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
-    device_map = spec.get("device_map")
     if device_map:
         model = _dispatch(model, device_map, dtype)
     else:
@@ -115,7 +116,7 @@ def _pretrained_model(spec: dict[str, Any], dtype: torch.dtype):
         raise _unreachable("model", source, error) from error
 
 
-def _random_model(spec: dict[str, Any], tokenizer, dtype: torch.dtype):
+def _random_model(spec: dict[str, Any], tokenizer, dtype: torch.dtype, device: torch.device):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = dict(spec.get("arch") or {})
@@ -127,7 +128,9 @@ def _random_model(spec: dict[str, Any], tokenizer, dtype: torch.dtype):
         token_id = getattr(tokenizer, key.removesuffix("_id") + "_id", None)
         arch.setdefault(key, token_id)
     config = AutoConfig.for_model(model_type, **arch)
-    with torch.random.fork_rng(devices=[]):  # the same initial weights whatever the run's seed
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    # the same initial weights whatever the run's seed (on a given kind of device: their generators differ)
+    with torch.random.fork_rng(devices=cuda), torch.device(device):
         torch.manual_seed(int(spec.get("init_seed", 0)))
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
