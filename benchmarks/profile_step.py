@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 PHASES = {"zobench.forward": "forward passes", "zobench.z_pass": "engine passes over θ",
-          "zobench.z_in_forward": "  of which z built in the forward (Sparse MeZO)"}
+          "zobench.z_in_forward": "  of which z built in the forward"}
 
 
 def labelled(fn, label):

@@ -57,6 +57,23 @@ def test_mezo_trains_the_adapter_alone(quick_cfg, method, adapter_names):
 
 
 @needs_peft
+def test_sparse_mezo_keeps_training_lora_b_after_its_first_update(quick_cfg):
+    # B starts at zero: a magnitude mask |B| <= 0 would freeze all of it once it has moved.
+    cfg = quick_cfg("optimizer=sparse_mezo", "peft=lora", "optimizer.lr=1e-2", "optimizer.eps=1e-2")
+    model, _, tokenizer = _model(cfg)
+    optimizer = build_optimizer(cfg.optimizer, model, Objective(model), seed=0, total_steps=3)
+    batch = _batch(cfg, tokenizer)
+    masked = {optimizer.engine.named[i][0] for i in optimizer.thresholds}
+    assert masked and all("lora_A" in name for name in masked)  # A (random init) is masked, B is not
+    optimizer.step(batch)
+    after_one = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    optimizer.step(batch)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            assert float((param != after_one[name]).float().mean()) > 0.9, name
+
+
+@needs_peft
 def test_lora_run_records_and_saves_the_adapter(quick_cfg, tmp_path):
     metrics = run(quick_cfg("optimizer=adam", "peft=lora", "optimizer.lr=1e-3", "train.steps=2", "save_model=true"),
                   tmp_path)

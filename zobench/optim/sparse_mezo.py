@@ -13,6 +13,9 @@
   weights in its own forward and frees them (engine.perturbed_in_forward), masks exist one block of
   2^20 weights at a time. So m is the same for +ε, −ε and the update, and the restore is exact.
 - Weight decay (not in the paper; 0 by default) shrinks only the trained, masked-in weights.
+- A matrix whose threshold is 0 (at least 1 − sparsity of it exactly zero: LoRA's zero-initialised B)
+  has no magnitudes to choose by: masked by |θ| ≤ 0 it would freeze after its first update, so it is
+  perturbed densely (the paper fine-tunes full weights and does not meet this case).
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ class SparseMeZO(MeZO):
             raise ZobenchError(f"optimizer.sparsity (fraction of each weight matrix left frozen) must be in [0, 1), "
                                f"got {sparsity}")
         self.engine = PerturbationEngine(model.named_parameters(), seed, mask=self.mask)
-        self.thresholds = {index: magnitude_threshold(param, 1.0 - sparsity)
-                           for index, (_, param) in enumerate(self.engine.named)
-                           if sparsity > 0 and param.dim() >= 2}
+        thresholds = {index: magnitude_threshold(param, 1.0 - sparsity)
+                      for index, (_, param) in enumerate(self.engine.named) if sparsity > 0 and param.dim() >= 2}
+        self.thresholds = {index: h for index, h in thresholds.items() if h > 0}
 
     def mask(self, index: int, theta: torch.Tensor) -> torch.Tensor | None:
         """Where a block of parameter `index` may move: 1 where |θ| ≤ h, else 0, in θ's dtype (a float
