@@ -116,6 +116,35 @@ def test_lora_mezo_resume_and_replay_rebuild_the_adapter(quick_cfg, tmp_path, mo
 
 
 @needs_peft
+def test_lora_adam_checkpoints_hold_the_adapter_alone_and_resume_exactly(quick_cfg, tmp_path, monkeypatch):
+    cfg = quick_cfg("optimizer=adam", "peft=lora", "optimizer.lr=1e-3", "train.steps=6", "train.eval_interval=3",
+                    "checkpoint.every=2", "save_model=true")
+    whole = run(cfg, tmp_path / "whole")
+    original, calls = Objective.option_logprobs, []
+
+    def fails_once(self, batch):
+        calls.append(1)
+        if len(calls) == 6:  # during step 5 (a step and step 3's dev evaluation take one pass each)
+            raise MemoryError
+        return original(self, batch)
+
+    monkeypatch.setattr(Objective, "option_logprobs", fails_once)
+    with pytest.raises(ZobenchError, match="out of memory"):
+        run(cfg, tmp_path / "broken")
+    for saved in ("checkpoint/weights.safetensors", "best_weights.safetensors"):
+        keys = load_file(str(tmp_path / "broken" / saved)).keys()
+        assert keys and all("lora_" in key for key in keys), saved  # no base-model weights
+    monkeypatch.setattr(Objective, "option_logprobs", original)
+    resumed = run(cfg, tmp_path / "broken")
+    assert resumed["status"] == "completed" and resumed["resumed_at_step"] == 4
+    for key in ("test_metric", "dev_loss", "best_step"):
+        assert resumed[key] == whole[key], key
+    tested = load_file(str(tmp_path / "whole" / "model" / "adapter_model.safetensors"))
+    again = load_file(str(tmp_path / "broken" / "model" / "adapter_model.safetensors"))
+    assert tested.keys() == again.keys() and all(torch.equal(tested[k], again[k]) for k in tested)
+
+
+@needs_peft
 def test_prefix_starts_from_real_activations(quick_cfg):
     """A prefix made of tokens' keys and values acts as those tokens before the prompt (MeZO's init)."""
     import peft

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .models import trained_parameters
+
 MODES = ("disk", "host", "none")
 
 
@@ -26,7 +28,7 @@ class BestWeights:
         self.saved = False
 
     def _parameters(self) -> dict[str, torch.nn.Parameter]:
-        return dict(self.model.named_parameters())  # tied weights appear once
+        return trained_parameters(self.model)  # frozen weights (an adapter's base model) never change
 
     @torch.no_grad()
     def save(self) -> None:

@@ -5,7 +5,8 @@ optimizer saw: feeding those values back to the same optimizer code (`ReplayLoss
 perturbation, seed draw and update with the same floating-point operations, without a forward pass,
 so the weights come back bit for bit. That trajectory (trajectory.jsonl, a line per step: kilobytes)
 is the ZO checkpoint; `checkpoint.weights=true` adds the weights for a fast resume. First-order runs
-(and any optimizer that needs real gradients) always checkpoint weights + optimizer state.
+(and any optimizer that needs real gradients) always checkpoint weights + optimizer state. Saved
+weights are the trained parameters only (with an adapter: the adapter, not the whole model).
 
 checkpoint/state.pt holds the rest: the step, the run's counters, the best-dev bookkeeping, the
 optimizer's state and the torch RNG state. It is written after a whole step, never in the middle.
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .models import trained_parameters
 
 TRAJECTORY = "trajectory.jsonl"
 STATE = "checkpoint/state.pt"
@@ -133,7 +136,7 @@ class Checkpointer:
         if self.with_weights:
             from safetensors.torch import save_file
 
-            weights = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()}
+            weights = {n: p.detach().contiguous().cpu() for n, p in trained_parameters(self.model).items()}
             save_file(weights, str(self.run_dir / f"{WEIGHTS}.tmp"))
             os.replace(self.run_dir / f"{WEIGHTS}.tmp", self.run_dir / WEIGHTS)
         torch.save(state, self.run_dir / f"{STATE}.tmp")
@@ -148,7 +151,7 @@ class Checkpointer:
     def restore_weights(self) -> None:
         from safetensors import safe_open
 
-        params = dict(self.model.named_parameters())
+        params = trained_parameters(self.model)
         with safe_open(str(self.run_dir / WEIGHTS), framework="pt") as saved:
             for name in saved.keys():
                 params[name].copy_(saved.get_tensor(name))

@@ -144,5 +144,11 @@ def _unreachable(what: str, source: str, error: Exception) -> ZobenchError:
     )
 
 
+def trained_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The parameters training may change (requires_grad): with an adapter, the adapter alone. Saved
+    copies of a run's weights (checkpoints, the best on dev) hold only these; tied weights appear once."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
