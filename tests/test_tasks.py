@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import run_cli
 from zobench.byte_tokenizer import byte_tokenizer
+from zobench.configs import compose
 from zobench.data import load_split_pools, sample_splits
 from zobench.encoding import Encoder
 from zobench.metrics import exact_match, generation_metrics, token_f1
+from zobench.models import bos_override
 from zobench.paths import tasks_dir
 from zobench.run import run
 from zobench.tasks import Example, PromptTemplate, load_task_definition, task_names
@@ -227,6 +230,24 @@ def test_long_prompt_is_cut_from_the_left_and_the_answer_survives():
     # Generation keeps room for the new tokens: the prompt alone is cut to max_length - room.
     assert len(encoder.encode(example, generation_room=10).prompt_ids) == 22
     assert not Encoder(tokenizer, max_length=1024).encode(example).truncated
+
+
+def test_opt_presets_start_prompts_with_mezos_bos_id():
+    tokenizer = byte_tokenizer()
+    example = Example(prompt="word " * 40 + "It was", candidates=[" great", " terrible"], gold=[0])
+    plain = Encoder(tokenizer, max_length=32).encode(example)
+    mezo = Encoder(tokenizer, max_length=32, bos_id=0).encode(example)
+    assert tokenizer.bos_token_id != 0 and plain.sequences[0][0] == tokenizer.bos_token_id
+    assert mezo.prompt_ids[0] == 0 and all(seq[0] == 0 for seq in mezo.sequences)  # also when cut from the left
+    assert [seq[1:] for seq in mezo.sequences] == [seq[1:] for seq in plain.sequences]
+    assert mezo.option_lens == plain.option_lens and mezo.prompt_ids[1:] == plain.prompt_ids[1:]
+    # MeZO's run.py sets it for OPT only, and never for the byte tokenizer (another vocabulary)
+    for name in ("opt-125m", "opt-13b", "opt-66b"):
+        spec = OmegaConf.to_container(compose([f"model={name}"]).model, resolve=True)
+        assert bos_override(spec) == 0, name
+        assert bos_override({**spec, "tokenizer": "byte"}) is None
+    for name in ("opt-tiny", "llama-7b"):
+        assert bos_override(OmegaConf.to_container(compose([f"model={name}"]).model, resolve=True)) is None
 
 
 def test_truncated_counts_per_split_land_in_metrics_json(quick_cfg, tmp_path):

@@ -3,7 +3,9 @@
 MeZO (large_models/utils.py encode_prompt): the prompt and each prompt+candidate text are tokenized
 standalone (with BOS), both with trailing spaces stripped; the candidate's tokens are the last
 len(full) - len(prompt) tokens of the full sequence. Over-long sequences lose tokens from the left,
-after the BOS, so the answer part is never cut.
+after the BOS, so the answer part is never cut. OPT presets replace the tokenizer's BOS (</s>, 2) by
+id 0, as MeZO's run.py does for OPT ("HF tokenizer bug fix": tokenizer.bos_token_id = 0, with the slow
+tokenizer that then prepends 0); `model.bos_token_id=null` keeps the tokenizer's own.
 """
 
 from __future__ import annotations
@@ -32,13 +34,18 @@ class EncodedExample:
 
 
 class Encoder:
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer, max_length: int, bos_id: int | None = None):
+        """`bos_id`: an id put in place of the BOS the tokenizer prepends (models.bos_override)."""
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
-        self.bos = tokenizer.bos_token_id
+        self._tokenizer_bos = tokenizer.bos_token_id
+        self.bos = self._tokenizer_bos if bos_id is None else int(bos_id)
 
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        if ids and self.bos != self._tokenizer_bos and ids[0] == self._tokenizer_bos:
+            ids[0] = self.bos
+        return ids
 
     def _truncate(self, ids: list[int], limit: int) -> tuple[list[int], bool]:
         if len(ids) <= limit:

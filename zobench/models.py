@@ -87,6 +87,13 @@ def _source(spec: dict[str, Any]) -> str:
     return spec["hub_id"]
 
 
+def bos_override(spec: dict[str, Any]) -> int | None:
+    """The preset's `bos_token_id` for the Encoder (OPT: MeZO's 0); never with the byte tokenizer, whose
+    ids are not the model's vocabulary."""
+    value = spec.get("bos_token_id")
+    return None if value is None or spec.get("tokenizer") == "byte" else int(value)
+
+
 def load_tokenizer(spec: dict[str, Any]):
     """The preset's tokenizer alone, without the weights (for tools that only count tokens)."""
     return _load_tokenizer(spec)

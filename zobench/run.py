@@ -30,7 +30,7 @@ from .evaluate import MAX_NEW_TOKENS, evaluate
 from .icl import demonstration_blocks
 from .linear_probe import LinearProbe, ProbeEvaluator, check_task
 from .loggers import open_trackers
-from .models import input_device, load_model, parameter_count, resolve_device, resolve_dtype
+from .models import bos_override, input_device, load_model, parameter_count, resolve_device, resolve_dtype
 from .objective import Objective, PassCounter
 from .optim import build_optimizer
 from .peft_adapters import apply_peft
@@ -235,7 +235,8 @@ class Job:
 
     def _encode(self, splits, task, tokenizer) -> dict[str, list]:
         template = PromptTemplate(task)
-        encoder = Encoder(tokenizer, int(self.cfg.max_length))
+        encoder = Encoder(tokenizer, int(self.cfg.max_length),
+                          bos_override(OmegaConf.to_container(self.cfg.model, resolve=True)))
         room = MAX_NEW_TOKENS if task["kind"] == "generation" else 0
         rendered = {name: [template.render(row) for row in getattr(splits, name)] for name in ("train", "dev", "test")}
         contexts = self._demonstrations(rendered)
