@@ -75,7 +75,7 @@ def work(args, name: str, model, objective, batch, pair):
     optimizer = build_optimizer(config(args, name).optimizer, model, objective, seed=0, total_steps=10**6)
     setup_s = time.perf_counter() - start
     if name == "addax" and pair is None:
-        raise SystemExit("addax needs --batch-size 3 or more: it splits the batch into long and short examples")
+        raise SystemExit("addax needs --batch-size 2 or more: it splits the batch into long and short examples")
     step_batch = pair if name == "addax" else batch
     optimizer.step(step_batch)  # warm-up
     if name == "adamezo":  # measure the adaptive steps: h past directions to regenerate
