@@ -54,6 +54,13 @@ def block_size(device: torch.device) -> int:
     return CUDA_BLOCK if device.type == "cuda" else BLOCK
 
 
+def _blocks(flat: torch.Tensor) -> Iterator[tuple[int, slice]]:
+    """(block number, the block's slice) for each block of z over the 1-D tensor `flat`."""
+    size = block_size(flat.device)
+    for block, start in enumerate(range(0, flat.numel(), size)):
+        yield block, slice(start, start + size)
+
+
 def _block_seed(seed: int, index: int, block: int) -> int:
     """A well-mixed 64-bit seed (splitmix64's finalizer): the CPU generator (mt19937) keeps only the low
     32 bits of a seed, so shifting the step seed up (seed << k) would leave few distinct directions."""
@@ -98,9 +105,9 @@ class PerturbationEngine:
     def direction(self, seed: int, index: int, param: torch.Tensor) -> torch.Tensor:
         """z for parameter `index` under `seed`: N(0, 1) in the parameter's dtype, on its device (unmasked)."""
         z = torch.empty(param.shape, device=param.device, dtype=param.dtype)
-        flat, size = z.view(-1), block_size(z.device)
-        for block, start in enumerate(range(0, flat.numel(), size)):
-            self._fill(flat[start:start + size], seed, index, block)
+        flat = z.view(-1)
+        for block, part in _blocks(flat):
+            self._fill(flat[part], seed, index, block)
         return z
 
     # -- in place (MeZO) ---------------------------------------------------------------------------
@@ -120,15 +127,13 @@ class PerturbationEngine:
         for index, (name, param) in enumerate(self.named):
             if not param.is_contiguous():
                 raise RuntimeError(f"parameter {name} is not contiguous: the engine updates it block by block")
-            flat, size = param.data.view(-1), block_size(param.device)
-            items += [(index, block, flat[start:start + size])
-                      for block, start in enumerate(range(0, flat.numel(), size))]
+            flat = param.data.view(-1)
+            items += [(index, block, flat[part]) for block, part in _blocks(flat)]
         self._run(work, items)
 
     def _run(self, work, items) -> None:
         """work(*item) for each item (a block's arguments, its tensors on one device or another): CPU items
         shared among the pool's threads, the others in order on this thread."""
-
         inference = torch.is_inference_mode_enabled()
 
         def guarded(item):
@@ -226,7 +231,7 @@ class PerturbationEngine:
     @torch.no_grad()
     def _perturbed_copy(self, seed: int, index: int, theta: torch.Tensor, scale: float) -> torch.Tensor:
         out = torch.empty_like(theta)
-        flat, source, size = out.view(-1), theta.reshape(-1), block_size(theta.device)
+        flat, source = out.view(-1), theta.reshape(-1)
 
         def one(block, theta_part, part):
             self._fill(part, seed, index, block)
@@ -235,8 +240,7 @@ class PerturbationEngine:
                 part.mul_(keep)
             part.mul_(scale).add_(theta_part)
 
-        self._run(one, [(block, source[start:start + size], flat[start:start + size])
-                        for block, start in enumerate(range(0, flat.numel(), size))])
+        self._run(one, [(block, source[part], flat[part]) for block, part in _blocks(flat)])
         return out
 
     # -- block by block (stateful and adaptive rules) ------------------------------------------------
