@@ -30,7 +30,8 @@ from .evaluate import MAX_NEW_TOKENS, evaluate
 from .icl import demonstration_blocks
 from .linear_probe import LinearProbe, ProbeEvaluator, check_task
 from .loggers import open_trackers
-from .models import bos_override, input_device, load_model, parameter_count, resolve_device, resolve_dtype
+from .models import (bos_override, input_device, load_model, parameter_count, resolve_device, resolve_dtype,
+                     trained_parameters)
 from .objective import Objective, PassCounter
 from .optim import build_optimizer
 from .peft_adapters import apply_peft
@@ -153,15 +154,16 @@ class Job:
             raise ZobenchError(f"task '{task['name']}' is a generation task: train_as_classification must be false")
         trains = _check_method(cfg, task)
         splits = self._data(task)
-        model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), self.device, dtype)
+        model_spec = OmegaConf.to_container(cfg.model, resolve=True)
+        model, tokenizer = load_model(model_spec, self.device, dtype)
         peft_spec = OmegaConf.to_container(cfg.peft, resolve=True) if "peft" in cfg else None
         model, self.saveable = apply_peft(model, peft_spec, seed=int(cfg.seed))
         self.device = input_device(model)  # batches go where the (first shard of the) model is
         self.metrics.update(device=device_name(self.device), dtype=str(dtype).removeprefix("torch."),
                             n_params=parameter_count(model),
-                            n_trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad)
+                            n_trainable_params=sum(p.numel() for p in trained_parameters(model).values())
                             if trains else 0)
-        encoded = self._encode(splits, task, tokenizer)
+        encoded = self._encode(splits, task, Encoder(tokenizer, int(cfg.max_length), bos_override(model_spec)))
         objective = Objective(model, self.counter)
         recording = RecordingLoss(objective)  # the loss values of each step: the ZO trajectory
         optimizer = build_optimizer(cfg.optimizer, model, recording, seed=int(cfg.seed),
@@ -233,10 +235,8 @@ class Job:
                  len(splits.test), source)
         return splits
 
-    def _encode(self, splits, task, tokenizer) -> dict[str, list]:
+    def _encode(self, splits, task, encoder: Encoder) -> dict[str, list]:
         template = PromptTemplate(task)
-        encoder = Encoder(tokenizer, int(self.cfg.max_length),
-                          bos_override(OmegaConf.to_container(self.cfg.model, resolve=True)))
         room = MAX_NEW_TOKENS if task["kind"] == "generation" else 0
         rendered = {name: [template.render(row) for row in getattr(splits, name)] for name in ("train", "dev", "test")}
         contexts = self._demonstrations(rendered)

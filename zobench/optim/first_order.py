@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..errors import Diverged, ZobenchError
+from ..models import trained_parameters
 from .base import Optimizer
 from .engine import decays
 
@@ -23,7 +24,7 @@ class TorchOptimizer(Optimizer):
         if name not in TORCH_OPTIMIZERS:
             raise ZobenchError(f"optimizer.torch_class must be one of {', '.join(TORCH_OPTIMIZERS)}, got {name}")
         wd = float(cfg.get("weight_decay", 0.0))
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = list(trained_parameters(model).items())
         groups = [{"params": [p for n, p in named if decays(n)], "weight_decay": wd},
                   {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0}]
         extra = dict(cfg.get("kwargs") or {})

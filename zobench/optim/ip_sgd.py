@@ -16,6 +16,7 @@ import math
 import torch
 
 from ..errors import Diverged
+from ..models import trained_parameters
 from .base import Optimizer
 from .engine import decays
 
@@ -23,7 +24,7 @@ from .engine import decays
 def in_place_sgd_step(model, loss_fn, batch, lr: float, weight_decay: float = 0.0) -> float:
     """One forward and backward on `batch`, each gradient applied and freed as soon as it is complete."""
     model.train()
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    named = list(trained_parameters(model).items())
 
     def hook_for(wd: float):
         @torch.no_grad()
