@@ -4,18 +4,24 @@ tokenizer (no download), and `batch_size` bundled SST-2 sample examples, encoded
 from __future__ import annotations
 
 
+def benchmark_config(model_name: str, device: str, overrides=()):
+    """The run config of a benchmark: the preset with random weights, the byte tokenizer, bundled samples."""
+    from zobench.configs import compose
+
+    return compose([f"model={model_name}", "model.init=random", "model.tokenizer=byte", "task.samples=true",
+                    f"device={device}", *overrides])
+
+
 def benchmark_setup(model_name: str, batch_size: int, device: str, overrides=()):
     """Returns (cfg, model, tokenizer, encoded examples, device)."""
     from omegaconf import OmegaConf
 
-    from zobench.configs import compose
     from zobench.data import load_split_pools
     from zobench.encoding import Encoder
     from zobench.models import load_model, resolve_device, resolve_dtype
     from zobench.tasks import PromptTemplate
 
-    cfg = compose([f"model={model_name}", "model.init=random", "model.tokenizer=byte", "task.samples=true",
-                   f"device={device}", *overrides])
+    cfg = benchmark_config(model_name, device, overrides)
     dev = resolve_device(cfg.device)
     model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), dev,
                                   resolve_dtype(cfg.dtype, dev))

@@ -35,12 +35,11 @@ OPTIMIZERS = ["mezo", "sparse_mezo", "adamezo", "zo_sgd_sign", "zo_sgd_momentum"
 
 
 def config(args, name: str):
-    from zobench.configs import compose
+    from common import benchmark_config
 
     k1 = round(0.4 * args.batch_size)
     extra = [f"optimizer.k0={args.batch_size - k1}", f"optimizer.k1={k1}"] if name == "addax" else []
-    return compose([f"model={args.model}", "model.init=random", "model.tokenizer=byte", "task.samples=true",
-                    f"optimizer={'mezo' if name == 'inference' else name}", f"device={args.device}", *extra])
+    return benchmark_config(args.model, args.device, [f"optimizer={'mezo' if name == 'inference' else name}", *extra])
 
 
 def load(args):
