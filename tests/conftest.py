@@ -42,3 +42,18 @@ def only_run_dir(root: Path) -> Path:
     dirs = [p.parent for p in Path(root).rglob("metrics.json")]
     assert len(dirs) == 1, dirs
     return dirs[0]
+
+
+def fail_once_at(monkeypatch, steps_done: int) -> None:
+    """The next optimizer step taken after `steps_done` steps raises MemoryError, once (a run dies there)."""
+    from zobench.optim.base import Optimizer
+
+    original, failed = Optimizer.step, []
+
+    def step(self, batch):
+        if self.steps_done == steps_done and not failed:
+            failed.append(True)
+            raise MemoryError
+        return original(self, batch)
+
+    monkeypatch.setattr(Optimizer, "step", step)

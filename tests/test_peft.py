@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from conftest import fail_once_at
 from zobench.data import load_split_pools, sample_splits
 from zobench.encoding import Encoder, collate
 from zobench.errors import ZobenchError
@@ -120,21 +121,13 @@ def test_lora_adam_checkpoints_hold_the_adapter_alone_and_resume_exactly(quick_c
     cfg = quick_cfg("optimizer=adam", "peft=lora", "optimizer.lr=1e-3", "train.steps=6", "train.eval_interval=3",
                     "checkpoint.every=2", "save_model=true")
     whole = run(cfg, tmp_path / "whole")
-    original, calls = Objective.option_logprobs, []
-
-    def fails_once(self, batch):
-        calls.append(1)
-        if len(calls) == 6:  # during step 5 (a step and step 3's dev evaluation take one pass each)
-            raise MemoryError
-        return original(self, batch)
-
-    monkeypatch.setattr(Objective, "option_logprobs", fails_once)
+    fail_once_at(monkeypatch, steps_done=4)  # the fifth step; the checkpoint of step 4 survives
     with pytest.raises(ZobenchError, match="out of memory"):
         run(cfg, tmp_path / "broken")
+    monkeypatch.undo()
     for saved in ("checkpoint/weights.safetensors", "best_weights.safetensors"):
         keys = load_file(str(tmp_path / "broken" / saved)).keys()
         assert keys and all("lora_" in key for key in keys), saved  # no base-model weights
-    monkeypatch.setattr(Objective, "option_logprobs", original)
     resumed = run(cfg, tmp_path / "broken")
     assert resumed["status"] == "completed" and resumed["resumed_at_step"] == 4
     for key in ("test_metric", "dev_loss", "best_step"):

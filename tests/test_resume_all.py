@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import fail_once_at
 from zobench.configs import group_options
 from zobench.errors import ZobenchError
-from zobench.optim.base import Optimizer
 from zobench.run import run
 
 # The default suite resumes one optimizer of each kind (ZO, ZO with stored moments, FO, mixed); the
@@ -19,24 +19,12 @@ TRAINING = [pytest.param(name, marks=() if name in DEFAULT else pytest.mark.slow
 SETTINGS = ["train.steps=6", "train.eval_interval=3", "checkpoint.every=2", "save_model=true"]
 
 
-def _fail_once_at(monkeypatch, steps_done: int) -> None:
-    original, failed = Optimizer.step, []
-
-    def step(self, batch):
-        if self.steps_done == steps_done and not failed:
-            failed.append(True)
-            raise MemoryError
-        return original(self, batch)
-
-    monkeypatch.setattr(Optimizer, "step", step)
-
-
 @pytest.mark.parametrize("weights", [False, True], ids=["trajectory", "weights"])
 @pytest.mark.parametrize("name", TRAINING)
 def test_every_optimizer_resumes_bit_identically(quick_cfg, tmp_path, monkeypatch, name, weights):
     cfg = quick_cfg(f"optimizer={name}", *SETTINGS, f"checkpoint.weights={str(weights).lower()}")
     one_go = run(cfg, tmp_path / "one_go")
-    _fail_once_at(monkeypatch, steps_done=4)  # the fifth step; the checkpoint of step 4 survives
+    fail_once_at(monkeypatch, steps_done=4)  # the fifth step; the checkpoint of step 4 survives
     with pytest.raises(ZobenchError, match="out of memory at step 4"):
         run(cfg, tmp_path / "resumed")
     resumed = run(cfg, tmp_path / "resumed")
