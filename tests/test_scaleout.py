@@ -63,7 +63,7 @@ def test_two_runs_started_together_get_two_directories(tmp_path):
     ("+optimizer.k0=0", "optimizer.k0 must be >= 1"),
     ("train.batch_size=0", "train.batch_size must be >= 1"),
     ("train.steps=0", "train.steps must be >= 1"),
-    ("dtype=float16", "float16 is not supported for training on CPU"),
+    ("precision.zo_update=fast", "precision.zo_update must be one of reference, fused, got fast"),
     ("dtype=float8", "unknown dtype 'float8'"),
 ])
 def test_bad_settings_are_refused_at_start_up(quick_cfg, tmp_path, override, message):

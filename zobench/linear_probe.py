@@ -35,8 +35,8 @@ def check_task(task: dict[str, Any]) -> None:
 class LinearProbe(ZeroShot):
     """Takes no step (the runner's evaluate-only path); fits a logistic regression on frozen features."""
 
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps)
+    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
         self.folds = int(cfg.get("cv", 5))
         self.max_iter = int(cfg.get("max_iter", 5000))
         self.tol = float(cfg.get("tol", 1e-4))

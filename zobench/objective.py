@@ -23,8 +23,11 @@ class PassCounter:
 
 
 class Objective:
-    def __init__(self, model, counter: PassCounter | None = None):
+    def __init__(self, model, counter: PassCounter | None = None, loss_dtype: torch.dtype = torch.float32):
         self.model = model
+        # the dtype the log-probs (and so the loss) are computed in: fp32 (zobench), or the weights' dtype as
+        # MeZO/ZO-Bench do (utils.py: log_softmax of fp16 logits); see zobench/precision.py
+        self.loss_dtype = loss_dtype
         self.counter = counter or PassCounter()
         # Logits only where an option token is predicted: the full [N, T, vocab] tensor is never built.
         self._body = getattr(model, "base_model", None)
@@ -45,7 +48,7 @@ class Objective:
         else:
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][target]
         tokens = batch.input_ids[:, 1:][target]
-        token_logprobs = -F.cross_entropy(logits.float(), tokens, reduction="none")
+        token_logprobs = -F.cross_entropy(logits.to(self.loss_dtype), tokens, reduction="none")
         rows = torch.nonzero(target, as_tuple=True)[0]
         sums = torch.zeros(target.shape[0], dtype=token_logprobs.dtype, device=token_logprobs.device)
         sums = sums.index_add(0, rows, token_logprobs)

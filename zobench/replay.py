@@ -24,6 +24,7 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     from .errors import ZobenchError
     from .models import load_model, resolve_device, resolve_dtype
     from .optim import build_optimizer
+    from .precision import from_config as precision_from_config
     from .peft_adapters import apply_peft
 
     run_dir = Path(run_dir)
@@ -37,13 +38,14 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     if not 0 <= step <= len(records):
         raise ZobenchError(f"{run_dir}: the trajectory holds steps 1..{len(records)}, not {step}")
     device = resolve_device(str(cfg.device))
-    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), device,
-                                  resolve_dtype(str(cfg.dtype), device))
+    dtype = resolve_dtype(str(cfg.dtype), device)
+    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), device, dtype)
     # The run's adapter, initialised from the run's seed as the run did (peft=none: the model itself).
     peft_spec = OmegaConf.to_container(cfg.peft, resolve=True) if "peft" in cfg else None
     model, saveable = apply_peft(model, peft_spec, seed=int(cfg.seed))
     optimizer = build_optimizer(cfg.optimizer, model, ReplayLoss(), seed=int(cfg.seed),
-                                total_steps=int(cfg.train.steps))
+                                total_steps=int(cfg.train.steps),
+                                precision=precision_from_config(cfg.get("precision"), dtype))
     if not getattr(optimizer, "trains", True):  # zero-shot, ICL, linear probing
         raise ZobenchError(f"a {cfg.optimizer.name} run trains nothing: its model is {cfg.model.name} as loaded")
     if not optimizer.replayable:

@@ -35,6 +35,7 @@ from .models import (bos_override, input_device, load_model, parameter_count, re
 from .objective import Objective, PassCounter
 from .optim import build_optimizer
 from .peft_adapters import apply_peft
+from .precision import from_config as precision_from_config
 from .records import (JsonlLog, Stopwatch, atomic_write_json, atomic_write_text, device_name, git_revision,
                       peak_memory, reset_peak_memory)
 from .tasks import PromptTemplate
@@ -123,7 +124,7 @@ class Job:
             "test_scores": None, "best_step": None, "steps": 0, "steps_planned": int(cfg.train.steps),
             "forward_passes": 0, "backward_passes": 0, "tokens": 0, "eval_forward_passes": 0,
             "wall_clock_s": None, "train_wall_clock_s": None, "peak_memory_bytes": None,
-            "peak_memory_method": None, "device": None, "dtype": None, "n_params": None,
+            "peak_memory_method": None, "device": None, "dtype": None, "precision": None, "n_params": None,
             "n_trainable_params": None,
             "data_source": None, "n_train": None, "n_dev": None, "n_test": None, "truncated": None,
             "zobench_version": __version__, "git_revision": git_revision(), "run_dir": str(run_dir),
@@ -164,10 +165,12 @@ class Job:
                             n_trainable_params=sum(p.numel() for p in trained_parameters(model).values())
                             if trains else 0)
         encoded = self._encode(splits, task, Encoder(tokenizer, int(cfg.max_length), bos_override(model_spec)))
-        objective = Objective(model, self.counter)
+        precision = precision_from_config(cfg.get("precision"), dtype)
+        self.metrics["precision"] = precision.record()
+        objective = Objective(model, self.counter, loss_dtype=precision.dtype_of(precision.loss_dtype))
         recording = RecordingLoss(objective)  # the loss values of each step: the ZO trajectory
         optimizer = build_optimizer(cfg.optimizer, model, recording, seed=int(cfg.seed),
-                                    total_steps=int(cfg.train.steps))
+                                    total_steps=int(cfg.train.steps), precision=precision)
         evaluator = _Evaluator(objective, task, tokenizer, classification, cfg, self.device)
         self.best = BestWeights(model, str(cfg.train.keep_best) if trains else "none", self.run_dir)
         if trains:

@@ -25,8 +25,8 @@ from .mezo import MeZO
 
 
 class AdaMeZO(MeZO):
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps)
+    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
         if self.q != 1:
             raise ZobenchError(f"adamezo keeps one direction per step (q=1, as its reference code), got q={self.q}")
         self.horizon = int(cfg.horizon)

@@ -34,8 +34,8 @@ ZO_METHODS = ("mezo", "sparse_mezo", "adamezo")
 
 
 class Addax(Optimizer):
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps)
+    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
         self.alpha, self.k0, self.k1 = float(cfg.alpha), int(cfg.k0), int(cfg.k1)
         self.l_t = None if cfg.get("l_t") is None else int(cfg.l_t)
         self.weight_decay = float(cfg.get("weight_decay", 0.0))
@@ -44,7 +44,8 @@ class Addax(Optimizer):
                                f"k0={self.k0}, k1={self.k1}")
         from . import build_optimizer  # the package's builder; imported here to avoid a cycle
 
-        self.zo = build_optimizer(zo_config(cfg), model, loss_fn, seed=seed, total_steps=total_steps)
+        self.zo = build_optimizer(zo_config(cfg), model, loss_fn, seed=seed, total_steps=total_steps,
+                                  precision=precision)
 
     # -- data: the split by length and the pair of batches per step --------------------------------
     def split(self, lengths: list[int]) -> tuple[list[int], list[int], int]:

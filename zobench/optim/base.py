@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import ZobenchError
+from ..precision import Precision
 
 LossFn = Callable[[Any], torch.Tensor]
 SCHEDULES = ("constant", "linear")
@@ -22,8 +23,11 @@ SCHEDULES = ("constant", "linear")
 class Optimizer:
     zeroth_order = False
 
-    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, cfg, *, seed: int, total_steps: int):
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, cfg, *, seed: int, total_steps: int,
+                 precision: Precision | None = None):
         self.model = model
+        # the run's precision policy (zobench/precision.py); without one, zobench's defaults for the weights' dtype
+        self.precision = precision or Precision(weights=_weights_dtype(model))
         self.loss_fn = loss_fn
         self.cfg = cfg
         self.seed = int(seed)
@@ -87,3 +91,8 @@ class Optimizer:
             self.engine.set_seed_state(state["engine_seeds"])
         if "torch_optimizer" in state:
             self.optimizer.load_state_dict(state["torch_optimizer"])
+
+
+def _weights_dtype(model: torch.nn.Module) -> torch.dtype:
+    first = next(model.parameters(), None)
+    return first.dtype if first is not None else torch.float32

@@ -18,8 +18,8 @@ TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW")
 
 
 class TorchOptimizer(Optimizer):
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps)
+    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
         name = str(cfg.torch_class)
         if name not in TORCH_OPTIMIZERS:
             raise ZobenchError(f"optimizer.torch_class must be one of {', '.join(TORCH_OPTIMIZERS)}, got {name}")

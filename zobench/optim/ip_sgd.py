@@ -53,8 +53,8 @@ def in_place_sgd_step(model, loss_fn, batch, lr: float, weight_decay: float = 0.
 
 
 class InPlaceSGD(Optimizer):
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps)
+    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
         self.weight_decay = float(cfg.get("weight_decay", 0.0))
 
     def _step(self, batch) -> float:

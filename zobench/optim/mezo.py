@@ -19,8 +19,8 @@ from .engine import PerturbationEngine
 class MeZO(Optimizer):
     zeroth_order = True
 
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps)
+    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
         self.eps = float(cfg.eps)
         self.q = int(cfg.get("q", 1))
         self.weight_decay = float(cfg.get("weight_decay", 0.0))

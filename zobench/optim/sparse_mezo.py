@@ -31,8 +31,8 @@ from .mezo import MeZO
 
 
 class SparseMeZO(MeZO):
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps)
+    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
         sparsity = float(cfg.sparsity)
         if not 0.0 <= sparsity < 1.0:
             raise ZobenchError(f"optimizer.sparsity (fraction of each weight matrix left frozen) must be in [0, 1), "

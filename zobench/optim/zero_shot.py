@@ -12,7 +12,7 @@ class ZeroShot:
     zeroth_order = False
     replayable = False
 
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int):
+    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
         self.model, self.loss_fn, self.cfg = model, loss_fn, cfg
 
     def step(self, batch) -> float:

@@ -19,8 +19,8 @@ from .zo_stateful import StatefulZO
 class ZOAdam(StatefulZO):
     state_names = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps)
+    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
         self.beta1, self.beta2 = (float(b) for b in cfg.betas)
         self.adam_eps = float(cfg.adam_eps)
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

@@ -13,8 +13,8 @@ from .zo_stateful import StatefulZO
 class ZOSGDMomentum(StatefulZO):
     state_names = ("momentum_buffer",)
 
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps)
+    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
         self.momentum = float(cfg.momentum)
         if not 0.0 <= self.momentum < 1.0:
             raise ZobenchError(f"optimizer.momentum must be in [0, 1), got {self.momentum}")

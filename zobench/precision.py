@@ -1,0 +1,87 @@
+"""The precision policy of a run, in one place: what each part of the arithmetic runs in.
+
+Named in config (`precision:` in conf/config.yaml), recorded in metrics.json (`precision`), and read by the
+optimizers (`Optimizer.precision`) and the loss (`Objective`). Each paper preset (conf/experiment/) names the
+regime its reference code ran; zobench's own choices sit beside them, never silently in their place.
+
+Fields (see conf/config.yaml for the values each takes):
+  weights         the model's dtype (the run's `dtype`, resolved: float32 / float16 / bfloat16)
+  zo_update       zeroth-order update numerics: `reference` (MeZO trainer.py: restore, then a separate
+                  update, each rounded in the weights' dtype) | `fused` (zobench: restore and update in one
+                  rounding, coefficients at full precision)
+  loss_dtype      `weights` (MeZO/ZO-Bench utils.py: the loss from logits in the weights' dtype) | `float32`
+  state_dtype     stateful ZO optimizers' state (ZO-Adam, ZO-SGD-MMT, AdaMeZO): `weights` | `float32`
+  master_weights  first-order torch baselines: fp32 master weights under 16-bit autocast (HF Trainer --fp16)
+  update_dtype    in-place first-order arithmetic (IP-SGD, Addax's FO half), per parameter: `float32` | `weights`
+  loss_scaling    `dynamic` (a GradScaler-style scaler: overflow skips the step and lowers the scale) | `none`
+  grad_clip       max gradient norm for first-order baselines, or null
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from .errors import ZobenchError
+
+ZO_UPDATES = ("reference", "fused")
+DTYPE_CHOICES = ("weights", "float32")
+SCALINGS = ("auto", "dynamic", "none")
+
+
+@dataclass(frozen=True)
+class Precision:
+    weights: torch.dtype = torch.float32
+    zo_update: str = "fused"
+    loss_dtype: str = "float32"
+    state_dtype: str = "float32"
+    master_weights: bool = False
+    update_dtype: str = "float32"
+    loss_scaling: str = "none"
+    grad_clip: float | None = None
+    name: str = "zobench"
+
+    @property
+    def half(self) -> bool:
+        """Are the weights 16-bit?"""
+        return self.weights in (torch.float16, torch.bfloat16)
+
+    def dtype_of(self, choice: str) -> torch.dtype:
+        """`weights` -> the weights' dtype; `float32` -> torch.float32."""
+        return self.weights if choice == "weights" else torch.float32
+
+    def record(self) -> dict[str, Any]:
+        """What metrics.json says of the regime that ran."""
+        fields = asdict(self)
+        fields["weights"] = str(self.weights).removeprefix("torch.")
+        return fields
+
+
+def from_config(node, weights: torch.dtype) -> Precision:
+    """The policy of `node` (cfg.precision; None: zobench's defaults) for weights of dtype `weights`."""
+    if node is None:
+        return Precision(weights=weights)
+    get = node.get
+    policy = Precision(
+        weights=weights, name=str(get("name", "zobench")), zo_update=str(get("zo_update", "fused")),
+        loss_dtype=str(get("loss_dtype", "float32")), state_dtype=str(get("state_dtype", "float32")),
+        master_weights=bool(get("master_weights", False)), update_dtype=str(get("update_dtype", "float32")),
+        loss_scaling=str(get("loss_scaling", "auto")),
+        grad_clip=None if get("grad_clip") is None else float(get("grad_clip")))
+    _check(policy)
+    if policy.loss_scaling == "auto":  # dynamic scaling where fp16 gradients can underflow, as AMP/LOMO do
+        policy = replace(policy, loss_scaling="dynamic" if weights == torch.float16 else "none")
+    return policy
+
+
+def _check(policy: Precision) -> None:
+    checks = [("zo_update", policy.zo_update, ZO_UPDATES), ("loss_dtype", policy.loss_dtype, DTYPE_CHOICES),
+              ("state_dtype", policy.state_dtype, DTYPE_CHOICES), ("update_dtype", policy.update_dtype, DTYPE_CHOICES),
+              ("loss_scaling", policy.loss_scaling, SCALINGS)]
+    for key, value, valid in checks:
+        if value not in valid:
+            raise ZobenchError(f"precision.{key} must be one of {', '.join(valid)}, got {value}")
+    if policy.grad_clip is not None and not policy.grad_clip > 0:
+        raise ZobenchError(f"precision.grad_clip must be > 0 or null, got {policy.grad_clip}")
