@@ -6,6 +6,7 @@ What lands in the output folder (each table as .md, .tex and .csv):
   cost         steps, forward/backward passes, training seconds and seconds per step
   memory       peak memory (GB) and how it was measured
   comparison   ours, the paper's, and the difference (results/reference/*.csv)
+  speed        forward passes and seconds to a target dev metric, as ratios to MeZO beside the papers' claims
   runs         every run found; failures: the ones that did not complete, with their message
   plots/<task>.png
 """
@@ -19,6 +20,7 @@ from . import tables
 from .references import load_references
 from .runs import load_runs
 from .selection import not_completed, select_best
+from .speed import BASELINE, speed_table
 
 
 @dataclass
@@ -31,10 +33,12 @@ class Report:
     failures: str
     plots: list[Path] = field(default_factory=list)
     references: int = 0
+    speed_table: str = ""
 
 
 def build_report(paths: list[str | Path], out_dir: Path, reference_dir: Path | None = None,
-                 plots: bool = True) -> Report:
+                 plots: bool = True, speed_baseline: str = BASELINE,
+                 speed_target: float | None = None) -> Report:
     runs = load_runs(paths)
     if runs.empty:
         return Report(out_dir=Path(out_dir), runs=0, completed=0, left_out=0, main_table="", failures="")
@@ -47,6 +51,8 @@ def build_report(paths: list[str | Path], out_dir: Path, reference_dir: Path | N
     tables.write_table(out_dir, "memory", *tables.memory_table(selected))
     references = load_references(reference_dir)
     tables.write_table(out_dir, "comparison", *tables.comparison_table(selected, references))
+    speed, speed_numbers = speed_table(selected, references, speed_baseline, speed_target)
+    tables.write_table(out_dir, "speed", speed, speed_numbers)
     tables.write_table(out_dir, "runs", tables.runs_table(runs), runs)
     failures = tables.failures_table(runs)
     tables.write_table(out_dir, "failures", failures)
@@ -54,7 +60,7 @@ def build_report(paths: list[str | Path], out_dir: Path, reference_dir: Path | N
     left_out = len(not_completed(runs))
     return Report(out_dir=out_dir, runs=len(runs), completed=len(runs) - left_out, left_out=left_out,
                   main_table=tables.to_markdown(accuracy), failures=tables.to_markdown(failures),
-                  plots=written, references=len(references))
+                  plots=written, references=len(references), speed_table=tables.to_markdown(speed))
 
 
 def _plots(selected, out_dir: Path) -> list[Path]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .build import build_report
 from .references import default_reference_dir
+from .speed import BASELINE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,13 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     reference_dir = Path(args.reference) if args.reference else default_reference_dir()
     if args.no_reference:
         reference_dir = None
-    report = build_report(args.paths, out_dir, reference_dir, plots=not args.no_plots)
+    report = build_report(args.paths, out_dir, reference_dir, plots=not args.no_plots,
+                          speed_baseline=args.speed_baseline, speed_target=args.speed_target)
     if report.runs == 0:
         print(f"zobench-report: no runs (metrics.json) under {', '.join(args.paths)}", file=sys.stderr)
         return 1
     print("Test accuracy / F1 (%), mean ± std over seeds; setting per (model, task, optimizer) chosen on dev "
           "(selection.md)\n")
     print(report.main_table)
+    print(f"\nForward passes and seconds to the target dev metric, as ratios to {args.speed_baseline} (speed.md)\n")
+    print(report.speed_table)
     print(f"\n{report.runs} runs: {report.completed} completed, {report.left_out} left out of the averages")
     if report.left_out:
         print(report.failures)
@@ -57,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference", help="the papers' CSVs (default: the checkout's results/reference)")
     parser.add_argument("--no-reference", action="store_true", help="leave the papers' numbers out")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--speed-baseline", default=BASELINE, metavar="OPTIMIZER",
+                        help="the method the speed table compares with (default: %(default)s)")
+    parser.add_argument("--speed-target", type=float, metavar="PERCENT",
+                        help="dev accuracy/F1 (%%) to reach (default: the baseline's best, per model and task)")
     return parser
 
 
