@@ -168,7 +168,10 @@ def write_dataset_repo(folder: Path, configs: dict, samples: Path) -> None:
             (folder / path).parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.Table.from_pylist(rows), folder / path)
             data_files.append({"split": split, "path": f"{files_folder}/{split}-*"})
-        card.append({"config_name": config, "data_files": data_files})
+        entry = {"config_name": config, "data_files": data_files}
+        if len(configs) == 1 and config != "default":
+            entry["default"] = True  # as rajpurkar/squad's card marks its only config, plain_text
+        card.append(entry)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "README.md").write_text("---\n" + json.dumps({"configs": card}) + "\n---\n")  # JSON is YAML
 
