@@ -121,3 +121,13 @@ def test_a_step_logged_twice_by_a_resumed_job_counts_once_and_torn_lines_are_ski
         log.write('{"event": "eval", "split": "dev", "st')
     curve = run_curve(run_dir)
     assert list(curve["step"]) == [100, 200] and curve["metric"].tolist() == [0.6, 0.7]
+
+
+def test_a_log_without_seconds_still_gives_the_passes(tmp_path):
+    run_dir = write_run(tmp_path, "mezo", [(100, 0.5, 200, 1.0)])
+    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    for line in lines:
+        line.pop("elapsed_s")
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    curve = run_curve(run_dir)
+    assert curve["forward_passes"].tolist() == [200] and curve["elapsed_s"].isna().all()

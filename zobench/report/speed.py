@@ -35,8 +35,9 @@ CURVE = ["step", "metric", "forward_passes", "elapsed_s"]
 def run_curve(run_dir: str | Path) -> pd.DataFrame:
     """One run's dev evaluations by step (the last one of a step wins: a resumed job may log it twice)."""
     log = load_log(run_dir)
-    if log.empty or not {"event", "split", *CURVE} <= set(log.columns):
+    if log.empty or not {"event", "split", "step", "metric"} <= set(log.columns):
         return pd.DataFrame(columns=CURVE)
+    log = log.reindex(columns=[*log.columns, *(c for c in CURVE if c not in log)])  # an older log's gaps: NaN
     dev = log[(log["event"] == "eval") & (log["split"] == "dev")][CURVE].apply(pd.to_numeric, errors="coerce")
     dev = dev.dropna(subset=["step", "metric"]).astype({"step": "int64"})
     return dev.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
