@@ -98,18 +98,16 @@ def probe(jobs: list[dict], root: Path) -> dict[str, dict]:
     return {line["name"]: line for line in lines}
 
 
-def task_job(name: str, **changes) -> dict:
+def task_job(name: str) -> dict:
     from zobench.tasks import load_task_definition
 
-    task = load_task_definition(name)
-    task.update(changes)
-    return {"kind": "task", "name": changes.pop("label", name), "task": task}
+    return {"kind": "task", "name": name, "task": load_task_definition(name)}
 
 
 def model_presets() -> dict[str, dict]:
+    """Every preset that loads pretrained weights (the tiny ones build random weights offline)."""
     presets = {path.stem: yaml.safe_load(path.read_text()) for path in sorted((conf_dir() / "model").glob("*.yaml"))}
-    return {name: spec for name, spec in presets.items() if spec.get("init", "pretrained") == "pretrained"
-            or spec.get("hub_id")}
+    return {name: spec for name, spec in presets.items() if spec.get("init", "pretrained") == "pretrained"}
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +138,6 @@ def test_every_task_loads_from_its_hub_dataset_config_and_splits(results, name):
     assert all(count > 0 for count in result["rows"].values())
 
 
-def test_every_hub_task_and_model_is_covered(results):
-    tasks = {task_job(name)["task"]["hub"]["path"] for name in task_names()}
-    assert tasks <= set(DATASETS), tasks - set(DATASETS)
-    presets = model_presets()
-    assert {"opt-13b", "llama-7b"} <= set(presets) and all(spec.get("hub_id") for spec in presets.values())
-
-
 @pytest.mark.parametrize("name", sorted(model_presets()))
 def test_every_model_preset_loads_its_hub_weights_and_tokenizer(results, name):
     result = results[name]
@@ -155,7 +146,7 @@ def test_every_model_preset_loads_its_hub_weights_and_tokenizer(results, name):
     assert result["tokens"] > 1 and result["vocab"] > 1
 
 
-@pytest.mark.parametrize("name, says", [("wrong config", "rte2"), ("wrong split", "valid"),
+@pytest.mark.parametrize("name, says", [("wrong config", "BuilderConfig 'rte2' not found"), ("wrong split", "split 'valid'"),
                                         ("wrong repo", "aps/super-glue"), ("wrong model id", "facebook/opt-13B-typo")])
 def test_a_wrong_repository_config_or_split_fails_with_one_clear_line(results, name, says):
     result = results[name]

@@ -56,6 +56,7 @@ def seed_mean_curve(curves: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 def first_reaching(curve: pd.DataFrame, target: float) -> pd.Series | None:
+    """The curve's first point at or above the target (None when it never gets there, or no target)."""
     reached = curve[curve["metric"] >= target - TOLERANCE]
     return reached.iloc[0] if len(reached) else None
 
@@ -67,29 +68,31 @@ def speed_table(selected: pd.DataFrame, references: pd.DataFrame, baseline: str 
     for (model, task), group in _sorted(selected).groupby(["model", "task"], sort=False):
         curves = {row["optimizer"]: (seed_mean_curve([run_curve(d) for d in row["run_dirs"]]), row["seeds"])
                   for _, row in group.iterrows()}
-        base_curve = curves.get(baseline, (pd.DataFrame(columns=CURVE), 0))[0]
+        base_curve = curves[baseline][0] if baseline in curves else pd.DataFrame(columns=CURVE)
         if target_percent is not None:
             target = target_percent / 100
-        else:
+        else:  # the baseline's best point; none without a baseline run
             target = base_curve["metric"].max() if not base_curve.empty else math.nan
-        base_hit = first_reaching(base_curve, target) if not math.isnan(target) else None
+        base_hit = first_reaching(base_curve, target)
         for optimizer, (curve, seeds) in curves.items():
             if curve.empty:
                 continue
-            hit = first_reaching(curve, target) if not math.isnan(target) else None
-            row = {"model": model, "task": task, "optimizer": optimizer, "seeds": seeds,
-                   "target": 100 * target, "best_dev": 100 * curve["metric"].max(), "reached": hit is not None,
-                   "step": math.nan, "forward_passes": math.nan, "seconds": math.nan}
-            if hit is not None:
-                row.update(step=hit["step"], forward_passes=hit["forward_passes"], seconds=hit["elapsed_s"])
-            row["passes_speedup"] = _ratio(base_hit, hit, "forward_passes")
-            row["seconds_speedup"] = _ratio(base_hit, hit, "elapsed_s")
-            row["fewer_passes_pct"] = 100 * (1 - 1 / row["passes_speedup"]) if row["passes_speedup"] > 0 \
-                else math.nan
-            row.update(_claims(references, model, task, optimizer) if baseline == BASELINE else _NO_CLAIM)
-            rows.append(row)
+            claims = _claims(references, model, task, optimizer) if baseline == BASELINE else _NO_CLAIM
+            rows.append({"model": model, "task": task, "optimizer": optimizer, "seeds": seeds,
+                         **_to_target(curve, target, base_hit), **claims})
     numbers = pd.DataFrame(rows, columns=[*NUMBER_COLUMNS])
     return _display(numbers, baseline), numbers
+
+
+def _to_target(curve: pd.DataFrame, target: float, base_hit: pd.Series | None) -> dict:
+    hit = first_reaching(curve, target)
+    passes_speedup = _ratio(base_hit, hit, "forward_passes")
+    return {"target": 100 * target, "best_dev": 100 * curve["metric"].max(), "reached": hit is not None,
+            "step": hit["step"] if hit is not None else math.nan,
+            "forward_passes": hit["forward_passes"] if hit is not None else math.nan,
+            "seconds": hit["elapsed_s"] if hit is not None else math.nan,
+            "passes_speedup": passes_speedup, "seconds_speedup": _ratio(base_hit, hit, "elapsed_s"),
+            "fewer_passes_pct": 100 * (1 - 1 / passes_speedup) if passes_speedup > 0 else math.nan}
 
 
 NUMBER_COLUMNS = ["model", "task", "optimizer", "seeds", "target", "best_dev", "reached", "step", "forward_passes",
