@@ -161,9 +161,7 @@ class Job:
         model, self.saveable = apply_peft(model, peft_spec, seed=int(cfg.seed))
         self.device = input_device(model)  # batches go where the (first shard of the) model is
         self.metrics.update(device=device_name(self.device), dtype=str(dtype).removeprefix("torch."),
-                            n_params=parameter_count(model),
-                            n_trainable_params=sum(p.numel() for p in trained_parameters(model).values())
-                            if trains else 0)
+                            n_params=parameter_count(model))
         encoded = self._encode(splits, task, Encoder(tokenizer, int(cfg.max_length), bos_override(model_spec)))
         precision = precision_from_config(cfg.get("precision"), dtype)
         self.metrics["precision"] = precision.record()
@@ -171,6 +169,8 @@ class Job:
         recording = RecordingLoss(objective)  # the loss values of each step: the ZO trajectory
         optimizer = build_optimizer(cfg.optimizer, model, recording, seed=int(cfg.seed),
                                     total_steps=int(cfg.train.steps), precision=precision)
+        # counted once the optimizer is built: head-tuning chooses its trained parameters there
+        self.metrics["n_trainable_params"] = sum(p.numel() for p in trained_parameters(model).values()) if trains else 0
         evaluator = _Evaluator(objective, task, tokenizer, classification, cfg, self.device)
         self.best = BestWeights(model, str(cfg.train.keep_best) if trains else "none", self.run_dir)
         if trains:
