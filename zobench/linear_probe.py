@@ -32,6 +32,7 @@ The model never changes. The feature passes over the training sample are the run
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any, Sequence
@@ -43,6 +44,8 @@ from .encoding import EncodedExample
 from .errors import ZobenchError
 from .metrics import accuracy
 from .optim.zero_shot import ZeroShot
+
+log = logging.getLogger(__name__)
 
 
 # LogisticRegressionCV's default grid (Cs=10), the one MeZO searched
@@ -86,6 +89,8 @@ class LinearProbe(ZeroShot):
             self.classifier = classifier.fit(features, labels)
         chosen = self.classifier.C_[0] if folds >= 2 else self.classifier.C
         self.C = float(chosen) / scale
+        log.info("linear probe: %d classes, C = %.4g in MeZO's units (%s)", len(classes), self.C,
+                 f"chosen by {folds}-fold accuracy" if folds >= 2 else "too few examples to cross-validate")
         return self
 
     def score(self, features: np.ndarray, golds: Sequence[Sequence[int]]) -> dict[str, Any]:
