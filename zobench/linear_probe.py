@@ -4,8 +4,9 @@ MeZO (large_models/trainer.py ~228-298; paper App. E.4): the features are the hi
 at the positions that predict the answer's tokens, the probe is scikit-learn's LogisticRegressionCV
 (`multi_class="multinomial"`, 5000 iterations, tol 1e-4, no intercept for OPT, random_state 0, the default
 grid of 10 C values chosen by 5-fold accuracy). Here the feature is the prompt's last-token state and the
-class is the candidate index: for candidates of one token each (every classification task's label words
-under OPT's tokenizer) these are MeZO's rows and classes, relabelled (the fit does not depend on labels).
+class is the candidate index: for candidates of one token each (the label words Yes/No/Maybe, great/terrible
+are single GPT-2 BPE tokens, OPT's tokenizer; not checked here, its files are not offline) these are MeZO's
+rows and classes, relabelled (the fit does not depend on labels). Longer label words get a warning.
 
 Regularisation as MeZO's: a "multinomial" fit of two classes is a softmax over two weight rows w0, w1, both
 penalised, so at the optimum w1 = -w0 = d/2 and the objective is binary logistic regression on d = w1 - w0
@@ -141,6 +142,9 @@ class ProbeEvaluator:
         return prompt_features(self.objective, examples, self.pad_id, self.batch_size, self.device)
 
     def fit(self, train: Sequence[EncodedExample]) -> "ProbeEvaluator":
+        if any(n > 1 for example in train for n in example.option_lens):
+            log.warning("a label word is several tokens long: MeZO's probe would fit one row per answer token "
+                        "(token ids as classes) and score with the LM; zobench's probe over candidates differs")
         self.probe.fit(self.features(train), np.array([e.train_index for e in train]))
         return self
 
