@@ -23,8 +23,9 @@ SMALL = ["model=opt-tiny", "task.samples=true", "data.n_train=16", "data.n_dev=8
 
 
 def _lengths_by_hand(name: str, max_length: int) -> tuple[list[int], int]:
-    """Byte tokenizer: one token per byte plus BOS; the longest candidate; left-truncated to max_length.
-    An example counts as truncated when a sequence, or (generation) the prompt with room for new tokens, is cut."""
+    """Byte tokenizer: one token per byte plus BOS; the longest candidate; left-truncated to max_length, for
+    generation to max_length - max_new_tokens (MeZO utils.py encode_prompt). An example counts as truncated
+    when a sequence or the prompt is cut."""
     task = load_task_definition(name) | {"samples": True}
     pools, source = load_split_pools(task)
     train = sample_splits(pools, n_train=16, n_dev=8, n_test=0, seed=0, source=source).train
@@ -35,8 +36,8 @@ def _lengths_by_hand(name: str, max_length: int) -> tuple[list[int], int]:
         example = template.render(row)
         full = max(len(tokenizer((example.prompt + c).strip(" "))["input_ids"]) for c in example.candidates)
         prompt = len(tokenizer(example.prompt.strip(" "))["input_ids"])
-        lengths.append(min(full, max_length))
-        truncated += full > max_length or prompt > max_length - room
+        lengths.append(min(full, max_length - room))
+        truncated += full > max_length - room or prompt > max_length - room
     return lengths, truncated
 
 

@@ -33,6 +33,7 @@ class Splits:
     dev: list[dict[str, Any]]
     test: list[dict[str, Any]]
     source: str
+    train_pool: Any = None  # the whole train split: MeZO's pool of ICL demonstrations (zobench/icl.py)
 
 
 def load_split_pools(task: dict[str, Any]):
@@ -108,6 +109,7 @@ def sample_task(task: dict[str, Any], data_cfg) -> Splits:
     sizes = {key: min(int(data_cfg[key]), int(task["sizes"].get(key, 10**12)))
              for key in ("n_train", "n_dev", "n_test")}
     splits = sample_splits(pools, seed=int(data_cfg["seed"]), source=source, **sizes)
+    splits.train_pool = pools["train"]
     if not splits.train:
         raise ZobenchError(f"task '{task['name']}': no training examples left: the train split has "
                            f"{len(pools['train'])} rows and dev takes {sizes['n_dev']} of them; "

@@ -56,7 +56,15 @@ class Encoder:
 
     def encode(self, example: Example, generation_room: int = 0, demonstrations: str = "") -> EncodedExample:
         """`demonstrations` (in-context learning, zobench/icl.py) go before the prompt; the candidate's
-        length is still measured on the prompt alone, as MeZO does."""
+        length is still measured on the prompt alone, as MeZO does.
+
+        MeZO utils.py encode_prompt (~146-190): the final text is `(demonstrations + "\\n\\n" + text)
+        .lstrip().strip(" ")`, so without demonstrations all leading whitespace (newlines too) goes, while
+        option lengths are measured on the texts stripped of spaces only. Generation tasks keep room for
+        the new tokens: every sequence of theirs (prompt + gold, train/dev/test alike) and every prompt is
+        cut to max_length - max_new_tokens (1998 with MeZO's defaults; train/dev through MeZO run.py `_convert`).
+        """
+        limit = self.max_length - generation_room
         prompt = example.prompt.strip(" ")
         prompt_ids = self._ids(prompt)
         sequences, option_lens, truncated = [], [], False
@@ -65,16 +73,17 @@ class Encoder:
             verbalized = (example.prompt + candidate).strip(" ")
             full = self._ids(verbalized)
             option_len = max(len(full) - len(prompt_ids), 1)
-            if demonstrations:
-                full = self._ids(with_demonstrations(demonstrations, verbalized))
-            full, cut = self._truncate(full, self.max_length)
+            final = with_demonstrations(demonstrations, verbalized)
+            if final != verbalized:
+                full = self._ids(final)
+            full, cut = self._truncate(full, limit)
             sequences.append(full)
             option_lens.append(min(option_len, len(full) - 1))
             truncated |= cut
-        if demonstrations:
-            prompt_ids = self._ids(with_demonstrations(demonstrations, prompt))
-        # Generation keeps room for the new tokens (MeZO: max_length - max_new_tokens).
-        prompt_ids, cut = self._truncate(prompt_ids, self.max_length - generation_room)
+        final_prompt = with_demonstrations(demonstrations, prompt)
+        if final_prompt != prompt:
+            prompt_ids = self._ids(final_prompt)
+        prompt_ids, cut = self._truncate(prompt_ids, limit)
         return EncodedExample(sequences, option_lens, example.gold, prompt_ids, truncated or cut)
 
 

@@ -1,4 +1,11 @@
-"""Evaluation: candidate scoring (argmax of log-likelihood) or greedy generation, plus the dev loss."""
+"""Evaluation: candidate scoring (argmax of log-likelihood) or greedy generation, plus the dev loss.
+
+The dev loss (which picks the kept checkpoint with train.select_by=loss) is averaged as MeZO's HF Trainer
+(transformers 4.28 Trainer.evaluation_loop, reached through MeZO trainer.py's _maybe_log_save_evaluate) does:
+each batch's loss (classification: the mean over its examples; teacher forcing: the mean over all its
+answer tokens) repeated once per example, then the mean over the examples. With eval.batch_size = MeZO's
+per_device_eval_batch_size (8) the value is MeZO's `eval_loss`.
+"""
 
 from __future__ import annotations
 
@@ -44,14 +51,11 @@ def _candidates(objective, examples, tokenizer, classification, batch_size, scor
         predictions += candidate_scores(batch, sums, counts, score).argmax(dim=1).tolist()
         if classification:
             losses.append(float(loss_from_logprobs(batch, sums, counts)))
-            weights.append(len(chunk))
-        else:  # teacher-forced loss of the correct candidates only, averaged over their tokens
+        else:  # teacher-forced loss of the correct candidates only, averaged over the batch's tokens
             gold_rows = batch.candidate_index == batch.gold[batch.example_index]
-            losses.append(-float(sums[gold_rows].sum()))
-            weights.append(int(counts[gold_rows].sum()))
-    loss = (sum(l * w for l, w in zip(losses, weights)) / sum(weights)) if classification \
-        else sum(losses) / max(sum(weights), 1)
-    return {"accuracy": accuracy(predictions, [e.gold for e in examples]), "loss": loss,
+            losses.append(-float(sums[gold_rows].sum()) / max(int(counts[gold_rows].sum()), 1))
+        weights.append(len(chunk))
+    return {"accuracy": accuracy(predictions, [e.gold for e in examples]), "loss": example_mean(losses, weights),
             "predictions": predictions}
 
 
@@ -59,13 +63,13 @@ def _generation(objective, examples, tokenizer, batch_size, device):
     model = objective.model
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
     stop_ids = [newline] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    predictions, nll, token_count = [], 0.0, 0
+    predictions, losses, weights = [], [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start: start + batch_size]
         batch = collate(chunk, tokenizer.pad_token_id, classification=False).to(device)
         sums, counts = objective.option_logprobs(batch)
-        nll -= float(sums.sum())
-        token_count += int(counts.sum())
+        losses.append(-float(sums.sum()) / max(int(counts.sum()), 1))  # the batch's mean over its answer tokens
+        weights.append(len(chunk))
         width = max(len(e.prompt_ids) for e in chunk)
         input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -79,4 +83,9 @@ def _generation(objective, examples, tokenizer, batch_size, device):
         objective.counter.tokens += int(attention.sum()) + int((new_tokens != tokenizer.pad_token_id).sum())
         predictions += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     scores = generation_metrics(predictions, [e.gold for e in examples])
-    return {**scores, "loss": nll / max(token_count, 1), "predictions": predictions}
+    return {**scores, "loss": example_mean(losses, weights), "predictions": predictions}
+
+
+def example_mean(batch_losses: Sequence[float], batch_sizes: Sequence[int]) -> float:
+    """HF Trainer's eval loss: each batch's loss counted once per example of the batch."""
+    return sum(l * n for l, n in zip(batch_losses, batch_sizes)) / max(sum(batch_sizes), 1)

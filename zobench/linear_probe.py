@@ -1,11 +1,31 @@
 """Linear probing, `optimizer=lp` (MeZO Table 1, "LP").
 
-MeZO (paper App. E.4: "we take the output feature and use scipy package to train a linear classifier";
-medium_models/src/linearhead_trainer.py): the feature of an example is the hidden state the LM head reads
-at the position that predicts the answer, i.e. the last token of the prompt; the probe is scikit-learn's
-LogisticRegressionCV (5000 iterations, tol 1e-4, no intercept for OPT, random_state 0). The probe's
-class is the candidate index, so dev and test are scored with the task's own accuracy. Classification
-tasks only: for multiple-choice and generation tasks MeZO tuned the LM head instead ("head-tuning").
+MeZO (large_models/trainer.py ~228-298; paper App. E.4): the features are the hidden states the LM head reads
+at the positions that predict the answer's tokens, the probe is scikit-learn's LogisticRegressionCV
+(`multi_class="multinomial"`, 5000 iterations, tol 1e-4, no intercept for OPT, random_state 0, the default
+grid of 10 C values chosen by 5-fold accuracy). Here the feature is the prompt's last-token state and the
+class is the candidate index: for candidates of one token each (the label words Yes/No/Maybe, great/terrible
+are single GPT-2 BPE tokens, OPT's tokenizer; not checked here, its files are not offline) these are MeZO's
+rows and classes, relabelled (the fit does not depend on labels). Longer label words get a warning.
+
+Regularisation as MeZO's: a "multinomial" fit of two classes is a softmax over two weight rows w0, w1, both
+penalised, so at the optimum w1 = -w0 = d/2 and the objective is binary logistic regression on d = w1 - w0
+with C doubled (sum CE + |d|^2 / (4C)). scikit-learn >= 1.8 has no multi_class and fits two classes as
+binary, so the probe searches the doubled grid; `C` reports MeZO's value. With three classes or more
+scikit-learn's lbfgs fit is multinomial already.
+
+Scoring after probing: MeZO writes the probe into the LM head rows of the label words and scores the
+candidates with the LM (mean log-prob over the whole vocabulary). For one-token candidates the shared
+softmax normaliser cancels in the argmax, so its prediction is the probe's argmax: zobench scores with the
+probe itself (accuracy, and the probe's cross-entropy as the dev loss). The rows MeZO writes, [-coef/2,
+coef/2] for two classes, would change only the loss's scale. OPT ties the LM head to the input embeddings,
+so MeZO's write also rewrites the label words' *input* embeddings: a test prompt that contains a label
+word (" great" in an SST-2 review, " Yes" in a passage) reaches the probe through other features than it
+was fitted on. That side effect is MeZO's, not linear probing's; zobench leaves the model untouched and
+scores the probe as fitted (a difference on those prompts only).
+
+Multiple-choice and generation tasks: MeZO tuned the LM head instead (`optimizer=head_tuning`,
+zobench/head_tuning.py).
 
 The model never changes. The feature passes over the training sample are the run's training cost
 (forward passes, tokens, train seconds); those over dev and test are counted as evaluation.
@@ -13,6 +33,7 @@ The model never changes. The feature passes over the training sample are the run
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any, Sequence
@@ -25,11 +46,17 @@ from .errors import ZobenchError
 from .metrics import accuracy
 from .optim.zero_shot import ZeroShot
 
+log = logging.getLogger(__name__)
+
+
+# LogisticRegressionCV's default grid (Cs=10), the one MeZO searched
+MEZO_CS = np.logspace(-4, 4, 10)
+
 
 def check_task(task: dict[str, Any]) -> None:
     if task["kind"] != "classification":
         raise ZobenchError(f"optimizer=lp probes classification tasks only; task '{task['name']}' is of kind "
-                           f"{task['kind']} (MeZO tuned the LM head for those instead)")
+                           f"{task['kind']} (MeZO tuned the LM head for those: optimizer=head_tuning)")
 
 
 class LinearProbe(ZeroShot):
@@ -42,6 +69,7 @@ class LinearProbe(ZeroShot):
         self.tol = float(cfg.get("tol", 1e-4))
         self.fit_intercept = bool(cfg.get("fit_intercept", False))
         self.classifier = None
+        self.C = None  # the chosen inverse regularisation, in MeZO's (multinomial) units
 
     def fit(self, features: np.ndarray, labels: np.ndarray) -> "LinearProbe":
         from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
@@ -50,14 +78,20 @@ class LinearProbe(ZeroShot):
         if len(classes) < 2:
             raise ZobenchError("linear probing needs training examples of at least two classes; raise data.n_train")
         folds = min(self.folds, int(counts.min()))  # each fold must see every class
+        # Two classes: MeZO's multinomial objective is binary logistic regression with C doubled (module doc).
+        scale = 2.0 if len(classes) == 2 else 1.0
         settings = dict(max_iter=self.max_iter, tol=self.tol, fit_intercept=self.fit_intercept, random_state=0)
         # C is chosen by cross-validated accuracy, as in MeZO (scikit-learn's default then, named here
         # because that default is changing).
-        classifier = LogisticRegressionCV(cv=folds, scoring="accuracy", **settings) if folds >= 2 \
-            else LogisticRegression(**settings)
+        classifier = LogisticRegressionCV(Cs=list(MEZO_CS * scale), cv=folds, scoring="accuracy", **settings) \
+            if folds >= 2 else LogisticRegression(C=scale, **settings)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # notices about fitted attributes the probe never reads
             self.classifier = classifier.fit(features, labels)
+        chosen = self.classifier.C_[0] if folds >= 2 else self.classifier.C
+        self.C = float(chosen) / scale
+        log.info("linear probe: %d classes, C = %.4g in MeZO's units (%s)", len(classes), self.C,
+                 f"chosen by {folds}-fold accuracy" if folds >= 2 else "too few examples to cross-validate")
         return self
 
     def score(self, features: np.ndarray, golds: Sequence[Sequence[int]]) -> dict[str, Any]:
@@ -108,6 +142,9 @@ class ProbeEvaluator:
         return prompt_features(self.objective, examples, self.pad_id, self.batch_size, self.device)
 
     def fit(self, train: Sequence[EncodedExample]) -> "ProbeEvaluator":
+        if any(n > 1 for example in train for n in example.option_lens):
+            log.warning("a label word is several tokens long: MeZO's probe would fit one row per answer token "
+                        "(token ids as classes) and score with the LM; zobench's probe over candidates differs")
         self.probe.fit(self.features(train), np.array([e.train_index for e in train]))
         return self
 

@@ -161,9 +161,7 @@ class Job:
         model, self.saveable = apply_peft(model, peft_spec, seed=int(cfg.seed))
         self.device = input_device(model)  # batches go where the (first shard of the) model is
         self.metrics.update(device=device_name(self.device), dtype=str(dtype).removeprefix("torch."),
-                            n_params=parameter_count(model),
-                            n_trainable_params=sum(p.numel() for p in trained_parameters(model).values())
-                            if trains else 0)
+                            n_params=parameter_count(model))
         encoded = self._encode(splits, task, Encoder(tokenizer, int(cfg.max_length), bos_override(model_spec)))
         precision = precision_from_config(cfg.get("precision"), dtype)
         self.metrics["precision"] = precision.record()
@@ -171,6 +169,8 @@ class Job:
         recording = RecordingLoss(objective)  # the loss values of each step: the ZO trajectory
         optimizer = build_optimizer(cfg.optimizer, model, recording, seed=int(cfg.seed),
                                     total_steps=int(cfg.train.steps), precision=precision)
+        # counted once the optimizer is built: head-tuning chooses its trained parameters there
+        self.metrics["n_trainable_params"] = sum(p.numel() for p in trained_parameters(model).values()) if trains else 0
         evaluator = _Evaluator(objective, task, tokenizer, classification, cfg, self.device)
         self.best = BestWeights(model, str(cfg.train.keep_best) if trains else "none", self.run_dir)
         if trains:
@@ -242,7 +242,7 @@ class Job:
         template = PromptTemplate(task)
         room = MAX_NEW_TOKENS if task["kind"] == "generation" else 0
         rendered = {name: [template.render(row) for row in getattr(splits, name)] for name in ("train", "dev", "test")}
-        contexts = self._demonstrations(rendered)
+        contexts = self._demonstrations(rendered, splits.train_pool, template)
         encoded = {name: [encoder.encode(example, room, context) for example, context in zip(examples, contexts[name])]
                    for name, examples in rendered.items()}
         self.metrics["truncated"] = {name: sum(e.truncated for e in rows) for name, rows in encoded.items()}
@@ -251,16 +251,19 @@ class Job:
                         self.metrics["truncated"])
         return encoded
 
-    def _demonstrations(self, rendered) -> dict[str, list[str]]:
-        """ICL (icl.k > 0): each dev and test prompt's own k demonstrations from the training sample
-        (zobench/icl.py); test takes the first draws, so its demonstrations do not depend on the dev size.
-        Training examples never get any (MeZO)."""
+    def _demonstrations(self, rendered, pool, template) -> dict[str, list[str]]:
+        """ICL (icl.k > 0): each dev and test prompt's own k demonstrations drawn from the whole train split,
+        MeZO's pool (zobench/icl.py); test takes the first draws, so its demonstrations do not depend on the
+        dev size. Training examples never get any (MeZO)."""
         k, n_test, n_dev = int(self.metrics["icl_k"]), len(rendered["test"]), len(rendered["dev"])
-        blocks = demonstration_blocks(rendered["train"], n_test + n_dev, k, int(self.cfg.data.seed)) if k \
-            else [""] * (n_test + n_dev)
-        if k > len(rendered["train"]):
-            log.warning("icl.k=%d but the training sample holds %d examples: each prompt gets all of them",
-                        k, len(rendered["train"]))
+        if not k:
+            blocks = [""] * (n_test + n_dev)
+        else:
+            blocks = demonstration_blocks(pool, n_test + n_dev, k, int(self.cfg.data.seed), template.render)
+            self.metrics["icl_pool"] = len(pool)
+            if k > len(pool):
+                log.warning("icl.k=%d but the train split holds %d examples: each prompt gets all of them",
+                            k, len(pool))
         return {"train": [""] * len(rendered["train"]), "test": blocks[:n_test], "dev": blocks[n_test:]}
 
     def _train(self, optimizer, recording, encoded, pad_id, classification, evaluator, start: int) -> None:
