@@ -133,3 +133,15 @@ def test_the_count_survives_a_resume(quick_cfg, tmp_path, monkeypatch):
         run(cfg, tmp_path)
     resumed = run(cfg, tmp_path)
     assert resumed["resumed_at_step"] == 4 and resumed["stopped_early_at"] == 8 and resumed["steps"] == 8
+
+
+@pytest.mark.parametrize("preset", ["adamezo_opt1.3b", "adamezo_opt13b"])
+def test_adamezo_presets_follow_the_authors_protocol(preset):
+    """mezo.sh / trainer.py / run.py of shawnnn3di/AdaMeZO: dev loss every 100 steps, patience 6, the weights
+    of the stop tested, eval every 4000 steps, and SEED seeding the data sample and the optimizer alike."""
+    from zobench.configs import compose
+
+    cfg = compose([f"experiment={preset}", "seed=3"])
+    assert dict(cfg.train.early_stop) == {"patience": 6, "interval": 100, "metric": "loss"}
+    assert cfg.train.keep_best == "none" and cfg.train.eval_interval == 4000 and cfg.train.steps == 40000
+    assert cfg.data.seed == 3 and cfg.seed == 3
