@@ -81,3 +81,11 @@ def test_zobench_presets_carry_its_protocol(preset, dtype, optimizers):
     assert cfg.train.batch_size == 16 and cfg.seed == 42 and cfg.data.seed == 0
     assert cfg.hydra.sweeper.params.optimizer == optimizers
     assert cfg.optimizer._target_.endswith("ZOSignAdamW")  # ZO-Bench's zo_sgd_sign is the AdamW one
+
+
+def test_a_zobench_preset_prints_from_the_cli():
+    from conftest import run_cli
+
+    result = run_cli("--cfg", "job", "experiment=zobench_copa_opt13b_bf16", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "zobench.optim.zo_sign_adamw.ZOSignAdamW" in result.stdout and "dtype: bfloat16" in result.stdout
