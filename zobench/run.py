@@ -24,6 +24,7 @@ from . import __version__
 from .best_weights import BestWeights
 from .checkpoint import TRAJECTORY, Checkpointer, RecordingLoss, keep_lines_up_to, read_trajectory, replay
 from .data import sample_task
+from .early_stopping import EarlyStopping
 from .encoding import Encoder, collate
 from .errors import Diverged, Interrupted, ZobenchError
 from .evaluate import MAX_NEW_TOKENS, evaluate
@@ -109,6 +110,7 @@ class Job:
         self.best_score = math.inf
         self.earlier_seconds = {"total": 0.0, "train": 0.0}  # spent before a resume
         self.best: BestWeights | None = None
+        self.early_stop = EarlyStopping()  # train.early_stop, set up in _train
         self.checkpointer: Checkpointer | None = None
         self.saveable = None  # what save_model writes: the model, or a PEFT adapter alone
         self.stop_requested = False  # set by SIGTERM/SIGINT during training: stop after the step
@@ -129,6 +131,7 @@ class Job:
             "data_source": None, "n_train": None, "n_dev": None, "n_test": None, "truncated": None,
             "zobench_version": __version__, "git_revision": git_revision(), "run_dir": str(run_dir),
             "started_at": _now(), "finished_at": None, "resumed_at_step": None,
+            "stopped_early_at": None, "stop_reason": None,
         }
         if resume_state is not None:
             saved = resume_state["job"]
@@ -276,6 +279,13 @@ class Job:
         for _ in range(start):  # the data order of the steps already done
             next(batches)
         recent = []
+        stopper = self.early_stop = EarlyStopping.from_config(train_cfg.get("early_stop"), bool(encoded["dev"]))
+        if self.resume_state is not None:
+            stopper.load_state_dict(self.resume_state["job"].get("early_stop"))
+        if stopper.stopped:  # resumed after an early stop: training is over
+            return
+        if start == 0 and stopper.due(0, regular=False):  # AdaMeZO evaluates the initial weights too
+            stopper.observe(0, self._dev_eval(evaluator, encoded["dev"], 0, select=False))
         train_clock = Stopwatch(self.device)
         self.metrics["train_wall_clock_s"] = self.earlier_seconds["train"]
         bar = tqdm(total=steps, initial=start, desc=f"{self.cfg.optimizer.name} {self.cfg.task.name}",
@@ -299,10 +309,14 @@ class Job:
                     bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
                     recent = []
                 bar.update(1)
-                evaluate_now = (eval_interval > 0 and step % eval_interval == 0) or step == steps
+                regular = (eval_interval > 0 and step % eval_interval == 0) or step == steps
+                early = stopper.due(step, regular)
+                evaluate_now = regular or early
                 if evaluate_now:
                     self.metrics["train_wall_clock_s"] += train_clock.elapsed()
-                    self._dev_eval(evaluator, encoded["dev"], step)
+                    result = self._dev_eval(evaluator, encoded["dev"], step, select=regular)
+                    if early and stopper.observe(step, result):
+                        self._stop_early(result, step, selected=regular)
                     train_clock = Stopwatch(self.device)
                 if evaluate_now or step % checkpoint_every == 0 or self.stop_requested:
                     self.metrics["train_wall_clock_s"] += train_clock.elapsed()
@@ -310,21 +324,39 @@ class Job:
                     self.checkpointer.save(step, self._job_state())
                 if self.stop_requested:
                     raise Interrupted("stop requested")
+                if stopper.stopped:
+                    break
         finally:
             self.in_training_loop = False
             bar.close()
             self.metrics["train_wall_clock_s"] += train_clock.elapsed()
 
-    def _dev_eval(self, evaluator, dev, step: int) -> None:
+    def _dev_eval(self, evaluator, dev, step: int, select: bool = True) -> dict[str, Any] | None:
+        """Evaluates on dev; `select`: the weights may become the kept best-on-dev ones."""
         if not dev:
-            return
+            return None
         result = self._timed_eval(evaluator, dev, "dev", step)
+        if select:
+            self._keep_if_best(result, step)
+        return result
+
+    def _keep_if_best(self, result: dict[str, Any], step: int) -> None:
         score = result["loss"] if self.cfg.train.select_by == "loss" else -result["metric"]
         if score < self.best_score:  # the first evaluation always becomes the best
             self.best_score = score
             self.best.save()
             self.metrics.update(dev_metric=result["metric"], dev_loss=result["loss"], best_step=step)
             self._write_metrics()
+
+    def _stop_early(self, result: dict[str, Any], step: int, selected: bool) -> None:
+        """The step where train.early_stop ends the run is its last: its weights are a candidate for the
+        kept best, as those of train.steps are."""
+        if not selected:
+            self._keep_if_best(result, step)
+        self.metrics.update(self.early_stop.record())
+        self.log.write({"event": "early_stop", "step": step, "reason": self.metrics["stop_reason"],
+                        "elapsed_s": self._elapsed(), "forward_passes": self.metrics["forward_passes"]})
+        log.info("stopped early at step %d: %s", step, self.metrics["stop_reason"])
 
     def _elapsed(self) -> float:
         return self.earlier_seconds["total"] + self.clock.elapsed()
@@ -333,6 +365,7 @@ class Job:
         """Everything of the job a resume needs besides model and optimizer."""
         return {"metrics": dict(self.metrics), "counter": vars(self.counter).copy(),
                 "eval_tokens": self.eval_tokens, "best_score": self.best_score,
+                "early_stop": self.early_stop.state_dict(),
                 "seconds": {"total": self._elapsed(), "train": self.metrics["train_wall_clock_s"]}}
 
     def _timed_eval(self, evaluator, examples, split: str, step: int) -> dict[str, Any]:

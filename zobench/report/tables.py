@@ -18,8 +18,8 @@ from .selection import GROUP, label_runs, not_completed
 # names not listed here still appear, after these, alphabetically.
 TASK_ORDER = ["sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "record", "squad", "drop"]
 OPTIMIZER_ORDER = ["zero_shot", "icl", "lp", "head_tuning", "mezo", "mezo_lora", "mezo_prefix", "sparse_mezo",
-                   "adamezo", "zo_sgd_momentum", "zo_sgd_sign", "zo_adam", "addax", "ip_sgd", "sgd", "adam", "adam_lora",
-                   "adam_prefix"]
+                   "adamezo", "zo_sgd_momentum", "zo_sgd_sign", "zo_sgd_sign_plain", "zo_adam", "addax", "ip_sgd",
+                   "sgd", "adam", "adam_lora", "adam_prefix"]
 DASH = "-"
 
 
