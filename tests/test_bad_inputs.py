@@ -37,14 +37,15 @@ def test_a_template_cannot_run_a_shell_command(tmp_path):
     task = {**load_task_definition("sst2"), "prompt": payload}
     with pytest.raises(ZobenchError) as error:
         PromptTemplate(task).render(GOOD[0])
-    assert "unsafe" in _one_line(error) and "sandbox" in str(error.value)
+    assert "refused by Jinja's sandbox" in _one_line(error)
     assert not marker.exists()
 
 
 def test_an_unsafe_template_is_refused_while_checking_the_data(tmp_path):
     marker = tmp_path / "pwned"
-    task = {**_folder(tmp_path), "prompt": f"{{{{ sentence.__class__.__mro__[1].__subclasses__() }}}} {marker}"}
-    with pytest.raises(ZobenchError, match="unsafe"):
+    payload = f"{{{{ cycler.__init__.__globals__.os.popen('touch {marker}').read() }}}}"
+    task = {**_folder(tmp_path), "prompt": "{{ sentence }}" + payload}
+    with pytest.raises(ZobenchError, match="refused by Jinja's sandbox"):
         load_split_pools(task)
     assert not marker.exists()
 
