@@ -107,3 +107,82 @@ def test_a_template_in_a_copied_run_folder_cannot_run_a_command_on_resume(tmp_pa
     assert result.returncode == 1
     assert "refused by Jinja's sandbox" in _one_line(result.stderr)
     assert not marker.exists()
+
+
+def test_a_full_disk_during_a_run_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from zobench import cli, run
+
+    def disk_full(cfg, run_dir):
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(run_dir) / "log.jsonl"))
+
+    monkeypatch.setattr(run, "run", disk_full)
+    monkeypatch.setattr(sys, "argv", ["zobench", *QUICK, f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    line = _one_line(capsys.readouterr().err)
+    assert f"cannot read or write {tmp_path / 'run' / 'log.jsonl'}: No space left on device" in line
+
+
+@pytest.mark.parametrize("command", ["lengths", "replay"])
+def test_lengths_and_replay_say_one_line_on_a_read_only_folder(tmp_path, monkeypatch, capsys, command):
+    from zobench import lengths, replay
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "out"))
+
+    if command == "lengths":
+        monkeypatch.setattr(lengths, "length_report", read_only)
+        with pytest.raises(SystemExit) as exit_:
+            lengths.main([*QUICK])
+        code = exit_.value.code
+    else:
+        monkeypatch.setattr(replay, "replay_run", read_only)
+        code = replay.main([str(tmp_path)])
+    assert code == 1
+    assert f"cannot read or write {tmp_path / 'out'}: Read-only file system" in _one_line(capsys.readouterr().err)
+
+
+# -- the hub ------------------------------------------------------------------------------------------------
+def test_a_hub_dataset_is_announced_before_the_hub_is_asked(monkeypatch, caplog):
+    import logging
+
+    import datasets
+
+    from zobench.data import load_split_pools
+    from zobench.tasks import load_task_definition
+
+    said_first = []
+
+    def unreachable(*args, **kwargs):
+        said_first.append(any("from the hub" in r.getMessage() for r in caplog.records))
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with caplog.at_level(logging.INFO, logger="zobench"), pytest.raises(Exception, match="task.data_dir"):
+        load_split_pools(load_task_definition("sst2"))
+    assert said_first == [True]
+    line = next(r.getMessage() for r in caplog.records if "from the hub" in r.getMessage())
+    assert "nyu-mll/glue/sst2" in line and "HF_HUB_OFFLINE=1" in line and "task.data_dir" in line
+
+
+def test_a_hub_model_is_announced_with_model_path_as_the_way_round(monkeypatch, caplog):
+    import logging
+
+    import transformers
+
+    from zobench.errors import ZobenchError
+    from zobench.models import load_tokenizer
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to the hub")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
+    with caplog.at_level(logging.INFO, logger="zobench"), pytest.raises(ZobenchError, match="model.path"):
+        load_tokenizer({"name": "opt-125m", "hub_id": "facebook/opt-125m"})
+    assert any("facebook/opt-125m from the hub" in r.getMessage() and "model.path" in r.getMessage()
+               for r in caplog.records)

@@ -21,6 +21,7 @@ import numpy as np
 
 from .data_checks import FILE_FORMATS, check_pool, read_split_file, split_file
 from .errors import ZobenchError
+from .hub import announce
 from .paths import tasks_dir
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ def _read_hub(task: dict[str, Any], split: str):
     import datasets
 
     hub = task["hub"]
+    announce(f"dataset {hub['path']}/{hub.get('name')} split '{split}'",
+             "task.data_dir=DIR (the split files) or task.samples=true (the bundled samples)")
     try:
         return datasets.load_dataset(hub["path"], hub.get("name"), split=split)
     except Exception as error:  # connection, missing dataset, offline mode: all mean "not reachable"
