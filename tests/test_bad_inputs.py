@@ -193,3 +193,11 @@ def test_a_bad_config_value_names_its_key(override, message):
 
 def test_whole_floats_are_accepted():
     validate(compose(["train.steps=1e3"]))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    task = _folder(tmp_path)
+    (tmp_path / "train.jsonl").unlink()
+    (tmp_path / "train.csv").write_bytes("\ufeffsentence,label\nfine,1\n".encode())
+    pools, _ = load_split_pools(task)
+    assert pools["train"][0] == {"sentence": "fine", "label": 1}

@@ -26,7 +26,8 @@ OVERRIDES_FILE = "overrides.yaml"
 
 
 def _say(message: str) -> None:
-    print(f"zobench: {message}", file=sys.stderr, flush=True)
+    one_line = " ".join(message.split())  # an exception's message may span lines: the console gets one
+    print(f"zobench: {one_line}", file=sys.stderr, flush=True)
 
 
 def _job(cfg) -> str:
@@ -34,7 +35,6 @@ def _job(cfg) -> str:
     from hydra.types import RunMode
 
     from .run import run
-
     from .validate import validate
 
     hydra_cfg = HydraConfig.get()
@@ -43,9 +43,10 @@ def _job(cfg) -> str:
     try:
         validate(cfg)  # before anything is written or loaded: a bad value names its key
     except ZobenchError as error:
-        _say(f"error: {error}")
         if in_sweep:
+            _say(f"error: {error} [job {hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)}]")
             return "failed"
+        _say(f"error: {error}")
         sys.exit(2)
     try:
         _keep_overrides(Path(run_dir), list(hydra_cfg.overrides.task))
@@ -199,6 +200,9 @@ def main() -> None:
     try:
         with _SweepWatch() as sweep:
             hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_job)()
+    except KeyboardInterrupt:  # outside a job (a job records and says its own)
+        _say("interrupted")
+        sys.exit(130)
     except Exception as error:
         if full_error:
             raise

@@ -71,7 +71,7 @@ def _check_utf8(path: Path, data: bytes) -> None:
 
 def _read_json(path: Path, data: bytes):
     """A JSON array of objects, or JSON Lines (one object per line; also accepted in a .json file)."""
-    text = data.decode("utf-8")
+    text = data.decode("utf-8-sig")  # a byte-order mark (some editors write one) is not part of the JSON
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -102,7 +102,7 @@ def _read_csv(path: Path, data: bytes):
     import pandas as pd
 
     try:
-        frame = pd.read_csv(io.BytesIO(data), encoding="utf-8")
+        frame = pd.read_csv(io.BytesIO(data), encoding="utf-8-sig")
     except (ValueError, pd.errors.ParserError) as error:
         raise ZobenchError(f"{path}: not a readable CSV file ({_first_line(error)})") from error
     rows = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
@@ -134,8 +134,7 @@ def check_pool(task: dict[str, Any], role: str, pool, where: str) -> None:
     template = PromptTemplate(task)
     place = getattr(pool, "place", lambda i: f"row {i + 1}")
     needed = [c for c in task["columns"] if c in template.text_columns or c in template.gold_columns]
-    rows = pool.to_list() if hasattr(pool, "to_list") else list(pool)
-    for index, row in enumerate(rows):
+    for index, row in enumerate(pool):  # a Dataset yields its rows batch by batch, not all at once
         try:
             _check_row(row, template, needed)
         except BadValue as error:
