@@ -112,12 +112,22 @@ def test_generation_answers_must_be_texts(tmp_path):
     for split, rows in folder.items():
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = {**load_task_definition("squad"), "data_dir": str(tmp_path)}
-    with pytest.raises(ZobenchError, match=r"train.jsonl \(train split\) line 2: .*template needs"):
+    with pytest.raises(ZobenchError, match=r"train.jsonl \(train split\) line 2, column 'answers': gold answers "
+                                           r"must be a non-empty list of texts, got \[\]"):
         load_split_pools(task)
     broken = {**row, "answers": {"text": [None], "answer_start": [0]}}
     (tmp_path / "train.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(broken) + "\n")
-    with pytest.raises(ZobenchError, match=r"line 2.*(null|text)"):
+    with pytest.raises(ZobenchError, match=r"line 2, column 'answers': gold answers .*got \[None\]"):
         load_split_pools(task)
+
+
+def test_drop_answer_spans_must_be_texts(tmp_path):
+    row = json.loads(_sample("drop"))
+    broken = {**row, "answers_spans": {"spans": [], "types": []}}
+    for split, rows in (("train", [row]), ("validation", [row, row, broken])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ZobenchError, match=r"validation.jsonl \(test split\) line 3, column 'answers_spans'"):
+        load_split_pools({**load_task_definition("drop"), "data_dir": str(tmp_path)})
 
 
 def _sample(name: str) -> str:

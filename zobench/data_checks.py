@@ -161,10 +161,7 @@ def _check_row(row: dict[str, Any], template: PromptTemplate, needed: list[str])
     try:
         template.render(row)
     except BadValue as error:
-        if error.column is None and len(template.gold_columns) == 1 and _about_gold(error):
+        if error.column is None and error.gold and len(template.gold_columns) == 1:
             error.column = template.gold_columns[0]
         raise
 
-
-def _about_gold(error: BadValue) -> bool:
-    return str(error).startswith(("label", "null label", "gold"))

@@ -83,9 +83,9 @@ class Example:
 class BadValue(ZobenchError):
     """A row's value the task cannot use; zobench/data_checks.py adds the file, row and column."""
 
-    def __init__(self, message: str, column: str | None = None):
+    def __init__(self, message: str, column: str | None = None, gold: bool = False):
         super().__init__(message)
-        self.column = column
+        self.column, self.gold = column, gold  # gold: about the gold answer, not a printed text
 
 
 def _printable(value: Any) -> Any:
@@ -183,16 +183,18 @@ class PromptTemplate:
     def render(self, row: dict[str, Any]) -> Example:
         try:
             prompt = self._prompt.render(**row)
+            gold = self._gold(**row)
+            if self.kind == "generation":  # the answers first: the training target is one of them
+                gold = self._gold_list(gold, [])
             if self._candidate_templates is not None:
                 candidates = [t.render(**row) for t in self._candidate_templates]
             else:
                 candidates = self._listed_candidates(row)
-            gold = self._gold(**row)
         except jinja2.exceptions.SecurityError as error:
             raise _unsafe(self.name, error) from error
         except jinja2.UndefinedError as error:
             raise ZobenchError(f"task '{self.name}': template needs a field the data lacks ({error})") from error
-        return Example(prompt, candidates, self._gold_list(gold, candidates))
+        return Example(prompt, candidates, gold if self.kind == "generation" else self._gold_list(gold, candidates))
 
     def _listed_candidates(self, row: dict[str, Any]) -> list[str]:
         listed = self._candidate_list(**row)
@@ -210,33 +212,33 @@ class PromptTemplate:
         if self.kind == "generation":
             texts = [v for v in values if isinstance(v, str) and v.strip()]
             if not values or len(texts) != len(values):
-                raise BadValue(f"gold answers must be a non-empty list of texts, got {_short(gold)}")
+                raise BadValue(f"gold answers must be a non-empty list of texts, got {_short(gold)}", gold=True)
             return texts
         indices = [index for value in values if (index := self._candidate_index(value, candidates)) is not None]
         if not indices:
             raise BadValue(f"label {_short(gold)} matches no candidate ({', '.join(map(repr, candidates))}); "
-                           f"give the candidate's index (0..{len(candidates) - 1}) or its text")
+                           f"give the candidate's index (0..{len(candidates) - 1}) or its text", gold=True)
         return indices
 
     def _candidate_index(self, value: Any, candidates: list[str]) -> int | None:
         """An index in range, or the candidate whose text the value is (None: no such candidate)."""
         if value is None:
-            raise BadValue("null label")
+            raise BadValue("null label", gold=True)
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value)
         if isinstance(value, float):
             if not value.is_integer():
-                raise BadValue(f"label {value} is not a whole number (a candidate index)")
+                raise BadValue(f"label {value} is not a whole number (a candidate index)", gold=True)
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             if not 0 <= value < len(candidates):
                 raise BadValue(f"label {value} is out of range: the task has {len(candidates)} candidates "
-                               f"(0..{len(candidates) - 1})")
+                               f"(0..{len(candidates) - 1})", gold=True)
             return value
         if isinstance(value, str):
             matches = [i for i, c in enumerate(candidates) if c.strip() == value.strip()]
             return matches[0] if matches else None
-        raise BadValue(f"label {_short(value)} is neither a candidate index nor a candidate's text")
+        raise BadValue(f"label {_short(value)} is neither a candidate index nor a candidate's text", gold=True)
 
 
 def _unsafe(task_name: str, error: Exception) -> ZobenchError:
