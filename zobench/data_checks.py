@@ -151,7 +151,8 @@ def _check_row(row: dict[str, Any], template: PromptTemplate, needed: list[str])
     for column in needed:
         value = row.get(column)
         if value is None:
-            what = "null label" if column in template.gold_columns else "null text"
+            what = ("null text" if column in template.text_columns else
+                    "null label" if template.gold_columns == [column] else "null value")
             raise BadValue(what if column in row else f"no value ({what})", column)
         if column in template.text_columns:
             if not isinstance(value, str):
