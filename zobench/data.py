@@ -68,9 +68,9 @@ def load_split_pools(task: dict[str, Any]):
 
 
 def _read_local(folder: Path, split: str):
-    import datasets
-
     if (folder / "dataset_dict.json").exists():  # a DatasetDict written by save_to_disk
+        import datasets
+
         saved = datasets.load_from_disk(str(folder))
         if split not in saved:
             raise ZobenchError(f"{folder} (save_to_disk) has no split '{split}'; it has: {', '.join(saved)}")
