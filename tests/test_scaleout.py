@@ -75,7 +75,7 @@ def test_bad_settings_are_refused_at_start_up(quick_cfg, tmp_path, override, mes
 
 def test_bad_setting_is_one_line_on_the_command_line(tmp_path):
     result = run_cli(*QUICK, "optimizer.eps=-1", f"results_dir={tmp_path}")
-    assert result.returncode == 1
+    assert result.returncode == 2  # a config value: refused before the run starts (README, Exit codes)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "optimizer.eps must be > 0, got -1" in lines[0]
 

@@ -4,13 +4,17 @@
 interrupted or failed run from its checkpoint (re-running a command with hydra.run.dir=RUN_DIR does
 the same).
 
-Exit status of a single run: 0 completed (or diverged: a result, reported as such), 1 failed,
-2 bad input before the run started, 130 interrupted. In a multirun a failed job is recorded and
-reported, and the sweep goes on with the next job.
+Exit status (README "Exit codes"): 0 completed (or diverged: a result, reported as such); 1 the run
+failed (bad data found at start-up included: metrics.json says why), or a folder could not be written
+(read-only, disk full); 2 bad input refused before any run started (an unknown name, a config value, an
+override Hydra cannot apply); 130 interrupted. In a multirun a failed job is recorded and reported, the
+sweep goes on with the next job, and the sweep exits 1 once all jobs are done if any of them failed.
+Every error is one line on stderr (HYDRA_FULL_ERROR=1 shows Hydra's own traceback instead).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +26,8 @@ OVERRIDES_FILE = "overrides.yaml"
 
 
 def _say(message: str) -> None:
-    print(f"zobench: {message}", file=sys.stderr, flush=True)
+    one_line = " ".join(message.split())  # an exception's message may span lines: the console gets one
+    print(f"zobench: {one_line}", file=sys.stderr, flush=True)
 
 
 def _job(cfg) -> str:
@@ -30,18 +35,32 @@ def _job(cfg) -> str:
     from hydra.types import RunMode
 
     from .run import run
+    from .validate import validate
 
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    _keep_overrides(Path(run_dir), list(hydra_cfg.overrides.task))
     try:
+        validate(cfg)  # before anything is written or loaded: a bad value names its key
+    except ZobenchError as error:
+        if in_sweep:
+            _say(f"error: {error} [job {hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)}]")
+            return "failed"
+        _say(f"error: {error}")
+        sys.exit(2)
+    try:
+        _keep_overrides(Path(run_dir), list(hydra_cfg.overrides.task))
         metrics = run(cfg, run_dir)
     except (KeyboardInterrupt, Interrupted):
         _say(f"interrupted; what was done is recorded in {run_dir}")
         sys.exit(130)
     except ZobenchError as error:
         _say(f"error: {error} [run directory: {run_dir}]")
+        if in_sweep:
+            return "failed"
+        sys.exit(1)
+    except OSError as error:  # a read-only folder, a full disk
+        _say(f"error: {os_error_line(error)} [run directory: {run_dir}]")
         if in_sweep:
             return "failed"
         sys.exit(1)
@@ -86,8 +105,79 @@ def _expand_resume(argv: list[str]) -> list[str]:
     return original + rest + [f"hydra.run.dir={run_dir}"]
 
 
+def os_error_line(error: OSError) -> str:
+    """'cannot write PATH: No space left on device' rather than a traceback."""
+    where = f" {error.filename}" if error.filename else ""
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"cannot read or write{where}: {reason}"
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind an error (Hydra wraps a log file it cannot open in a ValueError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _SweepWatch:
+    """The jobs' results of a multirun, as Hydra's launcher returns them to the sweeper (in this process,
+    whichever launcher ran them: basic, joblib or submitit), so the sweep's exit status can say that some
+    failed. Hydra's public API drops them; this wraps the one method that has them."""
+
+    def __init__(self):
+        self.statuses: list[str] = []
+
+    def __enter__(self):
+        try:
+            from hydra._internal.hydra import Hydra
+        except ImportError:  # another Hydra: the sweep still runs, its exit status is 0
+            self._restore = lambda: None
+            return self
+        original, statuses = Hydra.multirun, self.statuses
+
+        def multirun(hydra_self, *args, **kwargs):
+            returns = original(hydra_self, *args, **kwargs)
+            for job in _flatten(returns):
+                statuses.append(_job_status(job))
+            return returns
+
+        Hydra.multirun = multirun
+        self._restore = lambda: setattr(Hydra, "multirun", original)
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+        return False
+
+    @property
+    def failed(self) -> int:
+        return sum(status not in ("completed", "diverged") for status in self.statuses)
+
+
+def _flatten(returns):
+    for item in returns or []:
+        if isinstance(item, (list, tuple)):
+            yield from _flatten(item)
+        else:
+            yield item
+
+
+def _job_status(job) -> str:
+    try:
+        value = job.return_value  # raises what the job raised
+    except BaseException:
+        return "failed"
+    return value if isinstance(value, str) else "failed"
+
+
 def main() -> None:
     import hydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     from .configs import check_overrides, register_resolvers, register_tasks
     from .paths import conf_dir
@@ -105,7 +195,29 @@ def main() -> None:
     except ZobenchError as error:
         _say(f"error: {error}")
         sys.exit(2)
-    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_job)()
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing a traceback: we say one line
+    try:
+        with _SweepWatch() as sweep:
+            hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_job)()
+    except KeyboardInterrupt:  # outside a job (a job records and says its own)
+        _say("interrupted")
+        sys.exit(130)
+    except Exception as error:
+        if full_error:
+            raise
+        os_error = _os_error_in(error)
+        if os_error is not None:
+            _say(f"error: {os_error_line(os_error)}")
+            sys.exit(1)
+        if isinstance(error, (HydraException, OmegaConfBaseException, ZobenchError)):
+            _say(f"error: {' '.join(str(error).split()) or type(error).__name__}")  # Hydra's hints on one line
+            sys.exit(2)
+        _say(f"failed: {type(error).__name__}: {' '.join(str(error).split())}")
+        sys.exit(1)
+    if sweep.failed:
+        _say(f"{sweep.failed} of {len(sweep.statuses)} jobs failed (their errors are above; a job that started has its metrics.json)")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Sources, picked by the task config:
                       `save_to_disk` folder, with the dataset's own columns
   (neither)           the hub: datasets.load_dataset(hub.path, hub.name)
 A real run never falls back to the samples: an unreachable hub is an error that says what to do.
+Local split files are read directly, never through the datasets cache, and every row of every split is
+checked before a model is loaded (zobench/data_checks.py).
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from .data_checks import FILE_FORMATS, check_pool, read_split_file, split_file
 from .errors import ZobenchError
+from .hub import announce
 from .paths import tasks_dir
 
 log = logging.getLogger(__name__)
-
-FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass
@@ -56,34 +58,27 @@ def load_split_pools(task: dict[str, Any]):
     for role, pool in pools.items():
         missing = [c for c in task["columns"] if c not in pool.column_names]
         if missing:
-            where = getattr(pool, "_zobench_file", source)
+            where = getattr(pool, "path", None) or source
             raise ZobenchError(
                 f"{where} ({role} split) lacks column '{missing[0]}' that task '{task['name']}' needs; "
                 f"it has: {', '.join(pool.column_names)}"
             )
+    for role, pool in pools.items():
+        check_pool(task, role, pool, str(getattr(pool, "path", None) or source))
     return pools, source
 
 
 def _read_local(folder: Path, split: str):
-    import datasets
-
     if (folder / "dataset_dict.json").exists():  # a DatasetDict written by save_to_disk
+        import datasets
+
         saved = datasets.load_from_disk(str(folder))
         if split not in saved:
             raise ZobenchError(f"{folder} (save_to_disk) has no split '{split}'; it has: {', '.join(saved)}")
         return saved[split]
-    for suffix, builder in FILE_FORMATS.items():
-        path = folder / f"{split}{suffix}"
-        if path.exists():
-            datasets.disable_progress_bars()  # a local file loads in a blink: no bars
-            try:
-                pool = datasets.load_dataset(builder, data_files=str(path), split="train")
-            except Exception as error:
-                raise ZobenchError(f"could not read {path} as {builder}: {error}") from error
-            finally:
-                datasets.enable_progress_bars()
-            pool._zobench_file = str(path)
-            return pool
+    path = split_file(folder, split)
+    if path is not None:
+        return read_split_file(path)
     wanted = ", ".join(f"{split}{suffix}" for suffix in FILE_FORMATS)
     raise ZobenchError(f"no '{split}' split in {folder}: looked for {wanted} or a save_to_disk folder")
 
@@ -92,6 +87,8 @@ def _read_hub(task: dict[str, Any], split: str):
     import datasets
 
     hub = task["hub"]
+    announce(f"dataset {hub['path']}/{hub.get('name')} split '{split}'",
+             "task.data_dir=DIR (the split files) or task.samples=true (the bundled samples)")
     try:
         return datasets.load_dataset(hub["path"], hub.get("name"), split=split)
     except Exception as error:  # connection, missing dataset, offline mode: all mean "not reachable"

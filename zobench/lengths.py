@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> None:
         message = " ".join(str(error).split()) or type(error).__name__  # one line, Hydra's hints included
         print(f"zobench-lengths: error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except OSError as error:  # an unreadable file, a tokenizer cache on a full or read-only disk
+        from .cli import os_error_line
+
+        print(f"zobench-lengths: error: {os_error_line(error)}", file=sys.stderr, flush=True)
+        sys.exit(1)
     print(report, flush=True)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .errors import ZobenchError
+from .hub import announce
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def _load_tokenizer(spec: dict[str, Any]):
     from transformers import AutoTokenizer
 
     source = spec.get("tokenizer") or _source(spec)
+    _announce("tokenizer", source)
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as error:
@@ -117,6 +119,7 @@ def _pretrained_model(spec: dict[str, Any], dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     source = _source(spec)
+    _announce("model", source)
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except Exception as error:
@@ -141,6 +144,11 @@ def _random_model(spec: dict[str, Any], tokenizer, dtype: torch.dtype, device: t
         torch.manual_seed(int(spec.get("init_seed", 0)))
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
+
+
+def _announce(what: str, source: str) -> None:
+    if not Path(source).expanduser().exists():  # a hub id, not a local folder
+        announce(f"the {what} {source}", "model.path=/local/dir (a save_pretrained folder)")
 
 
 def _unreachable(what: str, source: str, error: Exception) -> ZobenchError:

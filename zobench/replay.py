@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     except ZobenchError as error:
         print(f"zobench-replay: error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a read-only or full output folder
+        from .cli import os_error_line
+
+        print(f"zobench-replay: error: {os_error_line(error)}", file=sys.stderr)
+        return 1
     print(f"fine-tuned weights written to {out}")
     return 0
 

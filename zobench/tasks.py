@@ -24,6 +24,8 @@ from typing import Any
 
 import jinja2
 import yaml
+from jinja2 import meta, nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import ZobenchError
 from .paths import tasks_dir
@@ -78,10 +80,37 @@ class Example:
     gold: list[Any] = field(default_factory=list)
 
 
-_ENV = jinja2.Environment(
+class BadValue(ZobenchError):
+    """A row's value the task cannot use; zobench/data_checks.py adds the file, row and column."""
+
+    def __init__(self, message: str, column: str | None = None, gold: bool = False):
+        super().__init__(message)
+        self.column, self.gold = column, gold  # gold: about the gold answer, not a printed text
+
+
+def _printable(value: Any) -> Any:
+    """Jinja's `finalize`: what a {{ ... }} prints must be text (or a number), never None or a list,
+    which would otherwise reach the prompt as "None" or "['a', 'b']"."""
+    if value is None:
+        raise BadValue("null where the template prints text")
+    if isinstance(value, (list, tuple, dict)):
+        raise BadValue(f"a {type(value).__name__} where the template prints text: {_short(value)}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# Jinja's sandbox: a task template (from tasks/, a `task.prompt=` override, or a copied run folder's
+# overrides) may not reach Python internals (`cycler.__init__.__globals__.os`): that raises SecurityError.
+# Immutable: a template cannot change a row's lists or dicts either.
+_ENV = ImmutableSandboxedEnvironment(
     undefined=jinja2.StrictUndefined,  # a misspelt column is an error, not an empty string
     keep_trailing_newline=True,  # MeZO's templates end in "\n" for several tasks
     autoescape=False,
+    finalize=_printable,
 )
 
 
@@ -141,29 +170,89 @@ class PromptTemplate:
             self._gold = _ENV.compile_expression(str(task["gold"]))
         except jinja2.TemplateSyntaxError as error:
             raise ZobenchError(f"task '{self.name}': bad template ({error})") from error
+        except jinja2.exceptions.SecurityError as error:
+            raise _unsafe(self.name, error) from error
         if self.kind != "generation" and not spec:
             raise ZobenchError(f"task '{self.name}' is of kind {self.kind} but has no candidates")
+        templates = [task["prompt"]] + ([] if isinstance(spec, str) else list(spec or []))
+        # columns printed as they are ({{ col }}, {{ col | filter }}): each row must hold text there
+        self.text_columns = sorted(set().union(*(_printed_names(t) for t in templates)))
+        # columns the gold expression reads: a null there is a missing label, whatever the expression
+        self.gold_columns = sorted(meta.find_undeclared_variables(_ENV.parse("{{ " + str(task["gold"]) + " }}")))
 
     def render(self, row: dict[str, Any]) -> Example:
         try:
             prompt = self._prompt.render(**row)
+            gold = self._gold(**row)
+            if self.kind == "generation":  # the answers first: the training target is one of them
+                gold = self._gold_list(gold, [])
             if self._candidate_templates is not None:
                 candidates = [t.render(**row) for t in self._candidate_templates]
             else:
-                candidates = [str(c) for c in self._candidate_list(**row)]
-            gold = self._gold(**row)
+                candidates = self._listed_candidates(row)
+        except jinja2.exceptions.SecurityError as error:
+            raise _unsafe(self.name, error) from error
         except jinja2.UndefinedError as error:
             raise ZobenchError(f"task '{self.name}': template needs a field the data lacks ({error})") from error
-        return Example(prompt, candidates, self._gold_list(gold, candidates))
+        return Example(prompt, candidates, gold if self.kind == "generation" else self._gold_list(gold, candidates))
+
+    def _listed_candidates(self, row: dict[str, Any]) -> list[str]:
+        listed = self._candidate_list(**row)
+        if not isinstance(listed, (list, tuple)) or not listed:
+            raise BadValue(f"the candidates expression gave {_short(listed)}, not a non-empty list")
+        bad = [c for c in listed if not isinstance(c, str) or not c.strip()]
+        if bad:
+            raise BadValue(f"candidate {_short(bad[0])} is not text")
+        return list(listed)
 
     def _gold_list(self, gold: Any, candidates: list[str]) -> list[Any]:
+        """The gold answer texts (generation) or candidate indices; a label no candidate matches, out of
+        range, fractional or missing is refused here, not scored as a silent 0."""
         values = list(gold) if isinstance(gold, (list, tuple)) else [gold]
         if self.kind == "generation":
-            return [str(v) for v in values]
-        indices = []
-        for value in values:
-            if isinstance(value, str) and not value.lstrip("-").isdigit():
-                indices += [i for i, c in enumerate(candidates) if c.strip() == value.strip()]
-            else:
-                indices.append(int(value))
+            texts = [v for v in values if isinstance(v, str) and v.strip()]
+            if not values or len(texts) != len(values):
+                raise BadValue(f"gold answers must be a non-empty list of texts, got {_short(gold)}", gold=True)
+            return texts
+        indices = [index for value in values if (index := self._candidate_index(value, candidates)) is not None]
+        if not indices:
+            raise BadValue(f"label {_short(gold)} matches no candidate ({', '.join(map(repr, candidates))}); "
+                           f"give the candidate's index (0..{len(candidates) - 1}) or its text", gold=True)
         return indices
+
+    def _candidate_index(self, value: Any, candidates: list[str]) -> int | None:
+        """An index in range, or the candidate whose text the value is (None: no such candidate)."""
+        if value is None:
+            raise BadValue("null label", gold=True)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise BadValue(f"label {value} is not a whole number (a candidate index)", gold=True)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value < len(candidates):
+                raise BadValue(f"label {value} is out of range: the task has {len(candidates)} candidates "
+                               f"(0..{len(candidates) - 1})", gold=True)
+            return value
+        if isinstance(value, str):
+            matches = [i for i, c in enumerate(candidates) if c.strip() == value.strip()]
+            return matches[0] if matches else None
+        raise BadValue(f"label {_short(value)} is neither a candidate index nor a candidate's text", gold=True)
+
+
+def _unsafe(task_name: str, error: Exception) -> ZobenchError:
+    return ZobenchError(f"task '{task_name}': the template tries something unsafe, refused by Jinja's sandbox "
+                        f"({error}); templates may use the row's columns, filters and plain expressions only")
+
+
+def _printed_names(source: str) -> set[str]:
+    """Names printed directly by a template's {{ ... }}, through filters or not (`{{ sentence | trim }}`)."""
+    names = set()
+    for output in _ENV.parse(source).find_all(nodes.Output):
+        for node in output.nodes:
+            while isinstance(node, nodes.Filter) and node.node is not None:
+                node = node.node
+            if isinstance(node, nodes.Name):
+                names.add(node.name)
+    return names

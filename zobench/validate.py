@@ -30,6 +30,15 @@ OPTIMIZER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 
+# Keys that count something: a whole number (1e3 is fine, 3.7 is refused rather than truncated to 3 while
+# config.yaml keeps 3.7; "abc" is refused by name rather than by a bare int() ValueError later).
+INTEGER_KEYS = ("train.steps", "train.batch_size", "train.log_interval", "train.eval_interval", "eval.batch_size",
+                "checkpoint.every", "data.n_train", "data.n_dev", "data.n_test", "max_length", "seed", "data.seed",
+                "icl.k", "optimizer.q", "optimizer.k0", "optimizer.k1", "optimizer.l_t", "optimizer.h")
+# numpy's RandomState (MeZO's sampling) and torch.manual_seed both take seeds in [0, 2**32)
+SEED_KEYS = {"seed": "the optimizer seed: ZO directions and batch order",
+             "data.seed": "the data sampling seed: which rows are train, dev and test"}
+
 RUN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.steps": (lambda v: v >= 1, ">= 1"),
     "train.batch_size": (lambda v: v >= 1, ">= 1"),
@@ -56,6 +65,19 @@ def _lookup(cfg: DictConfig, dotted: str):
     return node
 
 
+def _whole_number(key: str, value: Any) -> int:
+    """The value as an int, or one line naming the key (1e3 is 1000.0 to Hydra: accepted, int() is exact)."""
+    if isinstance(value, bool):
+        raise ZobenchError(f"{key} must be a whole number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():  # e.g. from ${oc.env:STEPS}
+        return int(value)
+    raise ZobenchError(f"{key} must be a whole number, got {value!r}")
+
+
 def _check(name: str, value: Any, rule: Callable[[Any], bool], wanted: str) -> None:
     try:
         ok = rule(value)
@@ -66,6 +88,14 @@ def _check(name: str, value: Any, rule: Callable[[Any], bool], wanted: str) -> N
 
 
 def validate(cfg: DictConfig) -> None:
+    for key in INTEGER_KEYS:
+        value = _lookup(cfg, key)
+        if value is not None:
+            _whole_number(key, value)
+    for key, meaning in SEED_KEYS.items():
+        value = _lookup(cfg, key)
+        if value is not None and not 0 <= value < 2**32:
+            raise ZobenchError(f"{key} must be in [0, 2**32 - 1] ({meaning}), got {value}")
     for key, (rule, wanted) in RUN_RULES.items():
         value = _lookup(cfg, key)
         if value is not None:

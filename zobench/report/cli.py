@@ -3,6 +3,10 @@
 Reads files only (metrics.json, config.yaml, log.jsonl): no torch, no runner, so a laptop can
 report a cluster's results. Writes Markdown, LaTeX and CSV tables and PNG plots to an output
 folder (default: report/ beside the runs) and prints the main table.
+
+Exit status: 0 report written; 1 no runs found, or the output folder cannot be written (one line: read-only,
+disk full); 2 a given folder does not exist. A metrics.json that cannot be read gets a one-line warning and
+is listed as unreadable.
 """
 
 from __future__ import annotations
@@ -27,8 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     reference_dir = Path(args.reference) if args.reference else default_reference_dir()
     if args.no_reference:
         reference_dir = None
-    report = build_report(args.paths, out_dir, reference_dir, plots=not args.no_plots,
-                          speed_baseline=args.speed_baseline, speed_target=args.speed_target)
+    try:
+        report = build_report(args.paths, out_dir, reference_dir, plots=not args.no_plots,
+                              speed_baseline=args.speed_baseline, speed_target=args.speed_target)
+    except OSError as error:
+        where = f" {error.filename}" if error.filename else ""
+        print(f"zobench-report: error: cannot write{where}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    except ValueError as error:  # e.g. a reference CSV without the expected columns
+        print(f"zobench-report: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     if report.runs == 0:
         print(f"zobench-report: no runs (metrics.json) under {', '.join(args.paths)}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ import matplotlib
 import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
+from .names import output_file
 from .runs import load_log
 from .tables import OPTIMIZER_ORDER, TASK_ORDER, ordered
 
@@ -27,9 +28,16 @@ def curves(run_dirs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     train = events[events["event"] == "train"]
     split = events["split"] if "split" in events else pd.Series(None, index=events.index, dtype=object)
     dev = events[(events["event"] == "eval") & (split == "dev")]
-    train = train.groupby("step")[["loss", "forward_passes", "elapsed_s"]].mean().reset_index()
-    dev = dev.groupby("step")[["metric", "forward_passes"]].mean().reset_index()
-    return train, dev
+    return _mean_by_step(train, ["loss", "forward_passes", "elapsed_s"]), _mean_by_step(dev, ["metric", "forward_passes"])
+
+
+def _mean_by_step(events: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The columns averaged step by step; a log that lacks one of them (a run killed early, an older or
+    hand-edited log) gives no curve rather than a KeyError."""
+    if events.empty or "step" not in events or any(c not in events for c in columns):
+        return pd.DataFrame()
+    numbers = events[["step", *columns]].apply(pd.to_numeric, errors="coerce")
+    return numbers.groupby("step")[columns].mean().reset_index()
 
 
 def plot_task(task: str, lines: dict[str, tuple[pd.DataFrame, pd.DataFrame]], path: Path) -> None:
@@ -55,7 +63,8 @@ def plot_task(task: str, lines: dict[str, tuple[pd.DataFrame, pd.DataFrame]], pa
 
 
 def plot_all(selected: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """plots/<task>.png for every task of the selected settings; returns the files written."""
+    """plots/<task>.png for every task of the selected settings (an odd task name is made a plain file name:
+    zobench/report/names.py); returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     several_models = selected["model"].nunique() > 1
     written = []
@@ -66,7 +75,7 @@ def plot_all(selected: pd.DataFrame, out_dir: Path) -> list[Path]:
             for _, row in rows[rows["optimizer"] == optimizer].iterrows():
                 label = f"{row['model']} {optimizer}" if several_models else optimizer
                 lines[label] = curves(row["run_dirs"])
-        path = out_dir / f"{task}.png"
+        path = output_file(out_dir, task, ".png")
         plot_task(task, lines, path)
         written.append(path)
     return written

@@ -13,6 +13,7 @@ when there is one (`mezo_lora`, `adam_prefix`), and `icl` for zero-shot with dem
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,18 +24,34 @@ CONFIG_PREFIX = "cfg."
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[dict]:
-    """One record per metrics.json under the paths; an unreadable one becomes status 'unreadable'."""
+    """One record per metrics.json under the paths. One that cannot be read (not UTF-8, not JSON, not a JSON
+    object) gets a one-line warning on stderr naming it, and stays in the report as status 'unreadable'
+    (the failures table lists it) rather than stopping the report."""
     runs = []
     for root in paths:
         root = Path(root)
         for metrics_file in _metrics_files(root):
-            try:
-                record = json.loads(metrics_file.read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                record = {"status": "unreadable", "error": f"metrics.json: {error}"}
+            record, problem = _read_metrics(metrics_file)
+            if problem:
+                print(f"zobench-report: warning: {metrics_file}: {problem}; listed as unreadable", file=sys.stderr)
+                record = {"status": "unreadable", "error": f"metrics.json: {problem}"}
             record["run_dir"] = str(metrics_file.parent)
             runs.append(record)
     return runs
+
+
+def _read_metrics(path: Path) -> tuple[dict, str | None]:
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as error:
+        return {}, error.strerror or str(error)
+    except UnicodeDecodeError as error:
+        return {}, f"not UTF-8 text (byte offset {error.start})"
+    except json.JSONDecodeError as error:
+        return {}, f"not JSON ({error.msg}, line {error.lineno})"
+    if not isinstance(record, dict):
+        return {}, f"a JSON {type(record).__name__}, not an object"
+    return record, None
 
 
 def _metrics_files(root: Path) -> list[Path]:
@@ -76,8 +93,10 @@ def method_name(row: dict[str, Any]) -> Any:
 def _config_columns(path: Path) -> dict[str, Any]:
     try:
         config = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return {}  # the run is still listed; it just has no hyperparameters to compare
+    if not isinstance(config, dict):
+        return {}
     return {CONFIG_PREFIX + key: value for key, value in _flatten(config).items()}
 
 
@@ -100,12 +119,14 @@ def load_log(run_dir: str | Path) -> pd.DataFrame:
     """log.jsonl as a DataFrame (train and eval events); a torn last line is skipped."""
     rows = []
     try:
-        lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
+        lines = (Path(run_dir) / "log.jsonl").read_bytes().decode("utf-8", errors="replace").splitlines()
     except OSError:
         return pd.DataFrame()
     for line in lines:
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return pd.DataFrame(rows)

@@ -189,10 +189,12 @@ def failures_table(runs: pd.DataFrame) -> pd.DataFrame:
 # -- writing -----------------------------------------------------------------------------------------
 def write_table(out_dir: Path, name: str, display: pd.DataFrame, numbers: pd.DataFrame | None = None) -> None:
     """name.md and name.tex from the display frame; name.csv from the numbers (or the display frame)."""
+    from .names import output_file
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.md").write_text(to_markdown(display) + "\n")
-    (out_dir / f"{name}.tex").write_text(to_latex(display))
-    (numbers if numbers is not None else display).to_csv(out_dir / f"{name}.csv", index=False)
+    output_file(out_dir, name, ".md").write_text(to_markdown(display) + "\n")
+    output_file(out_dir, name, ".tex").write_text(to_latex(display))
+    (numbers if numbers is not None else display).to_csv(output_file(out_dir, name, ".csv"), index=False)
 
 
 def to_markdown(display: pd.DataFrame) -> str:
