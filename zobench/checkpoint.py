@@ -171,16 +171,42 @@ class Checkpointer:
         state["weights_path"] = paths.get(WEIGHTS)
         return state
 
+    def restore(self, state: dict[str, Any], best, best_step: int | None) -> bool:
+        """Bring model, optimizer and torch RNG to the checkpoint `state`; returns whether the best-on-dev
+        weights of `best_step` are still at hand (`best`, a BestWeights)."""
+        step, best_kept = state["step"], True
+        if state["mode"] != self.mode:
+            raise ZobenchError(f"{self.directory.path}: the checkpoint holds a {state['mode']} checkpoint, this "
+                               f"run writes {self.mode} checkpoints; cannot resume")
+        if state["mode"] == "weights":
+            self.restore_weights(state["weights_path"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            best_kept = best_step is None or best.adopt_saved(best_step)
+        else:  # the trajectory rebuilds the weights, and the best-on-dev copy on the way
+            records = read_trajectory(self.directory.path, up_to=step)
+            if len(records) != step:
+                raise ZobenchError(f"{self.directory.path / TRAJECTORY} holds {len(records)} steps, the "
+                                   f"checkpoint {step}; cannot resume")
+            replay(self.optimizer, records, on_step=lambda s: best.save(s) if s == best_step else None)
+        torch.set_rng_state(state["torch_rng"])
+        return best_kept
+
     @torch.no_grad()
     def restore_weights(self, path: Path) -> None:
         from safetensors import safe_open
 
+        if path is None:
+            raise ZobenchError(f"{self.directory.path / 'checkpoint'} holds no weights.safetensors; cannot resume")
         params = trained_parameters(self.model)
         with safe_open(str(path), framework="pt") as saved:
             if set(saved.keys()) != set(params):
                 raise ZobenchError(f"{path} holds other parameters than the model trains; cannot resume")
             for name in saved.keys():
-                params[name].copy_(saved.get_tensor(name))
+                value = saved.get_tensor(name)
+                if value.shape != params[name].shape:
+                    raise ZobenchError(f"{path}: {name} has shape {tuple(value.shape)}, the model's "
+                                       f"{tuple(params[name].shape)}; cannot resume")
+                params[name].copy_(value)
 
     def finish(self) -> None:
         """A completed run keeps its trajectory (for zobench-replay), not its bulky weights."""

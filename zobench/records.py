@@ -69,6 +69,15 @@ class JsonlLog:
                 self.sinks.remove(sink)
 
 
+def final_figures(metrics: dict[str, Any], total_s: float, device: torch.device) -> dict[str, Any]:
+    """The clock, peak memory and throughput metrics.json ends with."""
+    memory, method = peak_memory(device)
+    train_s = metrics["train_wall_clock_s"] or 0.0
+    return {"wall_clock_s": total_s, "peak_memory_bytes": memory, "peak_memory_method": method,
+            "forward_passes_per_s": (metrics["forward_passes"] / train_s) if train_s else None,
+            "tokens_per_s": (metrics["tokens"] / train_s) if train_s else None}
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """CUDA: the allocator's peak. CPU on Linux: VmHWM back to the current RSS (clear_refs "5"), so a
     job in a reused worker process (joblib's loky) does not report an earlier job's peak."""

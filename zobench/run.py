@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .best_weights import BestWeights
-from .checkpoint import TRAJECTORY, Checkpointer, RecordingLoss, read_trajectory, replay
+from .checkpoint import Checkpointer, RecordingLoss
 from .data import sample_task
 from .encoding import Encoder, collate
 from .errors import Diverged, Interrupted, ZobenchError
@@ -35,7 +35,7 @@ from .objective import Objective, PassCounter
 from .optim import build_optimizer
 from .peft_adapters import apply_peft
 from .precision import from_config as precision_from_config
-from .records import JsonlLog, Stopwatch, device_name, git_revision, peak_memory, reset_peak_memory
+from .records import JsonlLog, Stopwatch, device_name, final_figures, git_revision, peak_memory, reset_peak_memory
 from .run_dir import RunDir
 from .tasks import PromptTemplate
 from .validate import validate
@@ -212,26 +212,12 @@ class Job:
 
     def _resume(self, optimizer) -> int:
         """Bring model and optimizer to the checkpoint's step; returns that step."""
-        state, checkpointer = self.resume_state, self.checkpointer
-        step, best_step = state["step"], self.metrics["best_step"]
-        if state["mode"] != checkpointer.mode:
-            raise ZobenchError(f"{self.run_dir}: the checkpoint holds a {state['mode']} checkpoint, this run "
-                               f"writes {checkpointer.mode} checkpoints; cannot resume")
-        if state["mode"] == "weights":
-            checkpointer.restore_weights(state["weights_path"])
-            optimizer.load_state_dict(state["optimizer"])
-            if best_step is not None and not self.best.adopt_saved(best_step):
-                log.warning("the best-on-dev weights (step %s) did not survive the stop (train.keep_best=%s); "
-                            "the test uses the best of the evaluations from now on", best_step, self.best.mode)
-                self.best_score = math.inf
-        else:  # the trajectory rebuilds the weights, and the best-on-dev copy on the way
-            records = read_trajectory(self.run_dir, up_to=step)
-            if len(records) != step:
-                raise ZobenchError(f"{self.run_dir / TRAJECTORY} holds {len(records)} steps, the checkpoint "
-                                   f"{step}; cannot resume")
-            replay(optimizer, records, on_step=lambda s: self.best.save(s) if s == best_step else None)
-        torch.set_rng_state(state["torch_rng"])
-        log.info("resumed at step %d (%s checkpoint)", step, state["mode"])
+        step, best_step = self.resume_state["step"], self.metrics["best_step"]
+        if not self.checkpointer.restore(self.resume_state, self.best, best_step):
+            log.warning("the best-on-dev weights (step %s) did not survive the stop (train.keep_best=%s); "
+                        "the test uses the best of the evaluations from now on", best_step, self.best.mode)
+            self.best_score = math.inf
+        log.info("resumed at step %d (%s checkpoint)", step, self.resume_state["mode"])
         return step
 
     def _save_model(self, tokenizer) -> None:
@@ -380,34 +366,21 @@ class Job:
         return self.metrics["steps"] + (1 if pending else 0)
 
     def close(self) -> None:
-        """metrics.json gets the run's end whatever else fails here; if even that cannot be written, one
-        line says so."""
+        """metrics.json gets the run's end whatever else fails here (RunDir.write_metrics says in one line
+        if even that cannot be written)."""
         try:
-            self._close_records()
+            if self.best is not None and self.metrics["status"] in ("completed", "diverged"):
+                self.best.discard()  # an interrupted or failed run keeps it for its resume
+            self.metrics.update(final_figures(self.metrics, self._elapsed(), self.device), finished_at=_now())
+            self.log.finish(self.metrics)
         finally:
             try:
-                self._write_metrics()
-            except OSError as error:
-                raise ZobenchError(f"could not record the run's end ({self.metrics['status']}) in "
-                                   f"{self.run_dir / 'metrics.json'}: {error}") from error
+                self.directory.write_metrics(self.metrics, final=True)
             finally:
                 self.log.close()
 
-    def _close_records(self) -> None:
-        if self.best is not None and self.metrics["status"] in ("completed", "diverged"):
-            self.best.discard()  # an interrupted or failed run keeps it for its resume
-        total = self._elapsed()
-        memory, method = peak_memory(self.device)
-        train_s = self.metrics["train_wall_clock_s"] or 0.0
-        self.metrics.update(
-            wall_clock_s=total, peak_memory_bytes=memory, peak_memory_method=method, finished_at=_now(),
-            forward_passes_per_s=(self.metrics["forward_passes"] / train_s) if train_s else None,
-            tokens_per_s=(self.metrics["tokens"] / train_s) if train_s else None,
-        )
-        self.log.finish(self.metrics)
-
     def _write_metrics(self) -> None:
-        self.directory.write_json("metrics.json", self.metrics)
+        self.directory.write_metrics(self.metrics)
 
 
 class _Evaluator:

@@ -145,6 +145,16 @@ class RunDir:
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         atomic_write_json(self.path / name, data)
 
+    def write_metrics(self, metrics: dict[str, Any], final: bool = False) -> None:
+        """metrics.json; the run's last write (`final`) that fails is one line, not a traceback."""
+        try:
+            self.write_json("metrics.json", metrics)
+        except OSError as error:
+            if not final:
+                raise
+            raise ZobenchError(f"could not record the run's end ({metrics.get('status')}) in "
+                               f"{self.path / 'metrics.json'}: {error}") from error
+
     def read_json(self, name: str) -> dict[str, Any] | None:
         path = self.path / name
         if not path.exists():
@@ -275,6 +285,8 @@ def claim_named_run_dir(argv: list[str]) -> None:
     .hydra/ and zobench.log there; the job's own claim reuses it."""
     if any(arg in ("-m", "--multirun") for arg in argv):
         return  # each job of a sweep claims its own folder
+    if any(arg.split("=")[0] in ("-c", "--cfg", "-h", "--help", "--hydra-help", "--info", "-i") for arg in argv):
+        return  # Hydra prints something and runs no job
     named = [arg.split("=", 1)[1] for arg in argv if arg.startswith("hydra.run.dir=")]
     if named and "${" not in named[-1]:
         RunDir(Path(named[-1]).expanduser()).claim()
