@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -105,17 +106,22 @@ def test_a_kill_at_each_checkpoint_write_resumes_to_the_uninterrupted_result(tmp
 
 def test_two_zobench_processes_on_one_directory_never_interleave(tmp_path):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "zobench.cli", *QUICK, "train.steps=60", "train.eval_interval=0",
+    command = [sys.executable, "-m", "zobench.cli", *QUICK, "train.steps=5000", "train.eval_interval=0",
                "checkpoint.every=1000", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    trajectory = run_dir / "trajectory.jsonl"
-    deadline = time.time() + 300
-    while not (trajectory.exists() and trajectory.read_text()) and first.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)  # the same command again
-    assert first.wait(timeout=300) == 0, first.stderr.read()
-    assert second.returncode == 2 and "in use by another zobench process" in second.stderr
-    assert len([line for line in second.stderr.splitlines() if line.strip()]) == 1
-    assert len(trajectory.read_text().splitlines()) == 60
-    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
+    try:
+        trajectory = run_dir / "trajectory.jsonl"
+        deadline = time.time() + 300
+        while not (trajectory.exists() and trajectory.read_text()) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)  # the same command
+        assert second.returncode == 2 and "in use by another zobench process" in second.stderr
+        assert len([line for line in second.stderr.splitlines() if line.strip()]) == 1
+        first.send_signal(signal.SIGTERM)  # the first run stops after its step, as a pre-empted job does
+        assert first.wait(timeout=300) == 130, first.stderr.read()
+    finally:
+        first.kill()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    steps = [json.loads(line)["step"] for line in trajectory.read_text().splitlines()]
+    assert metrics["status"] == "interrupted" and steps == list(range(1, metrics["steps"] + 1))
