@@ -165,6 +165,9 @@ def test_an_edited_trajectory_is_refused_by_resume_and_replay(tmp_path, monkeypa
     (run_dir / "trajectory.jsonl").write_text("not json\n" + "\n".join(lines[1:]) + "\n")
     assert replay_main([str(run_dir)]) == 1
     assert "line 1 is not a trajectory record" in _one_line(capsys.readouterr().err)
+    (run_dir / "config.yaml").write_text("train: [unclosed\n")
+    assert replay_main([str(run_dir)]) == 1
+    assert "config.yaml is not a zobench run's config" in _one_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("damage", ["deleted", "truncated"])
