@@ -72,7 +72,8 @@ def _expand_resume(argv: list[str]) -> list[str]:
     try:
         original = yaml.safe_load(overrides_file.read_text(encoding="utf-8")) or []
     except (UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ZobenchError(f"resume={run_dir}: {overrides_file} is not a readable list of overrides ({error})")
+        reason = " ".join(str(error).split())  # YAML errors span lines
+        raise ZobenchError(f"resume={run_dir}: {overrides_file} is not a readable list of overrides ({reason})")
     if not isinstance(original, list) or not all(isinstance(o, str) for o in original):
         raise ZobenchError(f"resume={run_dir}: {overrides_file} is not a list of overrides")
     rest = [arg for arg in argv if not arg.startswith("resume=")]
