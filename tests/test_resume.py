@@ -85,7 +85,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
     assert metrics["wall_clock_s"] > 0 and metrics["peak_memory_bytes"] > 0
     for line in (run_dir / "log.jsonl").read_text().splitlines():
         json.loads(line)  # every line whole
-    assert (run_dir / "checkpoint" / "state.pt").exists()
+    assert (run_dir / "checkpoint" / "state.json").exists()
     again = _start(run_dir)  # the same command, the same directory
     assert again.wait(timeout=600) == 0, again.stderr.read()
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"

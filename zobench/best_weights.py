@@ -17,7 +17,8 @@ MODES = ("disk", "host", "none")
 
 
 class BestWeights:
-    def __init__(self, model: torch.nn.Module, mode: str, run_dir: Path):
+    def __init__(self, model: torch.nn.Module, mode: str, run_dir: Path, step=lambda: None):
+        """`step()` says which step the weights being saved belong to (kept in the file's metadata)."""
         if mode not in MODES:
             from .errors import ZobenchError
 
@@ -26,26 +27,36 @@ class BestWeights:
         self.path = Path(run_dir) / "best_weights.safetensors"
         self._host: dict[str, torch.Tensor] | None = None
         self.saved = False
+        self.step = step
 
     def _parameters(self) -> dict[str, torch.nn.Parameter]:
         return trained_parameters(self.model)  # frozen weights (an adapter's base model) never change
 
     @torch.no_grad()
-    def save(self) -> None:
+    def save(self, step: int | None = None) -> None:
+        step = self.step() if step is None else step
         if self.mode == "host":
             self._host = {n: p.detach().to("cpu", copy=True) for n, p in self._parameters().items()}
         elif self.mode == "disk":
             from safetensors.torch import save_file
 
             tmp = self.path.with_suffix(".tmp")
-            save_file({n: p.detach().contiguous().cpu() for n, p in self._parameters().items()}, str(tmp))
-            tmp.replace(self.path)
+            try:
+                save_file({n: p.detach().contiguous().cpu() for n, p in self._parameters().items()}, str(tmp),
+                          metadata={"step": str(step)})
+                tmp.replace(self.path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         self.saved = self.mode != "none"
 
-    def adopt_saved(self) -> bool:
-        """After a resume from saved weights: is the best-on-dev copy still there? (disk: yes)"""
+    def adopt_saved(self, best_step: int) -> bool:
+        """After a resume from saved weights: is the best-on-dev copy of `best_step` still there? (disk: yes,
+        unless a kill came between a later best's save and that step's checkpoint)"""
         if self.mode == "disk":
-            self.saved = self.path.exists()
+            from .run_dir import safetensors_step
+
+            self.saved = self.path.exists() and safetensors_step(self.path) == best_step
         return self.mode == "none" or self.saved
 
     @torch.no_grad()

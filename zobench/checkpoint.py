@@ -8,24 +8,29 @@ is the ZO checkpoint; `checkpoint.weights=true` adds the weights for a fast resu
 (and any optimizer that needs real gradients) always checkpoint weights + optimizer state. Saved
 weights are the trained parameters only (with an adapter: the adapter, not the whole model).
 
-checkpoint/state.pt holds the rest: the step, the run's counters, the best-dev bookkeeping, the
-optimizer's state and the torch RNG state. It is written after a whole step, never in the middle.
+checkpoint/ holds the rest: the step, the run's counters, the best-dev bookkeeping, the optimizer's
+state, the torch RNG state, the config and data fingerprints and the exact length and hash of log.jsonl
+and trajectory.jsonl at that step: JSON (state.json) beside safetensors, never a pickle. It is written
+after a whole step, never in the middle, and switched in atomically (zobench/run_dir.py).
+
+Each trajectory line carries a checksum chained to the line before ("check"), so an edited or corrupt
+loss value is refused, not replayed into different weights.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .errors import ZobenchError
 from .models import trained_parameters
+from .run_dir import STATE_TENSORS, WEIGHTS, RunDir, from_plain, to_plain
 
 TRAJECTORY = "trajectory.jsonl"
-STATE = "checkpoint/state.pt"
-WEIGHTS = "checkpoint/weights.safetensors"
 
 
 class RecordingLoss:
@@ -73,48 +78,53 @@ def replay(optimizer, records: list[dict[str, Any]], on_step=None) -> None:
         optimizer.loss_fn = recorded_loss
 
 
+def _check(previous: str, record: dict[str, Any]) -> str:
+    body = json.dumps({k: v for k, v in record.items() if k != "check"}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256((previous + body).encode()).hexdigest()[:16]
+
+
 def read_trajectory(run_dir: Path, up_to: int | None = None) -> list[dict[str, Any]]:
-    """Whole lines only (a killed run may leave half a line), steps 1..up_to in order."""
+    """Steps 1..up_to in order, each line's checksum verified; a half last line (a killed run's) is dropped."""
     path = Path(run_dir) / TRAJECTORY
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if up_to is not None and record["step"] > up_to:
-                break
-            records.append(record)
-    if [r["step"] for r in records] != list(range(1, len(records) + 1)):
-        raise RuntimeError(f"{path} is not a gapless sequence of steps")
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ZobenchError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    records, previous = [], ""
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            step, losses = record["step"], record["losses"]
+            if not (isinstance(step, int) and isinstance(losses, list)):
+                raise TypeError("step or losses of the wrong type")
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            if number == len(lines):
+                break  # a killed run's half line
+            raise ZobenchError(f"{path} line {number} is not a trajectory record ({error})") from None
+        if record.get("check") != _check(previous, record):
+            raise ZobenchError(f"{path} line {number} (step {step}) fails its checksum: the trajectory was "
+                               f"edited or is corrupt; zobench will not replay it")
+        previous = record["check"]
+        if up_to is not None and step > up_to:
+            break
+        if step != len(records) + 1:
+            raise ZobenchError(f"{path} line {number} holds step {step}, expected {len(records) + 1}: "
+                               f"not a gapless sequence of steps")
+        records.append(record)
     return records
 
 
-def keep_lines_up_to(path: Path, step: int) -> None:
-    """Drop the JSONL lines (and any half line) logged after `step`: they will be written again."""
-    path = Path(path)
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    from .records import atomic_write_text
-
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-
-
 class Checkpointer:
-    def __init__(self, run_dir: Path, model, optimizer, save_weights: bool):
-        self.run_dir = Path(run_dir)
+    """Records each step's trajectory line and saves/loads checkpoints through the run directory."""
+
+    def __init__(self, directory: RunDir, model, optimizer, save_weights: bool):
+        self.directory = directory
         self.model, self.optimizer = model, optimizer
         self.with_weights = save_weights or not getattr(optimizer, "replayable", False)
-        self._trajectory = open(self.run_dir / TRAJECTORY, "a", buffering=1)
+        self._trajectory = directory.records(TRAJECTORY)
+        self._previous = _last_check(directory.path / TRAJECTORY)
 
     @property
     def mode(self) -> str:
@@ -125,40 +135,85 @@ class Checkpointer:
         directions = getattr(self.optimizer, "last_projected_grads", None)
         if directions:
             record["directions"] = [[int(seed), float(g)] for seed, g in directions]
-        self._trajectory.write(json.dumps(record) + "\n")
-        self._trajectory.flush()
+        record["check"] = self._previous = _check(self._previous, record)
+        self._trajectory.write_line(json.dumps(record))
+
+    def pending_step(self) -> bool:
+        """Did a step start (its loss computed) that was never recorded? (a step that raised)"""
+        return bool(getattr(getattr(self.optimizer, "loss_fn", None), "values", None))
 
     def save(self, step: int, job_state: dict[str, Any]) -> None:
-        folder = self.run_dir / "checkpoint"
-        folder.mkdir(exist_ok=True)
-        state = {"step": step, "mode": self.mode, "job": job_state,
-                 "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+        tensors: dict[str, torch.Tensor] = {}
+        state = to_plain({"step": step, "mode": self.mode, "job": job_state,
+                          "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                          "fingerprints": dict(self.directory.fingerprints), "records": self.directory.marks()},
+                         tensors)
+        files = {STATE_TENSORS: tensors}
         if self.with_weights:
-            from safetensors.torch import save_file
-
-            weights = {n: p.detach().contiguous().cpu() for n, p in trained_parameters(self.model).items()}
-            save_file(weights, str(self.run_dir / f"{WEIGHTS}.tmp"))
-            os.replace(self.run_dir / f"{WEIGHTS}.tmp", self.run_dir / WEIGHTS)
-        torch.save(state, self.run_dir / f"{STATE}.tmp")
-        os.replace(self.run_dir / f"{STATE}.tmp", self.run_dir / STATE)
+            files[WEIGHTS] = dict(trained_parameters(self.model))
+        self.directory.save_checkpoint(step, state, files)
 
     @staticmethod
-    def load_state(run_dir: Path) -> dict[str, Any] | None:
-        path = Path(run_dir) / STATE
-        return torch.load(path, weights_only=False) if path.exists() else None
+    def load_state(directory: RunDir) -> dict[str, Any] | None:
+        """The checkpoint's state (tensors in place), checked file by file; None if there is none."""
+        loaded = directory.load_checkpoint()
+        if loaded is None:
+            return None
+        plain, paths = loaded
+        from safetensors.torch import load_file
+
+        try:
+            state = from_plain(plain, load_file(str(paths[STATE_TENSORS])))
+            state["step"], state["mode"], state["job"]  # noqa: B018  (present)
+        except Exception as error:
+            raise ZobenchError(f"{paths.get(STATE_TENSORS, directory.path / 'checkpoint')} does not match its "
+                               f"state.json ({type(error).__name__}: {error}); cannot resume") from None
+        state["weights_path"] = paths.get(WEIGHTS)
+        return state
+
+    def restore(self, state: dict[str, Any], best, best_step: int | None) -> bool:
+        """Bring model, optimizer and torch RNG to the checkpoint `state`; returns whether the best-on-dev
+        weights of `best_step` are still at hand (`best`, a BestWeights)."""
+        step, best_kept = state["step"], True
+        if state["mode"] != self.mode:
+            raise ZobenchError(f"{self.directory.path}: the checkpoint holds a {state['mode']} checkpoint, this "
+                               f"run writes {self.mode} checkpoints; cannot resume")
+        if state["mode"] == "weights":
+            self.restore_weights(state["weights_path"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            best_kept = best_step is None or best.adopt_saved(best_step)
+        else:  # the trajectory rebuilds the weights, and the best-on-dev copy on the way
+            records = read_trajectory(self.directory.path, up_to=step)
+            if len(records) != step:
+                raise ZobenchError(f"{self.directory.path / TRAJECTORY} holds {len(records)} steps, the "
+                                   f"checkpoint {step}; cannot resume")
+            replay(self.optimizer, records, on_step=lambda s: best.save(s) if s == best_step else None)
+        torch.set_rng_state(state["torch_rng"])
+        return best_kept
 
     @torch.no_grad()
-    def restore_weights(self) -> None:
+    def restore_weights(self, path: Path) -> None:
         from safetensors import safe_open
 
+        if path is None:
+            raise ZobenchError(f"{self.directory.path / 'checkpoint'} holds no weights.safetensors; cannot resume")
         params = trained_parameters(self.model)
-        with safe_open(str(self.run_dir / WEIGHTS), framework="pt") as saved:
+        with safe_open(str(path), framework="pt") as saved:
+            if set(saved.keys()) != set(params):
+                raise ZobenchError(f"{path} holds other parameters than the model trains; cannot resume")
             for name in saved.keys():
-                params[name].copy_(saved.get_tensor(name))
+                value = saved.get_tensor(name)
+                if value.shape != params[name].shape:
+                    raise ZobenchError(f"{path}: {name} has shape {tuple(value.shape)}, the model's "
+                                       f"{tuple(params[name].shape)}; cannot resume")
+                params[name].copy_(value)
 
     def finish(self) -> None:
         """A completed run keeps its trajectory (for zobench-replay), not its bulky weights."""
-        (self.run_dir / WEIGHTS).unlink(missing_ok=True)
+        (self.directory.path / "checkpoint" / WEIGHTS).unlink(missing_ok=True)
 
-    def close(self) -> None:
-        self._trajectory.close()
+
+def _last_check(path: Path) -> str:
+    """The checksum of the trajectory's last whole line (a resume continues the chain from it)."""
+    records = read_trajectory(path.parent) if path.exists() else []
+    return records[-1]["check"] if records else ""

@@ -2,7 +2,7 @@
 
 `zobench resume=RUN_DIR` re-runs the command that made RUN_DIR in RUN_DIR, which resumes an
 interrupted or failed run from its checkpoint (re-running a command with hydra.run.dir=RUN_DIR does
-the same).
+the same). A run directory's rules (its lock, what is refused) are zobench/run_dir.py's.
 
 Exit status (README "Exit codes"): 0 completed (or diverged: a result, reported as such); 1 the run
 failed (bad data found at start-up included: metrics.json says why), or a folder could not be written
@@ -49,8 +49,7 @@ def _job(cfg) -> str:
         _say(f"error: {error}")
         sys.exit(2)
     try:
-        _keep_overrides(Path(run_dir), list(hydra_cfg.overrides.task))
-        metrics = run(cfg, run_dir)
+        metrics = run(cfg, run_dir, overrides=list(hydra_cfg.overrides.task))
     except (KeyboardInterrupt, Interrupted):
         _say(f"interrupted; what was done is recorded in {run_dir}")
         sys.exit(130)
@@ -78,17 +77,6 @@ def _job(cfg) -> str:
     return metrics["status"]
 
 
-def _keep_overrides(run_dir: Path, overrides: list[str]) -> None:
-    if not (run_dir / "metrics.json").exists():  # a fresh run, not a resume
-        import yaml
-
-        from .records import atomic_write_text
-
-        run_dir.mkdir(parents=True, exist_ok=True)
-        kept = [o for o in overrides if not o.startswith("hydra.run.dir=")]
-        atomic_write_text(run_dir / OVERRIDES_FILE, yaml.safe_dump(kept))
-
-
 def _expand_resume(argv: list[str]) -> list[str]:
     """`resume=RUN_DIR` means: the command that made RUN_DIR, again, in RUN_DIR (which resumes it)."""
     asked = [arg for arg in argv if arg.startswith("resume=")]
@@ -100,7 +88,13 @@ def _expand_resume(argv: list[str]) -> list[str]:
     overrides_file = run_dir / OVERRIDES_FILE
     if not overrides_file.exists():
         raise ZobenchError(f"resume={run_dir}: no zobench run there (looked for {overrides_file})")
-    original = yaml.safe_load(overrides_file.read_text()) or []
+    try:
+        original = yaml.safe_load(overrides_file.read_text(encoding="utf-8")) or []
+    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = " ".join(str(error).split())  # YAML errors span lines
+        raise ZobenchError(f"resume={run_dir}: {overrides_file} is not a readable list of overrides ({reason})")
+    if not isinstance(original, list) or not all(isinstance(o, str) for o in original):
+        raise ZobenchError(f"resume={run_dir}: {overrides_file} is not a list of overrides")
     rest = [arg for arg in argv if not arg.startswith("resume=")]
     return original + rest + [f"hydra.run.dir={run_dir}"]
 
@@ -181,6 +175,7 @@ def main() -> None:
 
     from .configs import check_overrides, register_resolvers, register_tasks
     from .paths import conf_dir
+    from .run_dir import claim_named_run_dir
 
     try:
         sys.argv[1:] = _expand_resume(sys.argv[1:])
@@ -192,6 +187,7 @@ def main() -> None:
         check_overrides(overrides)
         register_resolvers()
         register_tasks()
+        claim_named_run_dir(sys.argv[1:])  # the lock before Hydra writes .hydra/ and zobench.log there
     except ZobenchError as error:
         _say(f"error: {error}")
         sys.exit(2)

@@ -1,4 +1,5 @@
-"""What a run leaves behind: config.yaml, metrics.json and log.jsonl, written so a kill never half-writes.
+"""What a run leaves behind: log.jsonl (appended through zobench/run_dir.py's RecordFile), the clocks and
+peak memory recorded in metrics.json.
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated (reset at the start of the run); on CPU the
 process's high-water mark VmHWM from /proc/self/status (ru_maxrss elsewhere) — one process per run.
@@ -8,11 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,36 +19,9 @@ from typing import Any
 import torch
 
 from .paths import PACKAGE_DIR
+from .run_dir import RecordFile, _jsonable, atomic_write_json, atomic_write_text  # noqa: F401  (importable here too)
 
 STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over the target."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from colleagues on a shared server
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(value):
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 class JsonlLog:
@@ -59,9 +31,9 @@ class JsonlLog:
     A tracker that fails is switched off with a warning: it never costs the run its own records.
     """
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._handle = open(self.path, "a", buffering=1)
+    def __init__(self, path: Path | RecordFile):
+        self._file = path if isinstance(path, RecordFile) else RecordFile(Path(path))
+        self.path = self._file.path
         self.sinks: list = []
 
     def attach(self, sinks) -> None:
@@ -76,8 +48,7 @@ class JsonlLog:
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, default=_jsonable)
-        self._handle.write(line + "\n")
-        self._handle.flush()
+        self._file.write_line(line)
         if self.sinks:  # trackers get the line as written (plain JSON values)
             self._forward("record", json.loads(line))
 
@@ -86,7 +57,7 @@ class JsonlLog:
         self.sinks = []
 
     def close(self) -> None:
-        self._handle.close()
+        self._file.close()
 
     def _forward(self, method: str, payload: dict[str, Any]) -> None:
         for sink in list(self.sinks):
@@ -96,6 +67,15 @@ class JsonlLog:
                 logging.getLogger(__name__).warning("logger %s failed (%s: %s); it is switched off",
                                                     type(sink).__name__, type(error).__name__, error)
                 self.sinks.remove(sink)
+
+
+def final_figures(metrics: dict[str, Any], total_s: float, device: torch.device) -> dict[str, Any]:
+    """The clock, peak memory and throughput metrics.json ends with."""
+    memory, method = peak_memory(device)
+    train_s = metrics["train_wall_clock_s"] or 0.0
+    return {"wall_clock_s": total_s, "peak_memory_bytes": memory, "peak_memory_method": method,
+            "forward_passes_per_s": (metrics["forward_passes"] / train_s) if train_s else None,
+            "tokens_per_s": (metrics["tokens"] / train_s) if train_s else None}
 
 
 def reset_peak_memory(device: torch.device) -> None:

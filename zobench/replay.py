@@ -11,7 +11,6 @@ init. Replaying costs three regenerations of z per step and no forward pass.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,16 +26,26 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     from .precision import from_config as precision_from_config
     from .peft_adapters import apply_peft
 
+    from .run_dir import RunDir
+
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise ZobenchError(f"{run_dir}: not a zobench run directory (no config.yaml)")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
+    try:
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        keep_best = str(cfg.train.keep_best)
+    except Exception as error:  # YAML, encoding or missing keys: the file is not what a run wrote
+        raise ZobenchError(f"{run_dir / 'config.yaml'} is not a zobench run's config "
+                           f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    metrics = RunDir(run_dir).read_json("metrics.json") or {}
     records = read_trajectory(run_dir)
     if step is None:  # what the run tested: its best-on-dev step, else its last
-        step = metrics.get("best_step") if cfg.train.keep_best != "none" and metrics.get("best_step") else len(records)
+        best = metrics.get("best_step")
+        step = best if keep_best != "none" and isinstance(best, int) and best else len(records)
     if not 0 <= step <= len(records):
         raise ZobenchError(f"{run_dir}: the trajectory holds steps 1..{len(records)}, not {step}")
+    out = Path(out) if out else run_dir / f"model-step-{step}"
+    _check_out(out)  # before the base model is loaded
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.dtype), device)
     model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), device, dtype)
@@ -53,10 +62,31 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
                            f"gradients; use its saved model (save_model=true) instead")
     with torch.no_grad():
         replay(optimizer, records[:step])
-    out = Path(out) if out else run_dir / f"model-step-{step}"
-    saveable.save_pretrained(out)  # with PEFT: the adapter alone, as the run's save_model writes it
-    tokenizer.save_pretrained(out)
+    # with PEFT: the adapter alone, as the run's save_model writes it; written in full, then renamed
+    write_new_folder(out, lambda folder: (saveable.save_pretrained(folder), tokenizer.save_pretrained(folder)))
     return out
+
+
+def _check_out(out: Path) -> None:
+    from .errors import ZobenchError
+
+    if out.exists() or out.is_symlink():
+        raise ZobenchError(f"{out} already exists; zobench-replay never writes into an existing folder "
+                           f"(a run's model/ holds its tested weights): choose a new --out")
+
+
+def write_new_folder(out: Path, write) -> None:
+    """`write(folder)` into a hidden sibling, renamed to `out` only once complete."""
+    import os
+    import shutil
+
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        write(partial)
+        _check_out(out)
+        os.rename(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         from .cli import os_error_line
 
         print(f"zobench-replay: error: {os_error_line(error)}", file=sys.stderr)
+        return 1
+    except Exception as error:  # a bug or an environment problem: one line, not a traceback
+        print(f"zobench-replay: failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     print(f"fine-tuned weights written to {out}")
     return 0

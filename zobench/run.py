@@ -6,7 +6,6 @@ Every run, whatever happens, leaves config.yaml, metrics.json and log.jsonl in i
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import math
 import signal
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .best_weights import BestWeights
-from .checkpoint import TRAJECTORY, Checkpointer, RecordingLoss, keep_lines_up_to, read_trajectory, replay
+from .checkpoint import Checkpointer, RecordingLoss
 from .data import sample_task
 from .early_stopping import EarlyStopping
 from .encoding import Encoder, collate
@@ -37,59 +36,64 @@ from .objective import Objective, PassCounter
 from .optim import build_optimizer
 from .peft_adapters import apply_peft
 from .precision import from_config as precision_from_config
-from .records import (JsonlLog, Stopwatch, atomic_write_json, atomic_write_text, device_name, git_revision,
-                      peak_memory, reset_peak_memory)
+from .records import JsonlLog, Stopwatch, device_name, final_figures, git_revision, peak_memory, reset_peak_memory
+from .run_dir import RunDir
 from .tasks import PromptTemplate
 from .validate import validate
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run one job into `run_dir`, or resume the interrupted/failed one there; returns metrics.json's
-    content. Raises after recording a failure."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume_state = _resumable_state(run_dir, cfg)
-    if resume_state is None:
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    else:  # lines logged after the checkpoint are written again by the resumed run
-        for name in ("log.jsonl", TRAJECTORY):
-            keep_lines_up_to(run_dir / name, resume_state["step"])
-    job = Job(cfg, run_dir, resume_state)
+    content. Raises after recording a failure. `overrides`: the command line, kept for `zobench resume=`."""
+    directory = RunDir(run_dir).claim()  # the lock, for the job's lifetime; refuses foreign and live folders
     try:
-        with _signals_stop(job):
-            job.execute()
-        job.metrics["status"] = "completed"
-    except Diverged as error:
-        job.fail("diverged", f"diverged at step {job.metrics['steps']}: {error}")
-    except (torch.cuda.OutOfMemoryError, MemoryError) as error:
-        message = job.out_of_memory(error)
-        raise ZobenchError(message) from error
-    except (KeyboardInterrupt, Interrupted):
-        job.fail("interrupted", f"interrupted at step {job.metrics['steps']}")
-        raise
-    except ZobenchError as error:
-        job.fail("failed", str(error))
-        raise
-    except Exception as error:
-        log.debug("traceback:\n%s", traceback.format_exc())
-        job.fail("failed", f"{type(error).__name__}: {error}")
-        raise
+        resume_state = _resumable_state(directory, cfg)
+        if resume_state is None:
+            directory.start(OmegaConf.to_yaml(cfg, resolve=True), overrides)
+        job = Job(cfg, directory, resume_state)
+        try:
+            with _signals_stop(job):
+                job.execute()
+            job.metrics["status"] = "completed"
+        except Diverged as error:
+            job.fail("diverged", f"diverged at step {job.diverged_step()}: {error}")
+        except (torch.cuda.OutOfMemoryError, MemoryError) as error:
+            message = job.out_of_memory(error)
+            raise ZobenchError(message) from error
+        except (KeyboardInterrupt, Interrupted):
+            job.fail("interrupted", f"interrupted at step {job.metrics['steps']}")
+            raise
+        except ZobenchError as error:
+            job.fail("failed", str(error))
+            raise
+        except OSError as error:  # a full disk, a folder made read-only: recorded if it still can be
+            log.debug("traceback:\n%s", traceback.format_exc())
+            job.fail("failed", f"could not write to {directory.path}: {error}")
+            raise ZobenchError(job.metrics["error"]) from error
+        except Exception as error:
+            log.debug("traceback:\n%s", traceback.format_exc())
+            job.fail("failed", f"{type(error).__name__}: {error}")
+            raise
+        finally:
+            job.close()
     finally:
-        job.close()
+        directory.release()
     return job.metrics
 
 
-def _resumable_state(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
-    """None for a fresh directory; the checkpoint of an unfinished run made with the same config."""
-    metrics_file = run_dir / "metrics.json"
-    if not metrics_file.exists():
+def _resumable_state(directory: RunDir, cfg: DictConfig) -> dict[str, Any] | None:
+    """None for a fresh directory; the checkpoint of an unfinished run made with the same config, its
+    records rewound to it."""
+    metrics = directory.read_json("metrics.json")
+    if metrics is None:
+        directory.refuse_leftovers()
         return None
-    status = json.loads(metrics_file.read_text()).get("status")
+    run_dir, status = directory.path, metrics.get("status")
     if status == "completed":
         raise ZobenchError(f"{run_dir} already holds a completed run; zobench never overwrites results")
-    state = Checkpointer.load_state(run_dir)
+    state = Checkpointer.load_state(directory)
     if state is None:
         raise ZobenchError(f"{run_dir} holds a {status} run that left no checkpoint to resume from; "
                            f"zobench never overwrites results: start a new run")
@@ -97,13 +101,16 @@ def _resumable_state(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
     if saved != OmegaConf.to_yaml(cfg, resolve=True):
         raise ZobenchError(f"{run_dir} was started with another config; resume it as it was with "
                            f"`zobench resume={run_dir}`")
+    directory.fingerprint("config", saved)  # config.yaml edited to match another command line: refused
+    directory.rewind(state["records"], state["step"])
     log.info("resuming the %s run in %s from step %d", status, run_dir, state["step"])
     return state
 
 
 class Job:
-    def __init__(self, cfg: DictConfig, run_dir: Path, resume_state: dict[str, Any] | None = None):
-        self.cfg, self.run_dir, self.resume_state = cfg, run_dir, resume_state
+    def __init__(self, cfg: DictConfig, directory: RunDir, resume_state: dict[str, Any] | None = None):
+        self.cfg, self.directory, self.resume_state = cfg, directory, resume_state
+        self.run_dir = run_dir = directory.path
         self.device = torch.device("cpu")
         self.counter = PassCounter()  # every forward/backward/token, training and evaluation
         self.eval_tokens = 0
@@ -115,7 +122,7 @@ class Job:
         self.saveable = None  # what save_model writes: the model, or a PEFT adapter alone
         self.stop_requested = False  # set by SIGTERM/SIGINT during training: stop after the step
         self.in_training_loop = False
-        self.log = JsonlLog(run_dir / "log.jsonl")
+        self.log = JsonlLog(directory.records("log.jsonl"))
         self.clock = Stopwatch(self.device)
         self.metrics: dict[str, Any] = {
             "task": cfg.task.name, "model": cfg.model.name, "optimizer": cfg.optimizer.name,
@@ -175,9 +182,10 @@ class Job:
         # counted once the optimizer is built: head-tuning chooses its trained parameters there
         self.metrics["n_trainable_params"] = sum(p.numel() for p in trained_parameters(model).values()) if trains else 0
         evaluator = _Evaluator(objective, task, tokenizer, classification, cfg, self.device)
-        self.best = BestWeights(model, str(cfg.train.keep_best) if trains else "none", self.run_dir)
+        self.best = BestWeights(model, str(cfg.train.keep_best) if trains else "none", self.run_dir,
+                                step=lambda: self.metrics["steps"])
         if trains:
-            self.checkpointer = Checkpointer(self.run_dir, model, optimizer, bool(cfg.checkpoint.weights))
+            self.checkpointer = Checkpointer(self.directory, model, optimizer, bool(cfg.checkpoint.weights))
             start = self._resume(optimizer) if self.resume_state is not None else 0
             self._train(optimizer, recording, encoded, tokenizer.pad_token_id, classification, evaluator, start)
             self.best.restore()
@@ -207,34 +215,24 @@ class Job:
 
     def _resume(self, optimizer) -> int:
         """Bring model and optimizer to the checkpoint's step; returns that step."""
-        state, checkpointer = self.resume_state, self.checkpointer
-        step, best_step = state["step"], self.metrics["best_step"]
-        if state["mode"] == "weights":
-            checkpointer.restore_weights()
-            optimizer.load_state_dict(state["optimizer"])
-            if best_step is not None and not self.best.adopt_saved():
-                log.warning("the best-on-dev weights (step %s) did not survive the stop (train.keep_best=%s); "
-                            "the test uses the best of the evaluations from now on", best_step, self.best.mode)
-                self.best_score = math.inf
-        else:  # the trajectory rebuilds the weights, and the best-on-dev copy on the way
-            replay(optimizer, read_trajectory(self.run_dir, up_to=step),
-                   on_step=lambda s: self.best.save() if s == best_step else None)
-        torch.set_rng_state(state["torch_rng"])
-        log.info("resumed at step %d (%s checkpoint)", step, state["mode"])
+        step, best_step = self.resume_state["step"], self.metrics["best_step"]
+        if not self.checkpointer.restore(self.resume_state, self.best, best_step):
+            log.warning("the best-on-dev weights (step %s) did not survive the stop (train.keep_best=%s); "
+                        "the test uses the best of the evaluations from now on", best_step, self.best.mode)
+            self.best_score = math.inf
+        log.info("resumed at step %d (%s checkpoint)", step, self.resume_state["mode"])
         return step
 
     def _save_model(self, tokenizer) -> None:
         """The tested weights (with PEFT: the adapter alone) as a save_pretrained folder, moved into place
         only once complete."""
-        target, partial = self.run_dir / "model", self.run_dir / "model.partial"
-        self.saveable.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        partial.replace(target)
-        self.metrics["saved_model"] = str(target)
+        self.metrics["saved_model"] = str(self.directory.save_folder(
+            "model", lambda partial: (self.saveable.save_pretrained(partial), tokenizer.save_pretrained(partial))))
 
     def _data(self, task: dict[str, Any]):
         splits = sample_task(task, self.cfg.data)
         source = splits.source
+        self.directory.fingerprint("data", [splits.train, splits.dev, splits.test])  # a resume refuses other data
         self.metrics.update(data_source=source, n_train=len(splits.train), n_dev=len(splits.dev),
                             n_test=len(splits.test))
         log.info("data: %d train / %d dev / %d test from %s", len(splits.train), len(splits.dev),
@@ -398,25 +396,27 @@ class Job:
         self.fail("failed", message)
         return message
 
+    def diverged_step(self) -> int:
+        """The step whose loss was not finite: one past the last recorded when the optimizer raised it."""
+        pending = self.checkpointer is not None and self.checkpointer.pending_step()
+        return self.metrics["steps"] + (1 if pending else 0)
+
     def close(self) -> None:
-        if self.best is not None and self.metrics["status"] in ("completed", "diverged"):
-            self.best.discard()  # an interrupted or failed run keeps it for its resume
-        if self.checkpointer is not None:
-            self.checkpointer.close()
-        total = self._elapsed()
-        memory, method = peak_memory(self.device)
-        train_s = self.metrics["train_wall_clock_s"] or 0.0
-        self.metrics.update(
-            wall_clock_s=total, peak_memory_bytes=memory, peak_memory_method=method, finished_at=_now(),
-            forward_passes_per_s=(self.metrics["forward_passes"] / train_s) if train_s else None,
-            tokens_per_s=(self.metrics["tokens"] / train_s) if train_s else None,
-        )
-        self._write_metrics()
-        self.log.finish(self.metrics)
-        self.log.close()
+        """metrics.json gets the run's end whatever else fails here (RunDir.write_metrics says in one line
+        if even that cannot be written)."""
+        try:
+            if self.best is not None and self.metrics["status"] in ("completed", "diverged"):
+                self.best.discard()  # an interrupted or failed run keeps it for its resume
+            self.metrics.update(final_figures(self.metrics, self._elapsed(), self.device), finished_at=_now())
+            self.log.finish(self.metrics)
+        finally:
+            try:
+                self.directory.write_metrics(self.metrics, final=True)
+            finally:
+                self.log.close()
 
     def _write_metrics(self) -> None:
-        atomic_write_json(self.run_dir / "metrics.json", self.metrics)
+        self.directory.write_metrics(self.metrics)
 
 
 class _Evaluator:
