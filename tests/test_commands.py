@@ -10,6 +10,7 @@ import pytest
 from conftest import QUICK, run_cli
 
 from zobench.report.cli import main as report_main
+from zobench.run_dir import MARKER
 
 
 def _one_line(stderr: str) -> str:
@@ -101,6 +102,7 @@ def test_a_template_in_a_copied_run_folder_cannot_run_a_command_on_resume(tmp_pa
     """resume=DIR re-applies DIR/overrides.yaml: a payload there is refused by the sandbox."""
     run_dir, marker = tmp_path / "run", tmp_path / "pwned"
     run_dir.mkdir()
+    (run_dir / MARKER).write_text("")  # a zobench run folder, copied from elsewhere
     payload = f"task.prompt='{{{{ cycler.__init__.__globals__.os.popen(\"touch {marker}\").read() }}}}'"
     (run_dir / "overrides.yaml").write_text(json.dumps([*QUICK, "train.steps=2", payload]))
     result = run_cli(f"resume={run_dir}")
@@ -114,7 +116,7 @@ def test_a_full_disk_during_a_run_is_one_line_and_exit_1(tmp_path, monkeypatch, 
 
     from zobench import cli, run
 
-    def disk_full(cfg, run_dir):
+    def disk_full(cfg, run_dir, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(run_dir) / "log.jsonl"))
 
     monkeypatch.setattr(run, "run", disk_full)

@@ -191,6 +191,9 @@ def main() -> None:
     except ZobenchError as error:
         _say(f"error: {error}")
         sys.exit(2)
+    except OSError as error:  # a run folder that cannot be made (read-only, a file in the way, disk full)
+        _say(f"error: {os_error_line(error)}")
+        sys.exit(1)
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing a traceback: we say one line
     try:
@@ -212,7 +215,8 @@ def main() -> None:
         _say(f"failed: {type(error).__name__}: {' '.join(str(error).split())}")
         sys.exit(1)
     if sweep.failed:
-        _say(f"{sweep.failed} of {len(sweep.statuses)} jobs failed (their errors are above; a job that started has its metrics.json)")
+        _say(f"{sweep.failed} of {len(sweep.statuses)} jobs failed "
+             f"(their errors are above; a job that started has its metrics.json)")
         sys.exit(1)
 
 
