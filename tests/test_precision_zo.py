@@ -245,3 +245,18 @@ def test_paper_presets_name_their_references_regime():
             assert policy.master_weights and policy.loss_scaling == "dynamic" and policy.grad_clip == 1.0
         else:
             assert policy.zo_update == "reference" and policy.loss_dtype == "weights", path.name
+
+
+def test_numerics_benchmark_prints_both_tables():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "numerics.py"
+    out = subprocess.run([sys.executable, str(script), "--only", "mezo", "--steps", "1", "--weights", "65536"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines()]
+    fp16 = [row for row in rows if row[:2] == ["1e-06", "float16"]]
+    assert fp16 and float(fp16[0][3]) == pytest.approx(1, abs=0.1)  # zobench's column lands the step
+    assert any(row[:2] == ["mezo", "float16"] and row[3] == "0" and row[5] == "0" for row in rows)  # no inf/NaN
