@@ -42,12 +42,12 @@ def landed(moved: torch.Tensor, intended: torch.Tensor) -> float:
 
 
 # -- 1. the engine on Gaussian weights ---------------------------------------------------------------
-def engine_table(n: int) -> None:
+def engine_table(n: int, device: str) -> None:
     from zobench.optim.engine import PerturbationEngine
     from zobench.precision import Precision
 
-    theta0 = torch.randn(n, generator=torch.Generator().manual_seed(0)) * 0.02
-    print(f"1. MeZO step on {n / 2**20:g}M weights ~ N(0, 0.02²), eps 1e-3: landed fraction of −lr·g·z")
+    theta0 = (torch.randn(n, generator=torch.Generator().manual_seed(0)) * 0.02).to(device)
+    print(f"1. MeZO step on {device}, {n / 2**20:g}M weights ~ N(0, 0.02²), eps 1e-3: landed fraction of −lr·g·z")
     print(f"   {'lr·g':>8} {'dtype':>9} {'reference':>10} {'zobench':>10}")
     for lr_times_g in (1e-7, 1e-6, 1e-5):
         for name, dtype in DTYPES.items():
@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--weights", type=int, default=1 << 22, help="Gaussian weights for table 1")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    engine_table(args.weights)
+    engine_table(args.weights, args.device)
     optimizer_table(args)
 
 
