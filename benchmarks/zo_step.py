@@ -9,7 +9,8 @@ torch.normal per parameter, four passes over the weights: +eps, -2eps, +eps, upd
 (VmHWM on CPU, max_memory_allocated on CUDA) of an evaluation-only process and of a MeZO-training
 process, each measured in its own subprocess so one's high-water mark does not hide the other's.
 Goals (issues #3, #8): step <= 1.15 x two forwards; zobench / reference step <= 0.9;
-MeZO peak <= 1.05 x inference peak.
+MeZO peak <= 1.05 x inference peak. Both zo_update modes (precision.zo_update: fused, reference) are timed
+and measured (issue 13).
 """
 
 from __future__ import annotations
@@ -24,19 +25,21 @@ import time
 import torch
 
 
-def build(model_name: str, batch_size: int, device: str):
+def build(model_name: str, batch_size: int, device: str, zo_update: str = "fused"):
     from common import benchmark_setup
 
     from zobench.encoding import collate
     from zobench.models import parameter_count
     from zobench.objective import Objective
     from zobench.optim import build_optimizer
+    from zobench.precision import Precision
 
     cfg, model, tokenizer, examples, dev = benchmark_setup(model_name, batch_size, device,
                                                            ["optimizer=mezo", "optimizer.lr=1e-6"])
     batch = collate(examples, tokenizer.pad_token_id, classification=True).to(dev)
     objective = Objective(model)
-    optimizer = build_optimizer(cfg.optimizer, model, objective, seed=0, total_steps=10**6)
+    optimizer = build_optimizer(cfg.optimizer, model, objective, seed=0, total_steps=10**6,
+                                precision=Precision(weights=next(model.parameters()).dtype, zo_update=zo_update))
     return model, objective, optimizer, batch, parameter_count(model), dev
 
 
@@ -83,6 +86,12 @@ def reference_step(model, objective, batch, eps: float, lr: float, seed: int) ->
 def speed(args) -> None:
     model, objective, optimizer, batch, n_params, dev = build(args.model, args.batch_size, args.device)
     model.eval()
+    from zobench.optim import build_optimizer
+    from zobench.precision import Precision
+
+    # the same MeZO with precision.zo_update=reference (MeZO trainer.py's rounding), on the same model
+    as_reference = build_optimizer(optimizer.cfg, model, objective, seed=0, total_steps=10**6,
+                                   precision=Precision(weights=next(model.parameters()).dtype, zo_update="reference"))
 
     def forward():
         with torch.inference_mode():
@@ -91,23 +100,27 @@ def speed(args) -> None:
     for _ in range(2):  # warm-up
         forward()
         optimizer.step(batch)
-    forwards, steps, perturbs, references = [], [], [], []
+        as_reference.step(batch)
+    forwards, steps, perturbs, references, modes = [], [], [], [], []
     for _ in range(args.repeats):  # interleaved, so drifting machine load hits all alike
         forwards.append(timed(forward, dev))
         steps.append(timed(lambda: optimizer.step(batch), dev))
+        modes.append(timed(lambda: as_reference.step(batch), dev))
         perturbs.append(timed(lambda: optimizer.engine.perturb(0, 0.0), dev))
         references.append(timed(lambda: reference_step(model, objective, batch, 1e-3, 1e-6, 0), dev))
-    f, s, p, r = (statistics.median(x) for x in (forwards, steps, perturbs, references))
+    f, s, p, r, m = (statistics.median(x) for x in (forwards, steps, perturbs, references, modes))
     tokens = int(batch.attention_mask.sum())
     print(f"model {args.model} (random init, {n_params / 1e6:.1f}M params) on {dev}, "
           f"{torch.get_num_threads()} threads; batch {args.batch_size} examples = "
           f"{batch.input_ids.shape[0]} sequences x {batch.input_ids.shape[1]} tokens ({tokens} real)")
     print(f"median of {args.repeats}:")
     print(f"  inference forward          {f * 1e3:9.1f} ms")
-    print(f"  MeZO step                  {s * 1e3:9.1f} ms")
+    print(f"  MeZO step                  {s * 1e3:9.1f} ms   (zo_update=fused)")
+    print(f"  MeZO step, reference mode  {m * 1e3:9.1f} ms   (zo_update=reference)")
     print(f"  one pass regenerating z    {p * 1e3:9.1f} ms   (a step makes 3)")
     print(f"  reference-style MeZO step  {r * 1e3:9.1f} ms   (4 passes, torch.normal per parameter)")
     print(f"  step / (2 x forward)       {s / (2 * f):9.3f}    goal <= 1.15")
+    print(f"  reference-mode step / (2 x forward) {m / (2 * f):9.3f}")
     print(f"  reference / (2 x forward)  {r / (2 * f):9.3f}")
     print(f"  zobench / reference step   {s / r:9.3f}    goal <= 0.9")
 
@@ -116,7 +129,9 @@ def memory_probe(args) -> None:
     """Child process: build, run `mode` a few times, print the peak as JSON."""
     from zobench.records import peak_memory, reset_peak_memory
 
-    model, objective, optimizer, batch, _, dev = build(args.model, args.batch_size, args.device)
+    zo_update = "reference" if args.probe == "mezo-reference" else "fused"
+    model, objective, optimizer, batch, _, dev = build(args.model, args.batch_size, args.device, zo_update)
+    optimizer.engine.threads = args.engine_threads
     reset_peak_memory(dev)
     for _ in range(3):
         if args.probe == "eval":
@@ -129,16 +144,19 @@ def memory_probe(args) -> None:
 
 def memory(args) -> None:
     peaks = {}
-    for mode in ("eval", "mezo"):
+    for mode in ("eval", "mezo", "mezo-reference"):
         out = subprocess.run([sys.executable, __file__, "--probe", mode, "--model", args.model,
-                              "--batch-size", str(args.batch_size), "--device", args.device],
+                              "--batch-size", str(args.batch_size), "--device", args.device,
+                              *(["--engine-threads", str(args.engine_threads)] if args.engine_threads else [])],
                              capture_output=True, text=True, check=True)
         peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     method = peaks["eval"]["method"]
     print(f"peak memory ({method}, each in its own process):")
     print(f"  evaluation only            {peaks['eval']['bytes'] / 2**20:9.1f} MiB")
     print(f"  MeZO training              {peaks['mezo']['bytes'] / 2**20:9.1f} MiB")
+    print(f"  MeZO reference mode        {peaks['mezo-reference']['bytes'] / 2**20:9.1f} MiB")
     print(f"  MeZO / evaluation          {peaks['mezo']['bytes'] / peaks['eval']['bytes']:9.3f}    goal <= 1.05")
+    print(f"  reference-mode MeZO / evaluation {peaks['mezo-reference']['bytes'] / peaks['eval']['bytes']:9.3f}")
 
 
 def main() -> None:
@@ -147,12 +165,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--probe", choices=["eval", "mezo"], help=argparse.SUPPRESS)
+    parser.add_argument("--engine-threads", type=int, default=None,
+                        help="threads sharing the engine's CPU blocks in the memory probes (default: torch's)")
+    parser.add_argument("--memory-only", action="store_true", help="skip the timings")
+    parser.add_argument("--probe", choices=["eval", "mezo", "mezo-reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         memory_probe(args)
         return
-    speed(args)
+    if not args.memory_only:
+        speed(args)
     memory(args)
 
 

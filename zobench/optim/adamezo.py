@@ -11,7 +11,8 @@ h + 1 steps (all of them if h < 2) plain MeZO steps. A third-party summary write
 inside the root; where it differs, the code is what produced the paper's numbers.
 Cost: h regenerations of z per step for the update plus MeZO's two perturbation passes, the restore
 fused in (h + 2; the reference makes h + 3). Memory: m and v exist for one block of 2^20 weights at a
-time (fp32, so c²z² cannot overflow fp16), never for a whole layer: the peak stays MeZO's.
+time, never for a whole layer: the peak stays MeZO's. 16-bit: see `update` for the sums' dtype; θ's update
+rounds as precision.zo_update says (numerics.py: reference = trainer.py's param.data - lr*(g + wd*param.data)).
 """
 
 from __future__ import annotations
@@ -50,19 +51,27 @@ class AdaMeZO(MeZO):
         weights = [(c * self.beta1 ** (newest - i), c * c * self.beta2 ** (newest - i))
                    for i, (_, c) in enumerate(self.history)]
 
+        numerics = self.engine.numerics
+        # the sums in precision.state_dtype: `weights` as the reference (its temp_grad/temp_hess are zeros of the
+        # param's dtype), each accumulation rounded there and saturating at its largest finite value (c²z² can
+        # pass fp16's 65504, where the reference's √v is inf); `float32` by default. δ and the division in fp32.
+        in_state_dtype = self.precision.half and self.precision.state_dtype == "weights"
+
         def rule(index, theta, zs, offset):
             m = self.engine.scratch(theta, "m", torch.float32).zero_()
             v = self.engine.scratch(theta, "v", torch.float32).zero_()
+            limit = torch.finfo(theta.dtype).max
             for (w1, w2), z in zip(weights, zs):
-                z = z.float()
+                z = numerics.f32(theta, z, "n_a")
                 m.add_(z, alpha=w1)
                 v.addcmul_(z, z, value=w2)
+                if in_state_dtype:
+                    numerics.round_(theta, m.clamp_(-limit, limit))
+                    numerics.round_(theta, v.clamp_(max=limit))
             if self.beta2 == 0:
                 v.fill_(1.0)  # the reference's momentum-only mode
-            m.div_(v.sqrt_().add_(self.delta))
-            if lr_times_wd and self.engine.decays[index]:
-                theta.mul_(1.0 - lr_times_wd)
-            theta.add_(m.to(theta.dtype), alpha=-lr * self.scale)
+            m.div_(v.sqrt_().add_(self.delta)).mul_(self.scale)
+            numerics.descend(theta, m, lr, lr_times_wd if self.engine.decays[index] else 0.0)
 
         self.engine.update([s for s, _ in self.history], rule, restore=(seed, self.eps) if restore else None)
         self.last_projected_grads = pairs

@@ -14,6 +14,8 @@ Three ways to use it:
   after it; θ itself never changes, so a mask computed from θ is the same for +eps, -eps and the update;
 - block by block (`update`): a rule gets each block of θ with the blocks of z of any number of seeds,
   for stateful or adaptive updates (AdaMeZO, ZO-Adam, ZO-SGD with momentum).
+How each block's arithmetic rounds (precision.zo_update: MeZO's reference rounding or zobench's fused
+one) lives in numerics.py; the engine and the rules call it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from ..precision import Precision
+from .numerics import Numerics
 
 BLOCK = 1 << 20  # elements per independently seeded block of z on CPU (4 MiB in fp32)
 CUDA_BLOCK = 1 << 24  # on CUDA: see block_size
@@ -72,11 +77,12 @@ def _block_seed(seed: int, index: int, block: int) -> int:
 
 class PerturbationEngine:
     def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]], seed: int,
-                 mask: Mask | None = None):
+                 mask: Mask | None = None, precision: Precision | None = None):
         # named_parameters() yields a tied weight (OPT's embedding = LM head) once: perturbed once.
         self.named = [(name, p) for name, p in named_parameters if p.requires_grad]
         self.decays = [decays(name) for name, _ in self.named]
         self.mask = mask  # Sparse MeZO: z is multiplied by the 0/1 mask of the unperturbed θ
+        self.numerics = Numerics(precision, self.scratch)  # how each block's arithmetic rounds (numerics.py)
         self._seeds = np.random.RandomState(seed)
         self._local = threading.local()  # a generator per device and thread: see _each_block
         self._pool: ThreadPoolExecutor | None = None
@@ -167,35 +173,35 @@ class PerturbationEngine:
     def perturb(self, seed: int, scale: float) -> None:
         """θ ← θ + scale·z(seed)."""
         self._unmasked_only()
-        self._each_block(lambda index, block, theta: theta.add_(
-            self._fill(self.scratch(theta), seed, index, block), alpha=scale))
+        self._each_block(lambda index, block, theta: self.numerics.shift(
+            theta, self._fill(self.scratch(theta), seed, index, block), scale))
 
-    def apply(self, terms: list[tuple[int, float, float]], lr_times_wd: float = 0.0) -> None:
+    def apply(self, terms: list[tuple[int, float, float]], lr: float, lr_times_wd: float = 0.0,
+              replay: Sequence[float] = ()) -> None:
         """One pass: restore, decay and update, regenerating each term's z once.
 
-        Each term (seed, restore, step) means θ ← θ + restore·z(seed) (undo a perturbation), then
-        θ ← θ − step·z(seed) (the update); on parameters that decay, the restored θ is first scaled by
-        (1 − lr·wd): θ ← (1 − lr·wd)(θ + Σ restore·z) − Σ step·z, the MeZO update θ − lr(g·z + wd·θ).
+        Each term (seed, restore, c) means θ ← θ + restore·z(seed) (undo a perturbation), then the
+        MeZO update θ ← θ − lr·(Σ c·z(seed) + wd·θ), the decay on parameters that decay (and, with a
+        mask, on the weights it trains). How it rounds: numerics.py (fused: one rounding; reference: as
+        MeZO's trainer.py). `replay`: perturbation scales θ is first shifted by along the first term's
+        z, for a masked engine that perturbed in the forward and so never moved θ (Sparse MeZO).
         """
-        self._unmasked_only()
+        if replay:
+            terms = sorted(terms, key=lambda term: term[1] == 0.0)  # the replayed, restored term first
 
         def one(index, block, theta):
-            keep = 1.0 - lr_times_wd if self.decays[index] else 1.0
-            if keep != 1.0:
-                theta.mul_(keep)
-            z = None
-            for seed, restore, step in terms:
-                coefficient = keep * restore - step
-                if coefficient != 0.0:
-                    z = self._fill(self.scratch(theta) if z is None else z, seed, index, block)
-                    theta.add_(z, alpha=coefficient)
+            mask = self.mask(index, theta) if self.mask is not None else None
+            zs = self._block_stream([seed for seed, _, _ in terms], index, theta, block, mask, None)
+            self.numerics.restore_and_descend(theta, zip([(restore, c) for _, restore, c in terms], zs), lr,
+                                              lr_times_wd if self.decays[index] else 0.0, mask, replay)
 
         self._each_block(one)
 
     # -- in the forward (Sparse MeZO) --------------------------------------------------------------
     @contextmanager
-    def perturbed_in_forward(self, model: torch.nn.Module, seed: int, scale: float):
-        """Inside, every module's forward sees its own parameters at θ + scale·z(seed) (masked).
+    def perturbed_in_forward(self, model: torch.nn.Module, seed: int, *scales: float):
+        """Inside, every module's forward sees its own parameters at θ + scale·z(seed) (masked), or, given
+        several scales, at θ shifted by each in turn (MeZO's +eps then −2eps, rounded as MeZO's are).
 
         The perturbed copy of a parameter lives only while its module runs (one layer at a time, as
         MeZO's in-place z does), and θ is never written: leaving restores it exactly. A tied weight is
@@ -210,7 +216,7 @@ class PerturbationEngine:
                 index = index_of.get(id(param))
                 if index is not None and id(param) not in swapped:
                     swapped[id(param)] = (param.data, module)
-                    param.data = self._perturbed_copy(seed, index, param.data, scale)
+                    param.data = self._perturbed_copy(seed, index, param.data, scales)
 
         def after(module, args, output):
             for param in module.parameters(recurse=False):
@@ -229,16 +235,18 @@ class PerturbationEngine:
                 param.data = swapped.pop(id(param))[0]
 
     @torch.no_grad()
-    def _perturbed_copy(self, seed: int, index: int, theta: torch.Tensor, scale: float) -> torch.Tensor:
+    def _perturbed_copy(self, seed: int, index: int, theta: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
         out = torch.empty_like(theta)
         flat, source = out.view(-1), theta.reshape(-1)
 
         def one(block, theta_part, part):
-            self._fill(part, seed, index, block)
+            z = self._fill(self.scratch(part), seed, index, block)
             keep = self.mask(index, theta_part) if self.mask is not None else None
             if keep is not None:
-                part.mul_(keep)
-            part.mul_(scale).add_(theta_part)
+                z.mul_(keep)
+            part.copy_(theta_part)
+            for scale in scales:  # rounded as the engine's in-place perturbations are
+                self.numerics.shift(part, z, scale)
 
         self._run(one, [(block, source[part], flat[part]) for block, part in _blocks(flat)])
         return out
@@ -270,6 +278,6 @@ class PerturbationEngine:
             if keep is not None:
                 z.mul_(keep)
             if pending is not None and seed == pending[0]:
-                theta.add_(z, alpha=pending[1])
+                self.numerics.shift(theta, z, pending[1])
                 pending = None  # once, even if an old seed repeats
             yield z

@@ -28,7 +28,7 @@ class MeZO(Optimizer):
             raise ZobenchError(f"optimizer.eps must be > 0, got {self.eps}")
         if self.q < 1:
             raise ZobenchError(f"optimizer.q (directions per step) must be >= 1, got {self.q}")
-        self.engine = PerturbationEngine(model.named_parameters(), seed)
+        self.engine = PerturbationEngine(model.named_parameters(), seed, precision=self.precision)
         self.last_projected_grads: list[tuple[int, float]] = []  # (seed, g) of the last step
 
     def _loss(self, batch) -> float:
@@ -49,7 +49,7 @@ class MeZO(Optimizer):
                 raise Diverged(f"loss is {loss_plus if not math.isfinite(loss_plus) else loss_minus}")
             if k < self.q - 1:  # every direction is evaluated at the same θ
                 self.engine.perturb(seed, self.eps)
-            pairs.append((seed, (loss_plus - loss_minus) / (2 * self.eps)))
+            pairs.append((seed, self.engine.numerics.projected_gradient(loss_plus, loss_minus, self.eps)))
             losses.append((loss_plus + loss_minus) / 2)
         return pairs, sum(losses) / len(losses)
 
@@ -59,11 +59,14 @@ class MeZO(Optimizer):
 
     def update(self, pairs: list[tuple[int, float]], lr: float, lr_times_wd: float, restore: bool) -> None:
         """θ ← θ − lr·(1/q)·Σ scale(g_k)·z_k, decayed by (1 − lr_times_wd); `restore` fuses the restore in."""
-        last_seed = pairs[-1][0]
-        terms = [(seed, self.eps if restore and seed == last_seed else 0.0, lr * self.step_scale(g) / self.q)
-                 for seed, g in pairs]
-        self.engine.apply(terms, lr_times_wd=lr_times_wd)
+        self.engine.apply(self._terms(pairs, restore), lr, lr_times_wd)
         self.last_projected_grads = pairs
+
+    def _terms(self, pairs, restore: bool) -> list[tuple[int, float, float]]:
+        """The engine's (seed, restore, c) terms: the last direction's restore, c = scale(g_k)/q."""
+        last_seed = pairs[-1][0]
+        return [(seed, self.eps if restore and seed == last_seed else 0.0, self.step_scale(g) / self.q)
+                for seed, g in pairs]
 
     def step_scale(self, g: float) -> float:
         """What multiplies z in the update: g itself (ZO-SGD-Sign uses its sign)."""

@@ -11,7 +11,9 @@
   mask). GetMask's pseudocode compares θ ≤ h; the text means magnitude, so |θ| ≤ h here.
 - Memory as the paper's S-MeZO-EI: θ is never perturbed in place; each module builds its perturbed
   weights in its own forward and frees them (engine.perturbed_in_forward), masks exist one block of
-  2^20 weights at a time. So m is the same for +ε, −ε and the update, and the restore is exact.
+  2^20 weights at a time. So m is the same for +ε, −ε and the update. The −ε copy and the update replay
+  MeZO's in-place chain (θ + ε·z, then − 2ε·z, then the restore), rounded as MeZO's (engine numerics), so
+  sparsity 0 is MeZO bit for bit in every dtype and precision.zo_update mode.
 - Weight decay (not in the paper; 0 by default) shrinks only the trained, masked-in weights.
 - A matrix whose threshold is 0 (at least 1 − sparsity of it exactly zero: LoRA's zero-initialised B)
   has no magnitudes to choose by: masked by |θ| ≤ 0 it would freeze after its first update, so it is
@@ -37,7 +39,7 @@ class SparseMeZO(MeZO):
         if not 0.0 <= sparsity < 1.0:
             raise ZobenchError(f"optimizer.sparsity (fraction of each weight matrix left frozen) must be in [0, 1), "
                                f"got {sparsity}")
-        self.engine = PerturbationEngine(model.named_parameters(), seed, mask=self.mask)
+        self.engine = PerturbationEngine(model.named_parameters(), seed, mask=self.mask, precision=self.precision)
         thresholds = {index: magnitude_threshold(param, 1.0 - sparsity)
                       for index, (_, param) in enumerate(self.engine.named) if sparsity > 0 and param.dim() >= 2}
         self.thresholds = {index: h for index, h in thresholds.items() if h > 0}
@@ -55,35 +57,27 @@ class SparseMeZO(MeZO):
         pairs, losses = [], []
         for _ in range(self.q):
             seed = self.engine.draw_seed()
-            loss_plus, loss_minus = self._loss_at(batch, seed, self.eps), self._loss_at(batch, seed, -self.eps)
+            # θ + eps·z, then (θ + eps·z) − 2eps·z: MeZO's in-place chain, rounded as MeZO's (sparsity 0 ≡ MeZO)
+            loss_plus = self._loss_at(batch, seed, self.eps)
+            loss_minus = self._loss_at(batch, seed, self.eps, -2 * self.eps)
             if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
                 raise Diverged(f"loss is {loss_plus if not math.isfinite(loss_plus) else loss_minus}")
-            pairs.append((seed, (loss_plus - loss_minus) / (2 * self.eps)))
+            pairs.append((seed, self.engine.numerics.projected_gradient(loss_plus, loss_minus, self.eps)))
             losses.append((loss_plus + loss_minus) / 2)
         return pairs, sum(losses) / len(losses)
 
-    def _loss_at(self, batch, seed: int, scale: float) -> float:
-        with self.engine.perturbed_in_forward(self.model, seed, scale):
+    def _loss_at(self, batch, seed: int, *scales: float) -> float:
+        with self.engine.perturbed_in_forward(self.model, seed, *scales):
             return self._loss(batch)
 
     def restore(self, pairs) -> None:
         """Nothing to undo: the perturbation only ever existed inside the forward passes."""
 
     def update(self, pairs, lr: float, lr_times_wd: float, restore: bool) -> None:
-        coefficients = [lr * g / self.q for _, g in pairs]
-
-        def rule(index, theta, zs, offset):
-            if lr_times_wd and self.engine.decays[index]:
-                # θ is still as on entry: the same mask the zs carry (rewritten into the same buffer)
-                trained = self.mask(index, theta)
-                if trained is None:
-                    theta.mul_(1.0 - lr_times_wd)
-                else:
-                    theta.addcmul_(theta, trained, value=-lr_times_wd)
-            for coefficient, z in zip(coefficients, zs):
-                theta.add_(z, alpha=-coefficient)
-
-        self.engine.update([seed for seed, _ in pairs], rule)
+        """MeZO's update on the masked z; with `restore`, θ first replays the perturbations MeZO would have
+        left on it (+eps, −2eps, rounded as MeZO's), so that sparsity 0 is MeZO bit for bit in every dtype."""
+        replay = (self.eps, -2 * self.eps) if restore else ()
+        self.engine.apply(self._terms(pairs, restore), lr, lr_times_wd, replay=replay)
         self.last_projected_grads = pairs
 
 

@@ -3,7 +3,7 @@ trainer `zo_adam`: torch.optim.Adam with its defaults), the memory-hungry method
 With ĝ the zeroth-order estimate (MeZO's Eq. 1 times z) and t the step (Kingma & Ba, Algorithm 1):
   m ← β1·m + (1 − β1)·ĝ,   v ← β2·v + (1 − β2)·ĝ²
   θ ← θ − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + ε_adam)     (torch.optim.Adam's arithmetic)
-Two stored moments per parameter: three times MeZO's parameter memory.
+Two stored moments per parameter: three times MeZO's parameter memory (in fp32 state: five times, with fp16 weights).
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ class ZOAdam(StatefulZO):
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ZobenchError(f"optimizer.betas must be in [0, 1), got {list(cfg.betas)}")
 
-    def step_block(self, theta, grad, state, lr) -> None:
+    def step_block(self, grad, state, lr):
         exp_avg, exp_avg_sq = state
         exp_avg.lerp_(grad, 1 - self.beta1)
         exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
         correction1 = 1 - self.beta1 ** self.updates
         correction2_root = math.sqrt(1 - self.beta2 ** self.updates)
-        denominator = torch.sqrt(exp_avg_sq, out=self.engine.scratch(theta, "denominator"))
+        # ε added in fp32, to the fp32 √v̂ of this block: torch adds it in the state's dtype, where 1e-8
+        # rounds to 0 in fp16 and a v that underflowed (|ĝ| < ~8e-3) then divides by zero (issue 13)
+        denominator = torch.sqrt(exp_avg_sq, out=self.engine.scratch(grad, "denominator"))
         denominator.div_(correction2_root).add_(self.adam_eps)
-        theta.addcdiv_(exp_avg, denominator, value=-lr / correction1)
+        return torch.div(exp_avg, denominator, out=denominator).div_(correction1)

@@ -19,7 +19,6 @@ class ZOSGDMomentum(StatefulZO):
         if not 0.0 <= self.momentum < 1.0:
             raise ZobenchError(f"optimizer.momentum must be in [0, 1), got {self.momentum}")
 
-    def step_block(self, theta, grad, state, lr) -> None:
+    def step_block(self, grad, state, lr):
         buffer, = state
-        buffer.mul_(self.momentum).add_(grad)
-        theta.add_(buffer, alpha=-lr)
+        return buffer.mul_(self.momentum).add_(grad)

@@ -5,6 +5,9 @@ cost these baselines are there to show. ZO-Bench sets param.grad = ĝ and calls 
 parameter by parameter; here the rule runs block by block (the engine's `update`), with the restore
 after the −eps evaluation fused into the same pass, and torch.optim's arithmetic. Weight decay, as in
 torch.optim, is L2 added to the estimate (ZO-Bench passes none; 0 by default).
+16-bit weights: the restore rounds as precision.zo_update says (numerics.py); the rule runs in fp32 on each
+block and θ is rounded once, as torch's single-tensor Adam/SGD do on CUDA (fp32 opmath); the state is kept
+in precision.state_dtype (`weights` = the reference's, torch's zeros_like(param); `float32` by default).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .mezo import MeZO
+from .numerics import WIDE
 
 
 class StatefulZO(MeZO):
@@ -22,7 +26,8 @@ class StatefulZO(MeZO):
         self.state: dict[int, list[torch.Tensor]] = {}  # parameter index -> its full-size state tensors
         self.updates = 0
 
-    def step_block(self, theta: torch.Tensor, grad: torch.Tensor, state: list[torch.Tensor], lr: float) -> None:
+    def step_block(self, grad: torch.Tensor, state: list[torch.Tensor], lr: float) -> torch.Tensor:
+        """Advances the fp32 state blocks by the fp32 gradient block; returns the step d (θ ← θ − lr·d)."""
         raise NotImplementedError
 
     def update(self, pairs, lr: float, lr_times_wd: float, restore: bool) -> None:
@@ -32,21 +37,34 @@ class StatefulZO(MeZO):
             self._state(index)
 
         def rule(index, theta, zs, offset):
-            grad = self.engine.scratch(theta, "grad").zero_()
+            wide = theta.dtype if theta.dtype in WIDE else torch.float32  # the rule's arithmetic
+            grad = self.engine.scratch(theta, "grad", wide).zero_()
             for coefficient, z in zip(coefficients, zs):
-                grad.add_(z, alpha=coefficient)
+                grad.add_(self.engine.numerics.f32(theta, z, "n_a"), alpha=coefficient)
             if self.weight_decay and self.engine.decays[index]:
-                grad.add_(theta, alpha=self.weight_decay)
-            state = [s.view(-1)[offset:offset + theta.numel()] for s in self._state(index)]
-            self.step_block(theta, grad, state, lr)
+                grad.add_(self.engine.numerics.f32(theta, theta, "n_a"), alpha=self.weight_decay)
+            stored = [s.view(-1)[offset:offset + theta.numel()] for s in self._state(index)]
+            # the rule's arithmetic in fp32 (torch's kernels compute 16-bit in fp32 too), state stored back in its
+            # dtype, saturating at its largest finite value so a 16-bit state never holds inf
+            state = [s if s.dtype == wide else self.engine.scratch(theta, f"state{i}", wide).copy_(s)
+                     for i, s in enumerate(stored)]
+            step = self.step_block(grad, state, lr)
+            for s, s32 in zip(stored, state):
+                if s is not s32:
+                    limit = torch.finfo(s.dtype).max
+                    s.copy_(s32.clamp_(-limit, limit))
+            self.engine.numerics.descend(theta, step, lr, 0.0)
 
         self.engine.update([seed for seed, _ in pairs], rule, restore=(pairs[-1][0], self.eps) if restore else None)
         self.last_projected_grads = pairs
 
     def _state(self, index: int) -> list[torch.Tensor]:
+        """The parameter's state tensors, in precision.state_dtype: `weights` as ZO-Bench's torch optimizers keep
+        them (zeros_like(param)), or `float32`."""
         if index not in self.state:
             param = self.engine.named[index][1]
-            self.state[index] = [torch.zeros_like(param, memory_format=torch.contiguous_format)
+            dtype = self.precision.dtype_of(self.precision.state_dtype) if self.precision.half else param.dtype
+            self.state[index] = [torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
                                  for _ in self.state_names]
         return self.state[index]
 
