@@ -174,3 +174,30 @@ def test_adam_fp16_overflow_skips_the_step_and_lowers_the_scale():
     optimizer.step(batch)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert optimizer.scaler.scale == 2.0**199 and not optimizer.optimizer.state  # Adam never stepped
+
+
+# -- resume ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["ip_sgd", "adam"])
+def test_fp16_resume_continues_with_the_same_loss_scale(quick_cfg, tmp_path, monkeypatch, name):
+    """The scale grows every 2 clean steps here, so a resume that restarted it at 2**16 would step differently."""
+    from conftest import fail_once_at
+    from safetensors.torch import load_file
+
+    from zobench.checkpoint import Checkpointer
+    from zobench.optim import loss_scaling
+    from zobench.run import run
+
+    monkeypatch.setattr(loss_scaling.DynamicLossScaler.__init__, "__defaults__", (2.0**16, 2.0, 0.5, 2, 1.0))
+    cfg = quick_cfg(f"optimizer={name}", "dtype=float16", "precision.master_weights=true", "train.steps=6",
+                    "train.eval_interval=0", "checkpoint.every=2", "save_model=true", "data.n_dev=2", "data.n_test=2")
+    one_go = run(cfg, tmp_path / "one_go")
+    fail_once_at(monkeypatch, steps_done=4)
+    with pytest.raises(ZobenchError, match="out of memory at step 4"):
+        run(cfg, tmp_path / "resumed")
+    resumed = run(cfg, tmp_path / "resumed")
+    assert resumed["status"] == one_go["status"] == "completed" and resumed["resumed_at_step"] == 4
+    expected = load_file(str(tmp_path / "one_go" / "model" / "model.safetensors"))
+    final = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    scales = [Checkpointer.load_state(tmp_path / run_name)["optimizer"]["loss_scaler"] for run_name in ("one_go", "resumed")]
+    assert scales[0] == scales[1] and scales[0]["scale"] == 2.0**19  # grown at steps 2, 4, 6 (saved at step 6)
