@@ -106,6 +106,7 @@ def probe_time(args, names) -> None:
     from zobench.records import synchronize
 
     model, objective, batch, pair, device = load(args)
+    weights_dtype = next(model.parameters()).dtype  # as loaded (master weights convert a copy)
     steps = {name: work(args, name, model, objective, batch, pair, shared=True) for name in names}
     times = {name: [] for name in names}
     for _ in range(args.steps):
@@ -115,7 +116,7 @@ def probe_time(args, names) -> None:
             step()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
-    print(json.dumps({"params": parameter_count(model), "device": str(device),
+    print(json.dumps({"params": parameter_count(model), "device": str(device), "dtype": str(weights_dtype),
                       "tokens": int(batch.attention_mask.sum()),
                       "optimizers": {n: {"step_s": min(times[n]), "setup_s": steps[n][1]} for n in names}}))
 
@@ -172,7 +173,8 @@ def main() -> None:
 def report(args, timing, peaks) -> None:
     rows = {n: {**timing["optimizers"][n], "peak": peaks[n]["peak"]} for n in peaks}
     base, forward, method = rows["mezo"], rows["inference"], peaks["mezo"]["method"]
-    print(f"model {args.model} ({args.dtype} weights, random init, {timing['params'] / 1e6:.1f}M params) on {timing['device']}, "
+    dtype = timing["dtype"].removeprefix("torch.")
+    print(f"model {args.model} ({dtype} weights, random init, {timing['params'] / 1e6:.1f}M params) on {timing['device']}, "
           f"{torch.get_num_threads()} threads; batch {args.batch_size} SST-2 examples x 2 candidates "
           f"({timing['tokens']} real tokens); time: fastest of {args.steps} interleaved steps after 1 warm-up; "
           f"peak: {method}{' with a 128 KiB mmap threshold' if method != 'cuda_max_allocated' else ''}, "

@@ -128,6 +128,14 @@ def test_adam_on_plain_fp16_weights_is_refused_with_the_fix():
         setup("adam", torch.float16)
 
 
+def test_adam_on_plain_bf16_weights_stays_finite():
+    """bf16 has fp32's exponent range: eps and v do not flush to zero (the updates are coarse, not NaN)."""
+    model, optimizer, batch = setup("adam", torch.bfloat16)
+    for _ in range(2):
+        optimizer.step(batch)
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", ["adam", "sgd"])
 def test_master_weights_stay_fp32_and_steps_stay_finite(name, dtype):
