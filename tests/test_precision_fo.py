@@ -17,6 +17,7 @@ from zobench.errors import ZobenchError
 from zobench.models import load_model
 from zobench.objective import Objective
 from zobench.optim import build_optimizer
+from zobench.optim import ip_sgd
 from zobench.optim.engine import decays
 from zobench.optim.loss_scaling import DynamicLossScaler
 from zobench.precision import from_config
@@ -98,9 +99,11 @@ def test_ip_sgd_scale_grows_after_enough_clean_steps():
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
-def test_ip_sgd_fp32_arithmetic_is_the_fp32_update_rounded_once(dtype):
+def test_ip_sgd_fp32_arithmetic_is_the_fp32_update_rounded_once(dtype, monkeypatch):
     """θ' = round(θ − lr·(c·g/scale + wd·θ)), computed in fp32 from the (scaled) 16-bit gradient, for every
-    weight, clipped (c) at grad_clip: the oracle takes g from a plain backward of the same batch."""
+    weight, clipped (c) at grad_clip: the oracle takes g from a plain backward of the same batch. The fp32
+    copies are made a chunk at a time: chunks of 1000 elements here, so the tiny model's matrices split."""
+    monkeypatch.setattr(ip_sgd, "CHUNK", 1000)
     lr, wd, clip = 1e-4, 0.1, 0.5
     model, optimizer, batch = setup("ip_sgd", dtype, f"optimizer.lr={lr}", f"optimizer.weight_decay={wd}",
                                     grad_clip=clip)

@@ -12,7 +12,7 @@ a value that backward still needs.
 - the update arithmetic is per parameter in precision.update_dtype: with float32, θ and g of one
   parameter are upcast inside its hook, θ − lr·(g/scale·c + wd·θ) is computed in fp32 and rounded once into
   the 16-bit θ (lomo.py fuse_update, ~lines 86-102), so lr = 1e-4 steps land instead of rounding away.
-  At most one parameter's fp32 copy exists at a time: never a full fp32 model nor a full gradient set.
+  Only a chunk of one parameter (CHUNK elements) is ever in fp32: never a full fp32 model nor gradient set.
 - with loss scaling (fp16) or clipping, an in-place step cannot be undone once an overflow shows up half
   way through backward. LOMO's rule (lomo.py grad_norm, ~lines 177-209; lomo_trainer.py ~lines 114-172):
   a first backward only measures the unscaled gradients' norm and spots an overflow, freeing each
@@ -34,6 +34,8 @@ from ..models import trained_parameters
 from .base import Optimizer
 from .engine import decays
 from .loss_scaling import scaler_for
+
+CHUNK = 1 << 20  # elements upcast to fp32 at a time (4 MiB): the transient cost of fp32 arithmetic
 
 
 class InPlaceSGDStep:
@@ -79,7 +81,8 @@ class InPlaceSGDStep:
 
         @torch.no_grad()
         def measure(param: torch.Tensor) -> None:
-            squares.append(torch.linalg.vector_norm(param.grad, dtype=torch.float32).square())
+            squares.extend(torch.linalg.vector_norm(part, dtype=torch.float32).square()
+                           for part in _chunks(param.grad))
             param.grad = None
 
         self._backward(named, lambda name: measure, scaled, retain_graph=True)
@@ -93,16 +96,15 @@ class InPlaceSGDStep:
             def apply(param: torch.Tensor) -> None:
                 grad = param.grad
                 param.grad = None
-                upcast = param.dtype != self.update_dtype
-                theta = param.to(self.update_dtype) if upcast else param
-                grad = grad.to(self.update_dtype) if upcast else grad
-                if factor != 1.0:
-                    grad.mul_(factor)  # unscale and clip: 1/scale · c
-                if wd != 0.0:
-                    grad.add_(theta, alpha=wd)  # torch.optim.SGD: d_p = g + wd·θ
-                theta.add_(grad, alpha=-lr)
-                if upcast:
-                    param.copy_(theta)  # the one rounding into the weights' dtype
+                if param.dtype == self.update_dtype:
+                    _sgd_update(param, grad, lr, wd, factor)
+                    return
+                whole = not (param.is_contiguous() and grad.is_contiguous())
+                pairs = [(param, grad)] if whole else zip(_chunks(param), _chunks(grad))
+                for theta, part in pairs:  # fp32 a chunk at a time
+                    upcast = theta.to(self.update_dtype)
+                    _sgd_update(upcast, part.to(self.update_dtype), lr, wd, factor)
+                    theta.copy_(upcast)  # the one rounding into the weights' dtype
             return apply
 
         self._backward(named, hook_for, scaled, retain_graph=False)
@@ -122,6 +124,20 @@ class InPlaceSGDStep:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and "loss_scaler" in state:
             self.scaler.load_state_dict(state["loss_scaler"])
+
+
+def _sgd_update(theta: torch.Tensor, grad: torch.Tensor, lr: float, wd: float, factor: float) -> None:
+    """θ ← θ − lr·(factor·g + wd·θ), in θ's dtype; `grad` is overwritten."""
+    if factor != 1.0:
+        grad.mul_(factor)  # unscale and clip: 1/scale · c
+    if wd != 0.0:
+        grad.add_(theta, alpha=wd)  # torch.optim.SGD: d_p = g + wd·θ
+    theta.add_(grad, alpha=-lr)
+
+
+def _chunks(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Flat views of `tensor`, CHUNK elements each, so a 16-bit embedding matrix is never upcast whole."""
+    return tensor.view(-1).split(CHUNK) if tensor.is_contiguous() else (tensor,)
 
 
 class InPlaceSGD(Optimizer):
