@@ -3,6 +3,8 @@
     python benchmarks/optimizers.py                      # random-init OPT-125m size, byte tokenizer (CPU)
     python benchmarks/optimizers.py --model opt-tiny     # a quick check
     python benchmarks/optimizers.py --only mezo,adamezo  # a subset (inference and MeZO always run)
+    python benchmarks/optimizers.py --dtype float16      # 16-bit weights under the run's precision policy
+                                                         # (sgd/adam: fp32 master weights, as HF --fp16)
 
 Time: one subprocess builds the model once, every optimizer on it, warms each up with one step, then
 takes --steps rounds, each optimizer one step per round (interleaved, so a machine's changing load hits
@@ -22,6 +24,7 @@ Goals (issue 5): Sparse MeZO and AdaMeZO peak <= 1.05 x MeZO; IP-SGD peak well u
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -39,7 +42,13 @@ def config(args, name: str):
 
     k1 = round(0.4 * args.batch_size)
     extra = [f"optimizer.k0={args.batch_size - k1}", f"optimizer.k1={k1}"] if name == "addax" else []
-    return benchmark_config(args.model, args.device, [f"optimizer={'mezo' if name == 'inference' else name}", *extra])
+    return benchmark_config(args.model, args.device, [f"optimizer={'mezo' if name == 'inference' else name}",
+                                                      *_precision(args), *extra])
+
+
+def _precision(args) -> list[str]:
+    """The weights' dtype, and the torch baselines as MeZO's FT row ran them (a no-op in fp32)."""
+    return [f"dtype={args.dtype}", "precision.master_weights=true"]
 
 
 def load(args):
@@ -49,7 +58,8 @@ def load(args):
     from zobench.encoding import collate
     from zobench.objective import Objective
 
-    _, model, tokenizer, examples, device = benchmark_setup(args.model, args.batch_size, args.device)
+    _, model, tokenizer, examples, device = benchmark_setup(args.model, args.batch_size, args.device,
+                                                                 _precision(args))
     examples.sort(key=lambda e: max(map(len, e.sequences)))
 
     def batch_of(part):
@@ -60,9 +70,12 @@ def load(args):
     return model, Objective(model), batch_of(examples), pair, device
 
 
-def work(args, name: str, model, objective, batch, pair):
-    """A callable doing one step of `name` (or one inference forward), and the optimizer's setup seconds."""
+def work(args, name: str, model, objective, batch, pair, shared: bool = False):
+    """A callable doing one step of `name` (or one inference forward), and the optimizer's setup seconds.
+    `shared`: other optimizers step the same model (the time probe)."""
+    from zobench.objective import Objective
     from zobench.optim import build_optimizer
+    from zobench.precision import from_config
 
     if name == "inference":
         def forward():
@@ -71,7 +84,12 @@ def work(args, name: str, model, objective, batch, pair):
                 float(objective(batch))
         return forward, 0.0
     start = time.perf_counter()
-    optimizer = build_optimizer(config(args, name).optimizer, model, objective, seed=0, total_steps=10**6)
+    cfg = config(args, name)
+    precision = from_config(cfg.precision, next(model.parameters()).dtype)
+    if shared and precision.half and name in ("sgd", "adam"):  # master weights make the model fp32: a copy
+        model = copy.deepcopy(model)
+        objective = Objective(model)
+    optimizer = build_optimizer(cfg.optimizer, model, objective, seed=0, total_steps=10**6, precision=precision)
     setup_s = time.perf_counter() - start
     if name == "addax" and pair is None:
         raise SystemExit("addax needs --batch-size 2 or more: it splits the batch into long and short examples")
@@ -88,7 +106,8 @@ def probe_time(args, names) -> None:
     from zobench.records import synchronize
 
     model, objective, batch, pair, device = load(args)
-    steps = {name: work(args, name, model, objective, batch, pair) for name in names}
+    weights_dtype = next(model.parameters()).dtype  # as loaded (master weights convert a copy)
+    steps = {name: work(args, name, model, objective, batch, pair, shared=True) for name in names}
     times = {name: [] for name in names}
     for _ in range(args.steps):
         for name, (step, _) in steps.items():
@@ -97,7 +116,7 @@ def probe_time(args, names) -> None:
             step()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
-    print(json.dumps({"params": parameter_count(model), "device": str(device),
+    print(json.dumps({"params": parameter_count(model), "device": str(device), "dtype": str(weights_dtype),
                       "tokens": int(batch.attention_mask.sum()),
                       "optimizers": {n: {"step_s": min(times[n]), "setup_s": steps[n][1]} for n in names}}))
 
@@ -115,7 +134,8 @@ def probe_memory(args, name: str) -> None:
 
 def _child(args, *probe: str, env=None) -> dict:
     out = subprocess.run([sys.executable, __file__, *probe, "--model", args.model, "--batch-size",
-                          str(args.batch_size), "--steps", str(args.steps), "--device", args.device],
+                          str(args.batch_size), "--steps", str(args.steps), "--device", args.device,
+                          "--dtype", args.dtype],
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(probe)} failed:\n{out.stderr[-3000:]}")
@@ -128,6 +148,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (rounds) per optimizer")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="the weights' dtype: auto | float32 | float16 | bfloat16")
     parser.add_argument("--only", default=",".join(OPTIMIZERS), help="comma-separated optimizers")
     parser.add_argument("--time-probe", help=argparse.SUPPRESS)
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
@@ -152,7 +173,8 @@ def main() -> None:
 def report(args, timing, peaks) -> None:
     rows = {n: {**timing["optimizers"][n], "peak": peaks[n]["peak"]} for n in peaks}
     base, forward, method = rows["mezo"], rows["inference"], peaks["mezo"]["method"]
-    print(f"model {args.model} (random init, {timing['params'] / 1e6:.1f}M params) on {timing['device']}, "
+    dtype = timing["dtype"].removeprefix("torch.")
+    print(f"model {args.model} ({dtype} weights, random init, {timing['params'] / 1e6:.1f}M params) on {timing['device']}, "
           f"{torch.get_num_threads()} threads; batch {args.batch_size} SST-2 examples x 2 candidates "
           f"({timing['tokens']} real tokens); time: fastest of {args.steps} interleaved steps after 1 warm-up; "
           f"peak: {method}{' with a 128 KiB mmap threshold' if method != 'cuda_max_allocated' else ''}, "

@@ -13,6 +13,8 @@ So the ZO half stays at inference memory and the FO half holds only B1's activat
 The ZO half is any of zobench's ZO methods (`zo`: mezo, sparse_mezo or adamezo, with their own
 conf/optimizer/<zo>.yaml defaults and `zo_options` on top): a combination no paper's code offers.
 α = 0 is IP-SGD on B1 (no ZO passes), α = 1 the ZO method on B0 (no backward).
+The FO half is IP-SGD's step (ip_sgd.InPlaceSGDStep) with its 16-bit numerics: per-parameter fp32 update
+arithmetic and, in fp16, LOMO's loss scaling (an overflowing FO half is skipped; the ZO half still applies).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from omegaconf import OmegaConf
 from ..errors import ZobenchError
 from ..paths import conf_dir
 from .base import Optimizer
-from .ip_sgd import in_place_sgd_step
+from .ip_sgd import InPlaceSGDStep
 
 log = logging.getLogger(__name__)
 ZO_METHODS = ("mezo", "sparse_mezo", "adamezo")
@@ -46,6 +48,7 @@ class Addax(Optimizer):
 
         self.zo = build_optimizer(zo_config(cfg), model, loss_fn, seed=seed, total_steps=total_steps,
                                   precision=precision)
+        self.fo = InPlaceSGDStep(model, self.precision)  # the FO half: IP-SGD's numerics and loss scaler
 
     # -- data: the split by length and the pair of batches per step --------------------------------
     def split(self, lengths: list[int]) -> tuple[list[int], list[int], int]:
@@ -79,25 +82,26 @@ class Addax(Optimizer):
         long_batch, short_batch = batch
         lr, alpha = self.lr, self.alpha
         if alpha == 0.0:
-            return in_place_sgd_step(self.model, self.loss_fn, short_batch, lr, self.weight_decay)
+            return self.fo(self.loss_fn, short_batch, lr, self.weight_decay)
         self.model.eval()  # the ZO half as MeZO: no dropout
         pairs, zo_loss = self.zo.projected_gradients(long_batch)
         if alpha == 1.0:
             self.zo.update(pairs, lr, lr * self.weight_decay, restore=True)
             return zo_loss
         self.zo.restore(pairs)  # g1 is taken at θ_t, as g0
-        fo_loss = in_place_sgd_step(self.model, self.loss_fn, short_batch, (1.0 - alpha) * lr)
+        fo_loss = self.fo(self.loss_fn, short_batch, (1.0 - alpha) * lr)
         self.zo.update(pairs, alpha * lr, lr * self.weight_decay, restore=False)
         return (self.k0 * zo_loss + self.k1 * fo_loss) / (self.k0 + self.k1)
 
 
     def state_dict(self) -> dict:
         """Addax takes real gradients, so it resumes from saved weights; its ZO half's state comes along."""
-        return {**super().state_dict(), "zo": self.zo.state_dict()}
+        return {**super().state_dict(), "zo": self.zo.state_dict(), **self.fo.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.zo.load_state_dict(state["zo"])
+        self.fo.load_state_dict(state)
 
 
 def zo_config(cfg):

@@ -1,10 +1,24 @@
 """First-order baselines through torch.optim (SGD, Adam, AdamW): backward, step, free the gradients.
 
 Weight decay skips biases and layer norms, as HF Trainer (the papers' FT baselines) does.
+
+16-bit runs, as MeZO's FT row ran them (finetune.sh: HF Trainer `--fp16`, i.e. torch AMP):
+- precision.master_weights with 16-bit weights: the trained parameters are held in fp32 (the model as HF
+  loads it) and the training forward runs under torch.autocast in the weights' dtype, so the matmuls run
+  in 16-bit while the optimizer steps fp32 weights with fp32 gradients and state. Frozen parameters (the
+  base model under PEFT) stay 16-bit. Evaluation runs the fp32 weights without autocast (HF evaluates
+  under autocast too: only the evaluation's rounding differs).
+- precision.loss_scaling=dynamic (auto: fp16): the loss is scaled before backward, the gradients unscaled,
+  and a step with non-finite gradients skipped with the scale lowered (loss_scaling.py, GradScaler's rule).
+- precision.grad_clip: clip_grad_norm_ on the unscaled gradients before the step (HF Trainer: 1.0).
+Plain fp16 weights without master weights are refused: Adam's eps (1e-8) and small second moments flush to
+zero in fp16 (one step left 180,267 weights non-finite, issue 13), and no reference ran them so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 
 import torch
@@ -13,7 +27,9 @@ from ..errors import Diverged, ZobenchError
 from ..models import trained_parameters
 from .base import Optimizer
 from .engine import decays
+from .loss_scaling import scaler_for
 
+log = logging.getLogger(__name__)
 TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW")
 
 
@@ -23,24 +39,87 @@ class TorchOptimizer(Optimizer):
         name = str(cfg.torch_class)
         if name not in TORCH_OPTIMIZERS:
             raise ZobenchError(f"optimizer.torch_class must be one of {', '.join(TORCH_OPTIMIZERS)}, got {name}")
-        wd = float(cfg.get("weight_decay", 0.0))
+        policy = self.precision
         named = list(trained_parameters(model).items())
+        self.autocast_dtype = policy.weights if policy.half and policy.master_weights else None
+        if self.autocast_dtype is not None:
+            _to_fp32(named)
+        elif policy.weights == torch.float16:
+            raise ZobenchError(
+                f"optimizer={cfg.get('name', name.lower())} on float16 weights needs fp32 master weights: add "
+                f"precision.master_weights=true (HF Trainer --fp16: fp32 weights, fp16 autocast, loss scaling; "
+                f"MeZO's FT row), or use dtype=float32, or optimizer=ip_sgd (in-place, fp32 update arithmetic)")
+        elif policy.half:
+            log.warning("%s on %s weights without master weights: updates smaller than the weights' rounding "
+                        "step are lost; precision.master_weights=true keeps fp32 weights", name,
+                        str(policy.weights).removeprefix("torch."))
+        self.scaler = scaler_for(policy)
+        self.clip = policy.grad_clip
+        self.grad_norm: float | None = None  # the last step's unscaled gradient norm, before clipping
+        wd = float(cfg.get("weight_decay", 0.0))
         groups = [{"params": [p for n, p in named if decays(n)], "weight_decay": wd},
                   {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0}]
+        self.params = [p for _, p in named]
         extra = dict(cfg.get("kwargs") or {})
         if "betas" in extra:
             extra["betas"] = tuple(extra["betas"])
         self.optimizer = getattr(torch.optim, name)(groups, lr=self.base_lr, **extra)
 
+    def _forward_context(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.params[0].device.type, dtype=self.autocast_dtype)
+
     def _step(self, batch) -> float:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        loss = self.loss_fn(batch)
+        with self._forward_context():
+            loss = self.loss_fn(batch)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise Diverged(f"loss is {value}")
-        loss.backward()
+        if self.scaler is not None:
+            (loss.float() * self.scaler.scale).backward()
+            self._unscale(1.0 / self.scaler.scale)
+        else:
+            loss.backward()
+        if self.scaler is not None or self.clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip if self.clip is not None else math.inf)
+            self.grad_norm = float(norm)
+            if not math.isfinite(self.grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is None:
+                    raise Diverged(f"gradient norm is {self.grad_norm}")
+                self.scaler.update(overflow=True)  # GradScaler: skip the step, lower the scale
+                return value
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.update(overflow=False)
         return value
+
+    @torch.no_grad()
+    def _unscale(self, factor: float) -> None:
+        for param in self.params:
+            if param.grad is not None:
+                param.grad.mul_(factor)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.scaler is not None:
+            state["loss_scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.scaler is not None and "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])
+
+
+@torch.no_grad()
+def _to_fp32(named) -> None:
+    """Master weights: the trained parameters become fp32 in place (same Parameter objects, so tied
+    weights stay tied and the runner's checkpoints and best-weights copies see the fp32 values)."""
+    for _, param in named:
+        param.data = param.data.float()
