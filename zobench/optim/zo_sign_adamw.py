@@ -31,10 +31,12 @@ class ZOSignAdamW(ZOAdam):
         super().update(signed, lr, lr_times_wd, restore)
         self.last_projected_grads = pairs  # the trajectory keeps g itself; the sign is taken again on replay
 
-    def step_block(self, theta, grad, state, lr) -> None:
+    def step_block(self, grad, state, lr):
+        """StatefulZO's rule, in fp32 on the block: returns d with θ ← θ − lr·d (HF AdamW, ε before the bias
+        correction)."""
         exp_avg, exp_avg_sq = state
         exp_avg.mul_(self.beta1).add_(grad, alpha=1 - self.beta1)
         exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-        step_size = lr * math.sqrt(1 - self.beta2 ** self.updates) / (1 - self.beta1 ** self.updates)
-        denominator = torch.sqrt(exp_avg_sq, out=self.engine.scratch(theta, "denominator", exp_avg_sq.dtype))
-        theta.addcdiv_(exp_avg, denominator.add_(self.adam_eps), value=-step_size)
+        correction = math.sqrt(1 - self.beta2 ** self.updates) / (1 - self.beta1 ** self.updates)
+        denominator = torch.sqrt(exp_avg_sq, out=self.engine.scratch(grad, "denominator"))
+        return torch.div(exp_avg, denominator.add_(self.adam_eps), out=denominator).mul_(correction)
