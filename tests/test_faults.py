@@ -74,7 +74,7 @@ class KillAt:
 
 
 def _outcome(run_dir: pathlib.Path, metrics: dict) -> dict:
-    log = [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+    log = [{k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "train_s")}
            for line in (run_dir / "log.jsonl").read_text().splitlines()]
     weights = load_file(str(run_dir / "model" / "model.safetensors"))
     return {"metrics": {k: metrics[k] for k in ("status", "test_metric", "dev_loss", "best_step", "steps",

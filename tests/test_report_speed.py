@@ -131,3 +131,25 @@ def test_a_log_without_seconds_still_gives_the_passes(tmp_path):
     (run_dir / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     curve = run_curve(run_dir)
     assert curve["forward_passes"].tolist() == [200] and curve["elapsed_s"].isna().all()
+
+
+def test_seconds_to_target_are_training_seconds_where_the_log_has_them(tmp_path):
+    """train_s (loading and evaluations excluded) wins over elapsed_s, the wall clock since the job started."""
+    run_dir = write_run(tmp_path, "mezo", [(100, 0.5, 200, 30.0), (200, 0.6, 400, 50.0)])
+    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    for line in lines:
+        if line["event"] == "eval" and line["split"] == "dev":
+            line["train_s"] = line["step"] / 100  # 1 s of training per 100 steps
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    curve = run_curve(run_dir)
+    assert curve["seconds"].tolist() == [1.0, 2.0] and curve["elapsed_s"].tolist() == [30.0, 50.0]
+
+
+def test_a_run_logs_its_training_seconds_with_each_dev_evaluation(quick_cfg, tmp_path):
+    from zobench.run import run
+
+    run(quick_cfg("train.steps=4", "train.eval_interval=2"), tmp_path / "run")
+    curve = run_curve(tmp_path / "run")
+    assert curve["step"].tolist() == [2, 4]
+    assert curve["train_s"].notna().all() and (curve["train_s"] <= curve["elapsed_s"]).all()
+    assert curve["seconds"].tolist() == curve["train_s"].tolist()

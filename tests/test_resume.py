@@ -39,7 +39,7 @@ def _wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen) -> Non
 
 def _log_without_clock(run_dir: Path) -> list[dict]:
     lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if k != "elapsed_s"} for line in lines]
+    return [{k: v for k, v in line.items() if k not in ("elapsed_s", "train_s")} for line in lines]
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:

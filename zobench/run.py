@@ -373,6 +373,8 @@ class Job:
         self.eval_tokens += self.counter.tokens - tokens
         self.log.write({"event": "eval", "split": split, "step": step, "metric": result["metric"],
                         "loss": result["loss"], **_scores(result), "elapsed_s": self._elapsed(),
+                        # training seconds so far (loading and evaluations excluded): zobench-report's time to target
+                        "train_s": self.metrics["train_wall_clock_s"] or 0.0,
                         "forward_passes": self.metrics["forward_passes"]})
         return result
 

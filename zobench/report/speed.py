@@ -10,7 +10,8 @@ the runner's `_timed_eval`) and, per (model, task), compares every method with a
 - the *target* is the baseline's best point on its curve, or a value the user gives (in percent);
 - a method reaches the target at the first step where its curve is >= the target (a tie counts as reached);
   its forward passes are the training forward passes done by then (evaluation's own passes excluded), its
-  seconds the wall clock since the job started (loading and earlier dev evaluations included, as logged);
+  seconds the training seconds by then (`train_s`: loading and evaluations excluded; a log from before
+  `train_s` was written falls back on `elapsed_s`, the wall clock since the job started);
 - ratios are baseline / method (">1x": faster than the baseline) and the share of passes saved.
 """
 
@@ -29,17 +30,19 @@ BASELINE = "mezo"
 CLAIMS = {"speedup_over_mezo_x": "{:g}x faster",
           "forward_pass_reduction_vs_mezo_pct_up_to": "up to {:g}% fewer forward passes"}
 TOLERANCE = 1e-9  # the seeds' mean of equal accuracies may differ from the target in the last bit
-CURVE = ["step", "metric", "forward_passes", "elapsed_s"]
+CURVE = ["step", "metric", "forward_passes", "elapsed_s", "train_s"]  # read from the log
+COLUMNS = [*CURVE, "seconds"]  # a curve: the seconds to count are train_s, or elapsed_s in older logs
 
 
 def run_curve(run_dir: str | Path) -> pd.DataFrame:
     """One run's dev evaluations by step (the last one of a step wins: a resumed job may log it twice)."""
     log = load_log(run_dir)
     if log.empty or not {"event", "split", "step", "metric"} <= set(log.columns):
-        return pd.DataFrame(columns=CURVE)
+        return pd.DataFrame(columns=COLUMNS)
     log = log.reindex(columns=[*log.columns, *(c for c in CURVE if c not in log)])  # an older log's gaps: NaN
     dev = log[(log["event"] == "eval") & (log["split"] == "dev")][CURVE].apply(pd.to_numeric, errors="coerce")
     dev = dev.dropna(subset=["step", "metric"]).astype({"step": "int64"})
+    dev["seconds"] = dev["train_s"].fillna(dev["elapsed_s"])
     return dev.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
 
 
@@ -47,7 +50,7 @@ def seed_mean_curve(curves: list[pd.DataFrame]) -> pd.DataFrame:
     """The seeds' mean at every evaluated step from the one where every seed has been evaluated."""
     curves = [curve for curve in curves if not curve.empty]
     if not curves:
-        return pd.DataFrame(columns=CURVE)
+        return pd.DataFrame(columns=COLUMNS)
     start = max(curve["step"].iloc[0] for curve in curves)
     steps = sorted({step for curve in curves for step in curve["step"] if step >= start})
     grid = pd.DataFrame({"step": pd.Series(steps, dtype="int64")})
@@ -68,7 +71,7 @@ def speed_table(selected: pd.DataFrame, references: pd.DataFrame, baseline: str 
     for (model, task), group in _sorted(selected).groupby(["model", "task"], sort=False):
         curves = {row["optimizer"]: (seed_mean_curve([run_curve(d) for d in row["run_dirs"]]), row["seeds"])
                   for _, row in group.iterrows()}
-        base_curve = curves[baseline][0] if baseline in curves else pd.DataFrame(columns=CURVE)
+        base_curve = curves[baseline][0] if baseline in curves else pd.DataFrame(columns=COLUMNS)
         if target_percent is not None:
             target = target_percent / 100
         else:  # the baseline's best point; none without a baseline run
@@ -90,8 +93,8 @@ def _to_target(curve: pd.DataFrame, target: float, base_hit: pd.Series | None) -
     return {"target": 100 * target, "best_dev": 100 * curve["metric"].max(), "reached": hit is not None,
             "step": hit["step"] if hit is not None else math.nan,
             "forward_passes": hit["forward_passes"] if hit is not None else math.nan,
-            "seconds": hit["elapsed_s"] if hit is not None else math.nan,
-            "passes_speedup": passes_speedup, "seconds_speedup": _ratio(base_hit, hit, "elapsed_s"),
+            "seconds": hit["seconds"] if hit is not None else math.nan,
+            "passes_speedup": passes_speedup, "seconds_speedup": _ratio(base_hit, hit, "seconds"),
             "fewer_passes_pct": 100 * (1 - 1 / passes_speedup) if passes_speedup > 0 else math.nan}
 
 
