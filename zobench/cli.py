@@ -20,11 +20,6 @@ from pathlib import Path
 
 from .errors import Interrupted, ZobenchError
 
-# The command line that started a run, kept in its directory for `resume=` (Hydra's own copy in
-# .hydra/ is rewritten by every later command pointed at the directory).
-OVERRIDES_FILE = "overrides.yaml"
-
-
 def _say(message: str) -> None:
     one_line = " ".join(message.split())  # an exception's message may span lines: the console gets one
     print(f"zobench: {one_line}", file=sys.stderr, flush=True)
@@ -84,8 +79,10 @@ def _expand_resume(argv: list[str]) -> list[str]:
         return argv
     import yaml
 
+    from .run_dir import OVERRIDES  # the command line that started the run, kept by the run directory
+
     run_dir = Path(asked[-1].split("=", 1)[1]).expanduser()
-    overrides_file = run_dir / OVERRIDES_FILE
+    overrides_file = run_dir / OVERRIDES
     if not overrides_file.exists():
         raise ZobenchError(f"resume={run_dir}: no zobench run there (looked for {overrides_file})")
     try:
