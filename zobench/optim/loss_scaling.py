@@ -13,9 +13,12 @@ Its state is plain Python numbers, so a checkpoint resumes with the same scale.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..errors import Diverged
+
+log = logging.getLogger(__name__)
 
 
 class DynamicLossScaler:
@@ -35,6 +38,7 @@ class DynamicLossScaler:
             self.scale = max(self.scale * self.backoff_factor, self.min_scale)
             self.clean_steps = 0
             self.skipped_steps += 1
+            log.info("fp16 gradients overflowed: step skipped, loss scale lowered to %g", self.scale)
             return
         self.clean_steps += 1
         if self.clean_steps == self.growth_interval:
