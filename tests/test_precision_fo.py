@@ -129,12 +129,12 @@ def test_ip_sgd_fp32_arithmetic_is_the_fp32_update_rounded_once(dtype, monkeypat
 # -- the torch baselines ---------------------------------------------------------------------------------
 def test_adam_on_plain_fp16_weights_is_refused_with_the_fix():
     with pytest.raises(ZobenchError, match="precision.master_weights=true"):
-        setup("adam", torch.float16)
+        setup("adam", torch.float16, master_weights=False)
 
 
 def test_adam_on_plain_bf16_weights_stays_finite():
     """bf16 has fp32's exponent range: eps and v do not flush to zero (the updates are coarse, not NaN)."""
-    model, optimizer, batch = setup("adam", torch.bfloat16)
+    model, optimizer, batch = setup("adam", torch.bfloat16, master_weights=False)
     for _ in range(2):
         optimizer.step(batch)
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())

@@ -37,7 +37,7 @@ class Precision:
     zo_update: str = "fused"
     loss_dtype: str = "float32"
     state_dtype: str = "float32"
-    master_weights: bool = False
+    master_weights: bool = True
     update_dtype: str = "float32"
     loss_scaling: str = "none"
     grad_clip: float | None = None
@@ -67,7 +67,7 @@ def from_config(node, weights: torch.dtype) -> Precision:
     policy = Precision(
         weights=weights, name=str(get("name", "zobench")), zo_update=str(get("zo_update", "fused")),
         loss_dtype=str(get("loss_dtype", "float32")), state_dtype=str(get("state_dtype", "float32")),
-        master_weights=bool(get("master_weights", False)), update_dtype=str(get("update_dtype", "float32")),
+        master_weights=bool(get("master_weights", True)), update_dtype=str(get("update_dtype", "float32")),
         loss_scaling=str(get("loss_scaling", "auto")),
         grad_clip=None if get("grad_clip") is None else float(get("grad_clip")))
     _check(policy)
