@@ -16,6 +16,7 @@ and measured (issue 13).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
@@ -129,9 +130,18 @@ def memory_probe(args) -> None:
     """Child process: build, run `mode` a few times, print the peak as JSON."""
     from zobench.records import peak_memory, reset_peak_memory
 
+    try:  # no transparent huge pages: a partly touched 2 MiB page would count whole, as the system's fragmentation allows
+        ctypes.CDLL("libc.so.6").prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE
+    except (OSError, AttributeError):
+        pass
     zo_update = "reference" if args.probe == "mezo-reference" else "fused"
     model, objective, optimizer, batch, _, dev = build(args.model, args.batch_size, args.device, zo_update)
     optimizer.engine.threads = args.engine_threads
+    if dev.type == "cpu":  # hand the model build's freed heap back first: else the RSS the peak is reset to
+        try:               # varies by what glibc kept (inference's own peak moved 1316 -> 1384 MiB between runs)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
     reset_peak_memory(dev)
     for _ in range(3):
         if args.probe == "eval":
@@ -145,13 +155,16 @@ def memory_probe(args) -> None:
 def memory(args) -> None:
     peaks = {}
     for mode in ("eval", "mezo", "mezo-reference"):
-        out = subprocess.run([sys.executable, __file__, "--probe", mode, "--model", args.model,
-                              "--batch-size", str(args.batch_size), "--device", args.device,
-                              *(["--engine-threads", str(args.engine_threads)] if args.engine_threads else [])],
-                             capture_output=True, text=True, check=True)
-        peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        runs = []
+        for _ in range(args.probe_repeats):
+            out = subprocess.run([sys.executable, __file__, "--probe", mode, "--model", args.model,
+                                  "--batch-size", str(args.batch_size), "--device", args.device,
+                                  *(["--engine-threads", str(args.engine_threads)] if args.engine_threads else [])],
+                                 capture_output=True, text=True, check=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        peaks[mode] = {"bytes": statistics.median(r["bytes"] for r in runs), "method": runs[0]["method"]}
     method = peaks["eval"]["method"]
-    print(f"peak memory ({method}, each in its own process):")
+    print(f"peak memory ({method}, each in its own process; median of {args.probe_repeats}):")
     print(f"  evaluation only            {peaks['eval']['bytes'] / 2**20:9.1f} MiB")
     print(f"  MeZO training              {peaks['mezo']['bytes'] / 2**20:9.1f} MiB")
     print(f"  MeZO reference mode        {peaks['mezo-reference']['bytes'] / 2**20:9.1f} MiB")
@@ -167,6 +180,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--engine-threads", type=int, default=None,
                         help="threads sharing the engine's CPU blocks in the memory probes (default: torch's)")
+    parser.add_argument("--probe-repeats", type=int, default=1, help="processes per memory probe (median)")
     parser.add_argument("--memory-only", action="store_true", help="skip the timings")
     parser.add_argument("--probe", choices=["eval", "mezo", "mezo-reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
