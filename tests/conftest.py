@@ -57,3 +57,13 @@ def fail_once_at(monkeypatch, steps_done: int) -> None:
         return original(self, batch)
 
     monkeypatch.setattr(Optimizer, "step", step)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: 16-bit CPU kernels on tiny tensors run fastest so (and do not fight
+    the machine's other work)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

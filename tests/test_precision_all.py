@@ -32,13 +32,7 @@ SETTINGS = ["train.steps=20", "train.eval_interval=0", "data.n_train=4", "data.n
             "train.batch_size=4", "save_model=true", "checkpoint.every=1000"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """16-bit CPU kernels on tiny tensors run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 16-bit CPU kernels on tiny tensors
 
 
 def fp32_training_loss(cfg, weights: dict[str, torch.Tensor] | None) -> float:

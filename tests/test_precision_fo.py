@@ -29,13 +29,7 @@ from conftest import QUICK
 HALF = [torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """16-bit CPU kernels on tiny tensors run fastest on one thread (and do not fight the machine's load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 16-bit CPU kernels on tiny tensors
 
 
 def setup(name: str, dtype: torch.dtype, *overrides: str, **precision):
