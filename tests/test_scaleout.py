@@ -73,11 +73,16 @@ def test_bad_settings_are_refused_at_start_up(quick_cfg, tmp_path, override, mes
     assert metrics["status"] == "failed" and metrics["steps"] == 0
 
 
-def test_bad_setting_is_one_line_on_the_command_line(tmp_path):
-    result = run_cli(*QUICK, "optimizer.eps=-1", f"results_dir={tmp_path}")
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.eps=-1", "optimizer.eps must be > 0, got -1"),
+    ("precision.loss_dtype=float64", "precision.loss_dtype must be one of weights, float32, got float64"),
+])
+def test_bad_setting_is_one_line_on_the_command_line(tmp_path, override, message):
+    result = run_cli(*QUICK, override, f"results_dir={tmp_path}")
     assert result.returncode == 2  # a config value: refused before the run starts (README, Exit codes)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "optimizer.eps must be > 0, got -1" in lines[0]
+    assert len(lines) == 1 and message in lines[0]
+    assert not list(tmp_path.rglob("metrics.json"))  # before any run folder is written
 
 
 def test_out_of_memory_fails_with_the_step_the_peak_and_the_knobs(quick_cfg, tmp_path, monkeypatch):

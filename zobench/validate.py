@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from .errors import ZobenchError
+from .precision import from_config as precision_from_config
 
 # key in the optimizer config -> (is the value acceptable?, what is acceptable)
 OPTIMIZER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -104,14 +105,16 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.optimizer.get(key)
         if value is not None:
             _check(f"optimizer.{key}", value, rule, wanted)
-    _check_device_dtype(str(cfg.device), str(cfg.dtype))
+    dtype = _check_device_dtype(str(cfg.device), str(cfg.dtype))
+    precision_from_config(cfg.get("precision"), dtype)  # each precision key against its choices
 
 
-def _check_device_dtype(device_name: str, dtype_name: str) -> None:
+def _check_device_dtype(device_name: str, dtype_name: str) -> torch.dtype:
     from .models import resolve_device, resolve_dtype
 
     device = resolve_device(device_name)
-    dtype = resolve_dtype(dtype_name, device)  # refuses float16 on CPU and unknown names
+    dtype = resolve_dtype(dtype_name, device)  # refuses unknown names
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ZobenchError(f"dtype={dtype_name}: {torch.cuda.get_device_name(device)} cannot run bfloat16; "
                            f"use float16")
+    return dtype
