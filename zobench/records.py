@@ -7,6 +7,7 @@ process's high-water mark VmHWM from /proc/self/status (ru_maxrss elsewhere) —
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import resource
@@ -67,6 +68,35 @@ class JsonlLog:
                 logging.getLogger(__name__).warning("logger %s failed (%s: %s); it is switched off",
                                                     type(sink).__name__, type(error).__name__, error)
                 self.sinks.remove(sink)
+
+
+def initial_metrics(cfg, run_dir: Path) -> dict[str, Any]:
+    """metrics.json as a job starts: every key of the run contract (DESIGN.md), filled in as the run goes."""
+    from omegaconf import OmegaConf
+
+    from . import __version__
+
+    return {
+        "task": cfg.task.name, "model": cfg.model.name, "optimizer": cfg.optimizer.name,
+        "seed": int(cfg.seed), "data_seed": int(cfg.data.seed), "status": "running", "error": None,
+        "peft": OmegaConf.select(cfg, "peft.name", default="none"),
+        "icl_k": int(OmegaConf.select(cfg, "icl.k", default=0)),
+        "metric": cfg.task.metric, "test_metric": None, "dev_metric": None, "dev_loss": None,
+        "test_scores": None, "best_step": None, "steps": 0, "steps_planned": int(cfg.train.steps),
+        "forward_passes": 0, "backward_passes": 0, "tokens": 0, "eval_forward_passes": 0,
+        "wall_clock_s": None, "train_wall_clock_s": None, "peak_memory_bytes": None,
+        "peak_memory_method": None, "device": None, "dtype": None, "precision": None, "n_params": None,
+        "n_trainable_params": None,
+        "data_source": None, "n_train": None, "n_dev": None, "n_test": None, "truncated": None,
+        "zobench_version": __version__, "git_revision": git_revision(), "run_dir": str(run_dir),
+        "started_at": now(), "finished_at": None, "resumed_at_step": None,
+        "stopped_early_at": None, "stop_reason": None,
+    }
+
+
+def now() -> str:
+    """UTC, to the second: metrics.json's started_at / finished_at."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def final_figures(metrics: dict[str, Any], total_s: float, device: torch.device) -> dict[str, Any]:

@@ -5,7 +5,6 @@ Every run, whatever happens, leaves config.yaml, metrics.json and log.jsonl in i
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 import signal
@@ -19,7 +18,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from . import __version__
 from .best_weights import BestWeights
 from .checkpoint import Checkpointer, RecordingLoss
 from .data import sample_task
@@ -36,7 +34,8 @@ from .objective import Objective, PassCounter
 from .optim import build_optimizer
 from .peft_adapters import apply_peft
 from .precision import from_config as precision_from_config
-from .records import JsonlLog, Stopwatch, device_name, final_figures, git_revision, peak_memory, reset_peak_memory
+from .records import (JsonlLog, Stopwatch, device_name, final_figures, initial_metrics, now, peak_memory,
+                      reset_peak_memory)
 from .run_dir import RunDir
 from .tasks import PromptTemplate
 from .validate import validate
@@ -124,22 +123,7 @@ class Job:
         self.in_training_loop = False
         self.log = JsonlLog(directory.records("log.jsonl"))
         self.clock = Stopwatch(self.device)
-        self.metrics: dict[str, Any] = {
-            "task": cfg.task.name, "model": cfg.model.name, "optimizer": cfg.optimizer.name,
-            "seed": int(cfg.seed), "data_seed": int(cfg.data.seed), "status": "running", "error": None,
-            "peft": OmegaConf.select(cfg, "peft.name", default="none"),
-            "icl_k": int(OmegaConf.select(cfg, "icl.k", default=0)),
-            "metric": cfg.task.metric, "test_metric": None, "dev_metric": None, "dev_loss": None,
-            "test_scores": None, "best_step": None, "steps": 0, "steps_planned": int(cfg.train.steps),
-            "forward_passes": 0, "backward_passes": 0, "tokens": 0, "eval_forward_passes": 0,
-            "wall_clock_s": None, "train_wall_clock_s": None, "peak_memory_bytes": None,
-            "peak_memory_method": None, "device": None, "dtype": None, "precision": None, "n_params": None,
-            "n_trainable_params": None,
-            "data_source": None, "n_train": None, "n_dev": None, "n_test": None, "truncated": None,
-            "zobench_version": __version__, "git_revision": git_revision(), "run_dir": str(run_dir),
-            "started_at": _now(), "finished_at": None, "resumed_at_step": None,
-            "stopped_early_at": None, "stop_reason": None,
-        }
+        self.metrics: dict[str, Any] = initial_metrics(cfg, run_dir)
         if resume_state is not None:
             saved = resume_state["job"]
             self.metrics.update(saved["metrics"], status="running", error=None,
@@ -409,7 +393,7 @@ class Job:
         try:
             if self.best is not None and self.metrics["status"] in ("completed", "diverged"):
                 self.best.discard()  # an interrupted or failed run keeps it for its resume
-            self.metrics.update(final_figures(self.metrics, self._elapsed(), self.device), finished_at=_now())
+            self.metrics.update(final_figures(self.metrics, self._elapsed(), self.device), finished_at=now())
             self.log.finish(self.metrics)
         finally:
             try:
@@ -469,10 +453,6 @@ def _scores(result: dict[str, Any]) -> dict[str, float]:
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 @contextmanager
