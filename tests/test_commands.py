@@ -57,7 +57,7 @@ def test_report_on_a_folder_it_cannot_write_is_one_line_and_exit_1(tmp_path, cap
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     assert report_main([str(tmp_path / "runs"), "-o", str(blocker / "out"), "--no-plots"]) == 1
-    assert "cannot write" in _one_line(capsys.readouterr().err)
+    assert f"cannot read or write {blocker}" in _one_line(capsys.readouterr().err)
 
 
 def test_report_on_a_full_disk_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):

@@ -34,9 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = build_report(args.paths, out_dir, reference_dir, plots=not args.no_plots,
                               speed_baseline=args.speed_baseline, speed_target=args.speed_target)
-    except OSError as error:
-        where = f" {error.filename}" if error.filename else ""
-        print(f"zobench-report: error: cannot write{where}: {error.strerror or error}", file=sys.stderr)
+    except OSError as error:  # a read-only or full output folder
+        from ..cli import os_error_line  # torch-free, as the report must stay
+
+        print(f"zobench-report: error: {os_error_line(error)}", file=sys.stderr)
         return 1
     except ValueError as error:  # e.g. a reference CSV without the expected columns
         print(f"zobench-report: error: {' '.join(str(error).split())}", file=sys.stderr)
