@@ -10,7 +10,7 @@ import torch
 
 from zobench.best_weights import BestWeights
 from zobench.errors import ZobenchError
-from zobench.records import atomic_write_json
+from zobench.run_dir import atomic_write_json
 from zobench.run import run
 
 

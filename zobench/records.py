@@ -7,7 +7,6 @@ process's high-water mark VmHWM from /proc/self/status (ru_maxrss elsewhere) —
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import resource
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from .paths import PACKAGE_DIR
-from .run_dir import RecordFile, _jsonable, atomic_write_json, atomic_write_text  # noqa: F401  (importable here too)
+from .run_dir import RecordFile, jsonable, now
 
 STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
 
@@ -48,7 +47,7 @@ class JsonlLog:
             self._forward("record", record)
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, default=_jsonable)
+        line = json.dumps(record, default=jsonable)
         self._file.write_line(line)
         if self.sinks:  # trackers get the line as written (plain JSON values)
             self._forward("record", json.loads(line))
@@ -92,11 +91,6 @@ def initial_metrics(cfg, run_dir: Path) -> dict[str, Any]:
         "started_at": now(), "finished_at": None, "resumed_at_step": None,
         "stopped_early_at": None, "stop_reason": None,
     }
-
-
-def now() -> str:
-    """UTC, to the second: metrics.json's started_at / finished_at."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def final_figures(metrics: dict[str, Any], total_s: float, device: torch.device) -> dict[str, Any]:

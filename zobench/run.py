@@ -34,9 +34,9 @@ from .objective import Objective, PassCounter
 from .optim import build_optimizer
 from .peft_adapters import apply_peft
 from .precision import from_config as precision_from_config
-from .records import (JsonlLog, Stopwatch, device_name, final_figures, initial_metrics, now, peak_memory,
+from .records import (JsonlLog, Stopwatch, device_name, final_figures, initial_metrics, peak_memory,
                       reset_peak_memory)
-from .run_dir import RunDir
+from .run_dir import RunDir, now
 from .tasks import PromptTemplate
 from .validate import validate
 

@@ -20,13 +20,13 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections import deque as _deque
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,7 @@ class RunDir:
         _held[key] = [fd, 1]
         if os.fstat(fd).st_size == 0:
             note = {"zobench_run_directory": True, "zobench_version": __version__,
-                    "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "created_at": now(),
                     "note": "zobench writes only into folders holding this file; a running job locks it"}
             os.write(fd, (json.dumps(note) + "\n").encode())
             os.fsync(fd)
@@ -341,7 +341,7 @@ def to_plain(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return {"$ndarray": key, "dtype": value.dtype.str}
     if isinstance(value, tuple):
         return {"$tuple": [to_plain(v, tensors) for v in value]}
-    if isinstance(value, (list, _deque)):
+    if isinstance(value, (list, deque)):
         return [to_plain(v, tensors) for v in value]
     if isinstance(value, dict):
         if all(isinstance(k, str) and not k.startswith("$") for k in value):
@@ -384,10 +384,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, default=jsonable) + "\n")
 
 
-def _jsonable(value):
+def now() -> str:
+    """UTC, to the second: the marker's created_at, metrics.json's started_at / finished_at."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def jsonable(value):
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "item"):
