@@ -267,3 +267,11 @@ def test_truncated_counts_per_split_land_in_metrics_json(quick_cfg, tmp_path):
     assert 0 < sum(expected.values()) < 36  # some cut, some not: the count means something
     assert metrics["truncated"] == expected
     assert json.loads((tmp_path / "metrics.json").read_text())["truncated"] == expected
+
+
+def test_a_gold_text_names_every_candidate_with_that_text():
+    """A label given as text marks each candidate that reads so (an entity listed twice stays gold twice)."""
+    task = {**load_task_definition("sst2"), "prompt": "{{ sentence }}", "candidates": "options",
+            "gold": "answer"}
+    example = PromptTemplate(task).render({"sentence": "s", "options": ["a", "b", "a"], "answer": "a"})
+    assert example.gold == [0, 2]

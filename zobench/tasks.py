@@ -214,14 +214,14 @@ class PromptTemplate:
             if not values or len(texts) != len(values):
                 raise BadValue(f"gold answers must be a non-empty list of texts, got {_short(gold)}", gold=True)
             return texts
-        indices = [index for value in values if (index := self._candidate_index(value, candidates)) is not None]
+        indices = [index for value in values for index in self._candidate_indices(value, candidates)]
         if not indices:
             raise BadValue(f"label {_short(gold)} matches no candidate ({', '.join(map(repr, candidates))}); "
                            f"give the candidate's index (0..{len(candidates) - 1}) or its text", gold=True)
         return indices
 
-    def _candidate_index(self, value: Any, candidates: list[str]) -> int | None:
-        """An index in range, or the candidate whose text the value is (None: no such candidate)."""
+    def _candidate_indices(self, value: Any, candidates: list[str]) -> list[int]:
+        """An index in range, or every candidate whose text the value is (none: no such candidate)."""
         if value is None:
             raise BadValue("null label", gold=True)
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
@@ -234,10 +234,9 @@ class PromptTemplate:
             if not 0 <= value < len(candidates):
                 raise BadValue(f"label {value} is out of range: the task has {len(candidates)} candidates "
                                f"(0..{len(candidates) - 1})", gold=True)
-            return value
+            return [value]
         if isinstance(value, str):
-            matches = [i for i, c in enumerate(candidates) if c.strip() == value.strip()]
-            return matches[0] if matches else None
+            return [i for i, c in enumerate(candidates) if c.strip() == value.strip()]
         raise BadValue(f"label {_short(value)} is neither a candidate index nor a candidate's text", gold=True)
 
 
