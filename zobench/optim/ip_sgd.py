@@ -11,7 +11,8 @@ a value that backward still needs.
 16-bit weights, as LOMO (IP-SGD's reference; OpenLMLab/LOMO lomo/src/lomo.py) runs them:
 - the update arithmetic is per parameter in precision.update_dtype: with float32, θ and g of one
   parameter are upcast inside its hook, θ − lr·(g/scale·c + wd·θ) is computed in fp32 and rounded once into
-  the 16-bit θ (lomo.py fuse_update, ~lines 86-102), so lr = 1e-4 steps land instead of rounding away.
+  the 16-bit θ (lomo.py fuse_update, ~lines 86-102): the correctly rounded update. (What is below half a
+  rounding step of a 16-bit weight is still lost in that one rounding: only fp32 weights keep it.)
   Only a chunk of one parameter (CHUNK elements) is ever in fp32: never a full fp32 model nor gradient set.
 - with loss scaling (fp16) or clipping, an in-place step cannot be undone once an overflow shows up half
   way through backward. LOMO's rule (lomo.py grad_norm, ~lines 177-209; lomo_trainer.py ~lines 114-172):
