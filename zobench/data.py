@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .data_checks import FILE_FORMATS, check_pool, read_split_file, split_file
-from .errors import ZobenchError
+from .errors import Interrupted, ZobenchError
 from .hub import announce
 from .paths import tasks_dir
 
@@ -91,6 +91,8 @@ def _read_hub(task: dict[str, Any], split: str):
              "task.data_dir=DIR (the split files) or task.samples=true (the bundled samples)")
     try:
         return datasets.load_dataset(hub["path"], hub.get("name"), split=split)
+    except Interrupted:  # Ctrl-C or SIGTERM while loading: the run's end, not an unreachable hub
+        raise
     except Exception as error:  # connection, missing dataset, offline mode: all mean "not reachable"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ZobenchError(

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ZobenchError
+from .errors import Interrupted, ZobenchError
 from .tasks import BadValue, PromptTemplate
 
 FILE_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
@@ -142,6 +142,8 @@ def check_pool(task: dict[str, Any], role: str, pool, where: str) -> None:
             raise ZobenchError(f"{where} ({role} split) {place(index)}{column}: {error}") from error
         except ZobenchError as error:  # a template that needs what the row lacks, or an unsafe one
             raise ZobenchError(f"{where} ({role} split) {place(index)}: {error}") from error
+        except Interrupted:  # Ctrl-C or SIGTERM while checking: the run's end, not a bad row
+            raise
         except Exception as error:  # a filter given a value of the wrong type, e.g. a number for a text
             raise ZobenchError(f"{where} ({role} split) {place(index)}: the task's template cannot use this "
                                f"row ({type(error).__name__}: {error})") from error

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import ZobenchError
+from .errors import Interrupted, ZobenchError
 from .hub import announce
 
 log = logging.getLogger(__name__)
@@ -44,15 +44,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(spec: dict[str, Any], device: torch.device, dtype: torch.dtype):
-    """Returns (model in eval mode on `device`, or sharded by `device_map`, and its tokenizer)."""
+def load_model(spec: dict[str, Any], device: torch.device, dtype: torch.dtype, max_length: int | None = None):
+    """Returns (model in eval mode on `device`, or sharded by `device_map`, and its tokenizer). `max_length`:
+    the run's, refused right after the model's config is read if the model has fewer positions."""
     tokenizer = _load_tokenizer(spec)
     device_map = spec.get("device_map")
     if spec.get("init", "pretrained") == "random":
         # built where it will run: a random 13B model is initialised in seconds on a GPU, minutes on the host
-        model = _random_model(spec, tokenizer, dtype, torch.device("cpu") if device_map else device)
+        model = _random_model(spec, tokenizer, dtype, torch.device("cpu") if device_map else device, max_length)
     else:
-        model = _pretrained_model(spec, dtype)
+        model = _pretrained_model(spec, dtype, max_length)
     if tokenizer.pad_token_id is None:  # LLaMA has none; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     if device_map:
@@ -79,10 +80,7 @@ def _dispatch(model, device_map, dtype):
 
 def _source(spec: dict[str, Any]) -> str:
     if spec.get("path"):
-        path = Path(str(spec["path"])).expanduser()
-        if not path.exists():
-            raise ZobenchError(f"model.path={path} does not exist; point it at a save_pretrained folder")
-        return str(path)
+        return str(check_model_folder(spec))
     if not spec.get("hub_id"):
         raise ZobenchError(f"model preset '{spec.get('name')}' has neither hub_id nor path")
     return spec["hub_id"]
@@ -111,22 +109,34 @@ def _load_tokenizer(spec: dict[str, Any]):
     _announce("tokenizer", source)
     try:
         return AutoTokenizer.from_pretrained(source)
+    except Interrupted:  # Ctrl-C or SIGTERM while loading: the run's end, not an unreachable model
+        raise
     except Exception as error:
         raise _unreachable("tokenizer", source, error) from error
 
 
-def _pretrained_model(spec: dict[str, Any], dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
+def _pretrained_model(spec: dict[str, Any], dtype: torch.dtype, max_length: int | None):
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     source = _source(spec)
     _announce("model", source)
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        config = AutoConfig.from_pretrained(source)
+    except Interrupted:
+        raise
+    except Exception as error:
+        raise _unreachable("model", source, error) from error
+    if max_length is not None:
+        check_positions(max_length, _positions(config), f"max_position_embeddings in the config of {source}")
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+    except Interrupted:
+        raise
     except Exception as error:
         raise _unreachable("model", source, error) from error
 
 
-def _random_model(spec: dict[str, Any], tokenizer, dtype: torch.dtype, device: torch.device):
+def _random_model(spec: dict[str, Any], tokenizer, dtype: torch.dtype, device: torch.device, max_length: int | None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = dict(spec.get("arch") or {})
@@ -138,12 +148,66 @@ def _random_model(spec: dict[str, Any], tokenizer, dtype: torch.dtype, device: t
         token_id = getattr(tokenizer, key.removesuffix("_id") + "_id", None)
         arch.setdefault(key, token_id)
     config = AutoConfig.for_model(model_type, **arch)
+    if max_length is not None:
+        check_positions(max_length, _positions(config),
+                        f"model.arch.max_position_embeddings of model={spec.get('name')}")
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     # the same initial weights whatever the run's seed (on a given kind of device: their generators differ)
     with torch.random.fork_rng(devices=cuda), torch.device(device):
         torch.manual_seed(int(spec.get("init_seed", 0)))
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
+
+
+def check_positions(max_length: int, positions: Any, where: str) -> None:
+    """A model with fewer positions than max_length fails on the first long example (an IndexError in its
+    position embeddings): refused up front, naming both keys."""
+    if isinstance(positions, int) and not isinstance(positions, bool) and max_length > positions:
+        raise ZobenchError(f"max_length={max_length} is more than the model's {positions} positions ({where}): "
+                           f"set max_length={positions} or less")
+
+
+def _positions(config) -> Any:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                   "vocab.txt")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.msgpack", "*.h5")
+
+
+def check_model_folder(spec: dict[str, Any]) -> Path:
+    """A local model.path holds what loading it needs; else one line saying what it lacks (the loaders' own
+    errors name neither the key nor the files)."""
+    path = Path(str(spec["path"])).expanduser()
+    if not path.exists():
+        raise ZobenchError(f"model.path={path} does not exist; point it at a save_pretrained folder")
+    if not path.is_dir():
+        raise ZobenchError(f"model.path={path} is not a folder; point it at a save_pretrained folder")
+    lacks = []
+    if spec.get("init", "pretrained") != "random":
+        if not (path / "config.json").is_file():
+            lacks.append("config.json")
+        if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+            lacks.append("the weights (*.safetensors or *.bin)")
+    if not spec.get("tokenizer") and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        lacks.append("the tokenizer's files (tokenizer.json or tokenizer_config.json, vocab.json, ...)")
+    if lacks:
+        what = "is empty" if next(path.iterdir(), None) is None else "holds no model/tokenizer files zobench can load"
+        raise ZobenchError(f"model.path={path} {what}: it lacks {', '.join(lacks)}; expected a folder written by "
+                           f"save_pretrained (model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR))")
+    return path
+
+
+def local_model_config(folder: str) -> tuple[dict[str, Any] | None, Path]:
+    """The config.json of a local model folder (None: there is none), read as a file zobench did not write."""
+    from .safe_files import read_json
+
+    path = Path(folder).expanduser() / "config.json"
+    if not path.is_file():
+        return None, path
+    config = read_json(path, limit=16 << 20)
+    return (config if isinstance(config, dict) else None), path
 
 
 def _announce(what: str, source: str) -> None:

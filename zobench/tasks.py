@@ -25,10 +25,10 @@ from typing import Any
 import jinja2
 import yaml
 from jinja2 import meta, nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import ZobenchError
+from .errors import Interrupted, ZobenchError
 from .paths import tasks_dir
+from .render_budget import RENDER_CHARS, RENDER_SECONDS, BudgetedSandbox, OverBudget, budget
 
 # Keys every task has; a task file may override any of them. data_dir/samples pick the data source.
 TASK_DEFAULTS: dict[str, Any] = {
@@ -80,6 +80,10 @@ class Example:
     gold: list[Any] = field(default_factory=list)
 
 
+class TemplateOverBudget(ZobenchError):
+    """A task template that took too long or built too much rendering one example (zobench/render_budget.py)."""
+
+
 class BadValue(ZobenchError):
     """A row's value the task cannot use; zobench/data_checks.py adds the file, row and column."""
 
@@ -105,8 +109,10 @@ def _short(value: Any) -> str:
 
 # Jinja's sandbox: a task template (from tasks/, a `task.prompt=` override, or a copied run folder's
 # overrides) may not reach Python internals (`cycler.__init__.__globals__.os`): that raises SecurityError.
-# Immutable: a template cannot change a row's lists or dicts either.
-_ENV = ImmutableSandboxedEnvironment(
+# Immutable: a template cannot change a row's lists or dicts either. Budgeted (zobench/render_budget.py):
+# rendering one example may take RENDER_SECONDS and make texts of RENDER_CHARS at most, so a template
+# cannot hang a run or fill its memory.
+_ENV = BudgetedSandbox(
     undefined=jinja2.StrictUndefined,  # a misspelt column is an error, not an empty string
     keep_trailing_newline=True,  # MeZO's templates end in "\n" for several tasks
     autoescape=False,
@@ -148,8 +154,8 @@ def record_options(entities, query: str) -> list[str]:
     return [" " + query.replace("@placeholder", entity) for entity in entities]
 
 
-_ENV.filters.update(boolq_question=boolq_question, copa_premise=copa_premise, copa_choice=copa_choice,
-                    record_passage=record_passage, record_options=record_options)
+_ENV.add_filters(boolq_question=boolq_question, copa_premise=copa_premise, copa_choice=copa_choice,
+                 record_passage=record_passage, record_options=record_options)
 
 
 class PromptTemplate:
@@ -179,22 +185,46 @@ class PromptTemplate:
         self.text_columns = sorted(set().union(*(_printed_names(t) for t in templates)))
         # columns the gold expression reads: a null there is a missing label, whatever the expression
         self.gold_columns = sorted(meta.find_undeclared_variables(_ENV.parse("{{ " + str(task["gold"]) + " }}")))
+        expressions = [str(task["gold"])] + ([spec] if isinstance(spec, str) else [])
+        sources = templates + ["{{ " + e + " }}" for e in expressions]
+        self.variables = sorted(set().union(*(meta.find_undeclared_variables(_ENV.parse(t)) for t in sources)))
 
     def render(self, row: dict[str, Any]) -> Example:
+        key = "prompt"  # the template key being rendered, named if it goes over its budget
         try:
-            prompt = self._prompt.render(**row)
-            gold = self._gold(**row)
-            if self.kind == "generation":  # the answers first: the training target is one of them
-                gold = self._gold_list(gold, [])
-            if self._candidate_templates is not None:
-                candidates = [t.render(**row) for t in self._candidate_templates]
-            else:
-                candidates = self._listed_candidates(row)
+            with budget():
+                prompt = self._prompt.render(**row)
+                key = "gold"
+                gold = self._gold(**row)
+                if self.kind == "generation":  # the answers first: the training target is one of them
+                    gold = self._gold_list(gold, [])
+                key = "candidates"
+                if self._candidate_templates is not None:
+                    candidates = []
+                    for index, template in enumerate(self._candidate_templates):
+                        key = f"candidates[{index}]"
+                        candidates.append(template.render(**row))
+                else:
+                    candidates = self._listed_candidates(row)
+        except OverBudget as error:
+            raise TemplateOverBudget(f"task '{self.name}': the template task.{key} {error}, over the budget of "
+                                     f"{RENDER_SECONDS:g} s and {RENDER_CHARS:,} characters per example; simplify "
+                                     f"the template") from None
         except jinja2.exceptions.SecurityError as error:
             raise _unsafe(self.name, error) from error
         except jinja2.UndefinedError as error:
             raise ZobenchError(f"task '{self.name}': template needs a field the data lacks ({error})") from error
         return Example(prompt, candidates, gold if self.kind == "generation" else self._gold_list(gold, candidates))
+
+    def check_budget(self) -> None:
+        """Render a row of placeholder texts: a template over its budget whatever the data holds is refused
+        before any data is read (one that is over it only on some rows: by the data checks, naming the row)."""
+        try:
+            self.render({name: "text" for name in self.variables})
+        except (TemplateOverBudget, Interrupted):
+            raise
+        except Exception:  # placeholders are not real values: what they break says nothing
+            pass
 
     def _listed_candidates(self, row: dict[str, Any]) -> list[str]:
         listed = self._candidate_list(**row)
