@@ -255,6 +255,10 @@ class PromptTemplate:
         if value is None:
             raise BadValue("null label", gold=True)
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            digits = value.strip().lstrip("-")
+            if len(digits) > 18:  # no task has that many candidates (and int() refuses 4300+ digits)
+                raise BadValue(f"label of {len(digits)} digits is out of range: the task has {len(candidates)} "
+                               f"candidates (0..{len(candidates) - 1})", gold=True)
             value = int(value)
         if isinstance(value, float):
             if not value.is_integer():
@@ -262,6 +266,8 @@ class PromptTemplate:
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             if not 0 <= value < len(candidates):
+                if abs(value) >= 10**18:  # printed whole, a long number would fill the line (or exceed int->str)
+                    value = f"of {value.bit_length() * 3 // 10}+ digits"
                 raise BadValue(f"label {value} is out of range: the task has {len(candidates)} candidates "
                                f"(0..{len(candidates) - 1})", gold=True)
             return [value]
