@@ -247,9 +247,9 @@ def _check_peft(peft: DictConfig | None) -> None:
 def _check_early_stop(cfg: DictConfig) -> None:
     from .early_stopping import EarlyStopping
 
-    n_dev = _lookup(cfg, "data.n_dev")
-    cap = _lookup(cfg, "task.sizes.n_dev")
-    has_dev = n_dev is None or (n_dev > 0 and (cap is None or cap > 0))
+    n_dev, cap = _lookup(cfg, "data.n_dev"), _lookup(cfg, "task.sizes.n_dev")  # whole numbers (checked above)
+    has_dev = n_dev is None or (_whole_number("data.n_dev", n_dev) > 0
+                                and (cap is None or _whole_number("task.sizes.n_dev", cap) > 0))
     EarlyStopping.from_config(OmegaConf.select(cfg, "train.early_stop", default=None), has_dev)
 
 
