@@ -23,6 +23,7 @@ from zobench.validate import validate
 
 NESTED_LOOPS = "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}"
 HUGE_TEXT = '{{ "x" * 2000000000 }}'
+HUGE_TEXT_FLOAT = '{{ "x" * 2e9 }}'  # as filed: a TypeError to Python, named as over the budget all the same
 # a folder that does not exist: a run that reached its data would say so; a refused key is named instead
 NO_DATA = "task.data_dir=/nonexistent/zobench-data"
 
@@ -33,7 +34,8 @@ def _one_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("payload", [NESTED_LOOPS, HUGE_TEXT], ids=["nested-loops", "huge-text"])
+@pytest.mark.parametrize("payload", [NESTED_LOOPS, HUGE_TEXT, HUGE_TEXT_FLOAT],
+                         ids=["nested-loops", "huge-text", "huge-text-float"])
 def test_a_template_over_its_budget_is_refused_in_seconds_naming_it(tmp_path, payload):
     start = time.monotonic()
     result = run_cli(*QUICK, NO_DATA, f"task.prompt='{payload}'", f"results_dir={tmp_path}", timeout=120)

@@ -73,8 +73,9 @@ def _big_int(value: Any) -> bool:
 
 
 def _check_repeat(sequence: Any, count: Any) -> None:
-    if isinstance(sequence, (str, list, tuple)) and isinstance(count, int):
-        _refuse_size(len(sequence) * max(count, 0))
+    # a float count (`"x" * 2e9`) is a TypeError to Python: one that large is named as over the budget
+    if isinstance(sequence, (str, list, tuple)) and isinstance(count, (int, float)) and math.isfinite(count):
+        _refuse_size(int(len(sequence) * max(count, 0)))
 
 
 def _check_power(base: Any, exponent: Any) -> None:
