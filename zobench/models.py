@@ -193,7 +193,7 @@ def check_model_folder(spec: dict[str, Any]) -> Path:
     if not spec.get("tokenizer") and not any((path / name).is_file() for name in TOKENIZER_FILES):
         lacks.append("the tokenizer's files (tokenizer.json or tokenizer_config.json, vocab.json, ...)")
     if lacks:
-        what = "is empty" if next(path.iterdir(), None) is None else "holds no model/tokenizer files zobench can load"
+        what = "is empty" if next(path.iterdir(), None) is None else "is not a complete model folder"
         raise ZobenchError(f"model.path={path} {what}: it lacks {', '.join(lacks)}; expected a folder written by "
                            f"save_pretrained (model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR))")
     return path
