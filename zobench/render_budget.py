@@ -18,7 +18,6 @@ import math
 import re
 import threading
 import time
-from contextlib import contextmanager
 from typing import Any, Callable
 
 from jinja2 import nodes
@@ -41,15 +40,18 @@ class OverBudget(Exception):
     """Raised inside rendering; zobench/tasks.py names the task and the template key that raised it."""
 
 
-@contextmanager
-def budget():
-    """One example's rendering: the clock starts here."""
-    previous = getattr(_state, "clock", None)
-    _state.clock = [time.monotonic() + RENDER_SECONDS, time.thread_time()]  # [wall deadline, CPU time at start]
-    try:
-        yield
-    finally:
-        _state.clock = previous
+class budget:
+    """One example's rendering (`with budget():`): the clock starts here. A class, not a generator: it is
+    entered for every example rendered."""
+
+    __slots__ = ("previous",)
+
+    def __enter__(self) -> None:
+        self.previous = getattr(_state, "clock", None)
+        _state.clock = [time.monotonic() + RENDER_SECONDS, time.thread_time()]  # [wall deadline, CPU at start]
+
+    def __exit__(self, *exc) -> None:
+        _state.clock = self.previous
 
 
 def _tick() -> None:
