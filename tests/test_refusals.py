@@ -111,6 +111,9 @@ def test_bundled_templates_pass_their_budget():
     (["task.train_as_classification='no'"], "task.train_as_classification"),
     (["+task.sizes.n_test=-3"], "task.sizes.n_test"),
     (["model.init_seed=-1"], "model.init_seed"),
+    (["optimizer=mezo", "icl.k=4"], "icl.k"),
+    (["optimizer=zero_shot", "peft=lora"], "peft=none"),
+    (["optimizer=lp", "task=copa"], "optimizer=lp"),
     (["max_length=4096"], "max_length"),
 ])
 def test_each_bad_key_is_refused_by_validate_naming_it(overrides, key):
@@ -122,7 +125,8 @@ def test_each_bad_key_is_refused_by_validate_naming_it(overrides, key):
 
 @pytest.mark.parametrize("override, key", [("optimizer=adamezo optimizer.horizon=2.5", "optimizer.horizon"),
                                            ("optimizer=zo_adam optimizer.betas=[0.9,1.5]", "optimizer.betas"),
-                                           ("optimizer=zero_shot icl.k=-1", "icl.k")])
+                                           ("optimizer=zero_shot icl.k=-1", "icl.k"),
+                                           ("optimizer=mezo icl.k=4", "icl.k=4")])
 def test_a_bad_key_exits_2_before_the_data_is_read(tmp_path, override, key):
     result = run_cli(*QUICK, NO_DATA, *override.split(), f"results_dir={tmp_path}", timeout=120)
     line = _one_line(result)

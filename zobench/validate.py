@@ -254,14 +254,16 @@ def _check_early_stop(cfg: DictConfig) -> None:
 
 
 def _check_task(cfg: DictConfig) -> None:
-    """The task's templates compile, and none is over its rendering budget on placeholder values."""
+    """The task's templates compile, none is over its rendering budget on placeholder values, and the method
+    can run it (the runner's own check: icl.k with a training optimizer, an adapter without training, ...)."""
     if "task" not in cfg or "prompt" not in cfg.task:
         return
-    from .tasks import PromptTemplate
+    from .run import _check_method
+    from .tasks import TASK_DEFAULTS, PromptTemplate
 
-    task = OmegaConf.to_container(cfg.task, resolve=True)
-    task.setdefault("kind", "classification")
+    task = {**TASK_DEFAULTS, **OmegaConf.to_container(cfg.task, resolve=True)}
     PromptTemplate(task).check_budget()
+    _check_method(cfg, task)
 
 
 def _check_model(cfg: DictConfig) -> None:
