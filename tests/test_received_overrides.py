@@ -1,0 +1,120 @@
+"""A received run folder's overrides are data: replaying them never runs code or writes outside the folder;
+the run folder is resolved as Hydra resolves it and claimed (or refused) before Hydra writes anything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from zobench.errors import ZobenchError
+from zobench.optim import build_optimizer
+from zobench.run_dir import MARKER, RunDir
+
+from conftest import QUICK, run_cli
+
+
+def _received(tmp_path, *overrides: str):
+    """A zobench run folder as someone else may send it: the marker and an overrides.yaml."""
+    run_dir = tmp_path / "received"
+    run_dir.mkdir()
+    (run_dir / MARKER).write_text("")
+    (run_dir / "overrides.yaml").write_text(json.dumps([*QUICK, "optimizer=zero_shot", "data.n_dev=0",
+                                                        "data.n_test=2", *overrides]))
+    return run_dir
+
+
+def _refused(result, *words: str) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("zobench: error:"), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def _payloads(target):
+    return {
+        "hydra callback": ["+hydra.callbacks.x={_target_: pathlib.Path.write_text, _args_: "
+                           f"[{{_target_: pathlib.Path, _args_: ['{target}']}}, 'import os']}}"],
+        "file log handler": [f"hydra.job_logging.handlers.file.filename={target}",
+                             "hydra.job_logging.formatters.detailed.format=PWNED"],
+        "optimizer open": ["optimizer._target_=builtins.open"],
+        "optimizer write_text": ["optimizer._target_=pathlib.Path.write_text"],
+        "_args_ in a value": [f"+data.extra=[{{_target_: pathlib.Path.touch, _args_: ['{target}']}}]"],
+        "launcher choice": ["hydra/launcher=basic"],
+        "@package": ["optimizer@hydra.callbacks.y=mezo"],
+    }
+
+
+@pytest.mark.parametrize("payload", sorted(_payloads("T")))
+def test_a_received_folders_overrides_never_run_code_nor_write_outside_it(tmp_path, payload):
+    target = tmp_path / "outside" / "bashrc"
+    target.parent.mkdir()
+    target.write_text("mine\n")
+    run_dir = _received(tmp_path, *_payloads(target)[payload])
+    result = run_cli(f"resume={run_dir}")
+    _refused(result, str(run_dir / "overrides.yaml"))
+    assert target.read_text() == "mine\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == [MARKER, "overrides.yaml"]  # not even .hydra/
+
+
+def test_a_typed_target_outside_zobenchs_classes_is_refused_before_anything_is_made(tmp_path):
+    result = run_cli(*QUICK, "optimizer._target_=os.system", f"hydra.run.dir={tmp_path / 'run'}")
+    _refused(result, "optimizer._target_=os.system", "optimizer=NAME")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_yaml_naming_another_class_is_refused_by_the_registry():
+    """zobench-replay builds the optimizer from a received config.yaml: only registered classes are built."""
+    for target in ("builtins.open", "os.system", "pathlib.Path.write_text"):
+        with pytest.raises(ZobenchError, match="not one of zobench's optimizer classes"):
+            build_optimizer(OmegaConf.create({"_target_": target}), None, None, seed=0, total_steps=1)
+
+
+@pytest.mark.parametrize("link", ["zobench.log", ".hydra"])
+def test_hydra_outputs_that_are_links_are_refused_and_their_targets_untouched(tmp_path, link):
+    run_dir = _received(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.yaml").write_text("mine\n")
+    (run_dir / link).symlink_to(outside / "config.yaml" if link == "zobench.log" else outside)
+    result = run_cli(f"resume={run_dir}")
+    _refused(result, str(run_dir / link), "symbolic link")
+    assert sorted(p.name for p in outside.iterdir()) == ["config.yaml"]
+    assert (outside / "config.yaml").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("form", ["++hydra.run.dir={dir}", "hydra.run.dir='{dir}'",
+                                  "hydra.run.dir=${{results_dir}}/live"])
+def test_every_form_of_a_live_runs_folder_is_refused_before_hydra_writes(tmp_path, form):
+    live = tmp_path / "live"
+    directory = RunDir(live).claim()  # a run in progress holds the lock
+    try:
+        result = run_cli(*QUICK, f"results_dir={tmp_path}", form.format(dir=live))
+        _refused(result, "in use by another zobench process")
+    finally:
+        directory.release()
+    assert sorted(p.name for p in live.iterdir()) == [MARKER]  # no .hydra/, no zobench.log
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live"]  # no stray "'…'" folder either
+
+
+def test_a_refused_rerun_leaves_a_completed_runs_hydra_files_byte_identical(tmp_path):
+    command = [*QUICK, "optimizer=zero_shot", "data.n_dev=0", "data.n_test=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert run_cli(*command).returncode == 0
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "run" / ".hydra").iterdir()}
+    log = (tmp_path / "run" / "zobench.log").read_bytes()
+    _refused(run_cli(*command), "already holds a completed run")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / ".hydra").iterdir()} == saved
+    assert (tmp_path / "run" / "zobench.log").read_bytes() == log
+
+
+def test_a_run_folder_name_with_a_newline_is_refused_before_it_is_created(tmp_path):
+    _refused(run_cli(*QUICK, f"hydra.run.dir='{tmp_path}/a\nb'"), "may not hold")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_in_a_multirun_is_one_line(tmp_path):
+    run_dir = _received(tmp_path)
+    _refused(run_cli("-m", f"resume={run_dir}", "seed=0,1"), "resume=DIR resumes one run")
