@@ -39,7 +39,7 @@ def _payloads(target):
         "hydra callback": ["+hydra.callbacks.x={_target_: pathlib.Path.write_text, _args_: "
                            f"[{{_target_: pathlib.Path, _args_: ['{target}']}}, 'import os']}}"],
         "file log handler": [f"hydra.job_logging.handlers.file.filename={target}",
-                             "hydra.job_logging.formatters.detailed.format=PWNED"],
+                             "hydra.job_logging.formatters.detailed.format='PWNED %(message)s'"],
         "optimizer open": ["optimizer._target_=builtins.open"],
         "optimizer write_text": ["optimizer._target_=pathlib.Path.write_text"],
         "_args_ in a value": [f"+data.extra=[{{_target_: pathlib.Path.touch, _args_: ['{target}']}}]"],
@@ -111,10 +111,21 @@ def test_a_refused_rerun_leaves_a_completed_runs_hydra_files_byte_identical(tmp_
 
 
 def test_a_run_folder_name_with_a_newline_is_refused_before_it_is_created(tmp_path):
-    _refused(run_cli(*QUICK, f"hydra.run.dir='{tmp_path}/a\nb'"), "may not hold")
+    _refused(run_cli(*QUICK, "train.steps=1", f"hydra.run.dir='{tmp_path}/a\nb'"), "may not hold")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_in_a_multirun_is_one_line(tmp_path):
     run_dir = _received(tmp_path)
     _refused(run_cli("-m", f"resume={run_dir}", "seed=0,1"), "resume=DIR resumes one run")
+
+
+def test_rerunning_a_sweep_counts_the_jobs_done_before_as_completed(tmp_path):
+    """A killed sweep is finished by its command again: the job that had completed is not a failure."""
+    sweep = [*QUICK, "optimizer=zero_shot", "data.n_dev=0", "data.n_test=2", f"hydra.sweep.dir={tmp_path}"]
+    assert run_cli("-m", *sweep, "seed=0").returncode == 0  # job 0 completed, then the sweep was killed
+    result = run_cli("-m", *sweep, "seed=0,1,2")
+    assert result.returncode == 0, result.stderr
+    assert "completed before" in result.stdout and "failed" not in result.stderr
+    statuses = [json.loads(p.read_text())["status"] for p in tmp_path.rglob("metrics.json")]
+    assert statuses == ["completed"] * 3

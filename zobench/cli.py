@@ -45,6 +45,10 @@ def _job(cfg) -> str:
             return "failed"
         _say(f"error: {error}")
         sys.exit(2)
+    if in_sweep and _holds_completed_run(run_dir):
+        # a re-run sweep (same hydra.sweep.dir) finishes what a kill left: a job done before is counted, not failed
+        print(f"completed before: results in {run_dir} (not run again)", flush=True)
+        return "completed"
     try:
         metrics = run(cfg, run_dir, overrides=list(hydra_cfg.overrides.task))
     except (KeyboardInterrupt, Interrupted):
@@ -74,6 +78,26 @@ def _job(cfg) -> str:
     return metrics["status"]
 
 
+def _override_value(arg: str) -> str:
+    """The value as Hydra's parser reads it (`resume='/a b'` is /a b)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return str(OverridesParser.create().parse_override(arg).value())
+    except Exception:
+        return arg.split("=", 1)[1]
+
+
+def _holds_completed_run(run_dir: str) -> bool:
+    from .safe_files import read_json
+
+    try:
+        metrics = read_json(Path(run_dir) / "metrics.json")
+    except (OSError, ZobenchError):  # none, or unreadable: the run itself says why
+        return False
+    return isinstance(metrics, dict) and metrics.get("status") == "completed"
+
+
 def _expand_resume(argv: list[str]) -> list[str]:
     """`resume=RUN_DIR` means: the command that made RUN_DIR, again, in RUN_DIR (which resumes it). The
     folder may have come from someone else: its overrides.yaml is read as data (zobench.safe_files) and only
@@ -89,7 +113,7 @@ def _expand_resume(argv: list[str]) -> list[str]:
     if any(arg in ("-m", "--multirun") for arg in argv):
         raise ZobenchError("resume=DIR resumes one run, not a sweep (-m): to finish a sweep, run its command again "
                            "with the same hydra.sweep.dir; to resume one of its jobs, resume=THAT_JOB'S_FOLDER")
-    run_dir = Path(asked[-1].split("=", 1)[1]).expanduser().absolute()
+    run_dir = Path(_override_value(asked[-1])).expanduser().absolute()
     overrides_file = run_dir / OVERRIDES
     try:
         original = received_overrides(read_yaml(overrides_file) or [], overrides_file)

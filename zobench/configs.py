@@ -52,7 +52,10 @@ def check_overrides(overrides: list[str]) -> None:
         group = override.key_or_group
         if group not in GROUPS or override.is_delete():
             continue
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        try:
+            values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        except Exception:  # glob(): Hydra expands it to option names, which exist
+            continue
         valid = group_options(group)
         for value in values:
             if isinstance(value, str) and value not in valid:
@@ -119,7 +122,10 @@ def _mentions_instantiation(value) -> bool:
 
 
 def _refuse_foreign_targets(override) -> None:
-    values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+    try:
+        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+    except Exception:  # a glob() over a group needs Hydra's config loader: Hydra expands it to option names
+        values = []
     for value in values:
         for target in _targets(override.key_or_group, value):
             if target not in REGISTERED:
