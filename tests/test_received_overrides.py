@@ -129,3 +129,22 @@ def test_rerunning_a_sweep_counts_the_jobs_done_before_as_completed(tmp_path):
     assert "completed before" in result.stdout and "failed" not in result.stderr
     statuses = [json.loads(p.read_text())["status"] for p in tmp_path.rglob("metrics.json")]
     assert statuses == ["completed"] * 3
+
+
+@pytest.mark.parametrize("place", ["logger.dir={outside}", "logger.dir=../../outside", "logger.dir=${{oc.env:HOME}}",
+                                   "logger.mode=online", "logger.tracking_uri=sqlite:///{outside}/mlflow.db"])
+def test_a_received_folder_does_not_choose_where_a_tracker_writes(tmp_path, place):
+    from zobench.configs import received_overrides
+
+    outside = tmp_path / "outside"
+    with pytest.raises(ZobenchError, match="where a tracker writes or sends"):
+        received_overrides(["logger=tensorboard", place.format(outside=outside)], tmp_path / "overrides.yaml")
+    assert received_overrides(["logger=tensorboard", "logger.dir=tb"], tmp_path / "overrides.yaml")
+
+
+def test_a_received_tracker_folder_outside_the_run_folder_is_refused_by_resume(tmp_path):
+    outside = tmp_path / "outside"
+    run_dir = _received(tmp_path, "logger=tensorboard", f"logger.dir={outside}")
+    _refused(run_cli(f"resume={run_dir}"), "logger.dir")
+    assert not outside.exists()
+    assert sorted(p.name for p in run_dir.iterdir()) == [MARKER, "overrides.yaml"]

@@ -92,10 +92,25 @@ def received_overrides(items, where: Path) -> list[str]:
             refuse = "is a sweep (a run records one value per key)"
         elif _mentions_instantiation(key) or _mentions_instantiation(override.value()):
             refuse = f"holds an instantiation key ({', '.join(INSTANTIATION_KEYS)})"
+        elif _points_elsewhere(key, override.value()):
+            refuse = "chooses where a tracker writes or sends outside the run folder (type it yourself beside resume=)"
         if refuse:
             raise ZobenchError(f"{where}: {item!r} {refuse}: a received run folder's overrides are data, not "
                                f"settings of Hydra or code to run; remove that line to resume")
     return list(items)
+
+
+def _points_elsewhere(key: str, value) -> bool:
+    """A tracker's place that is not inside the run folder: an absolute or `..` logger.dir, a tracking server,
+    an online mode (zobench's trackers write under the run folder, offline, by default)."""
+    if key == "logger.dir":
+        return (not isinstance(value, str) or "${" in value  # an interpolation may resolve anywhere
+                or Path(value).is_absolute() or ".." in Path(value).parts)
+    if key == "logger.tracking_uri":
+        return value is not None
+    if key == "logger.mode":
+        return value not in ("offline", "disabled")
+    return key == "logger" and isinstance(value, dict)  # a whole logger config given as a value
 
 
 def _own_keys() -> frozenset[str]:
