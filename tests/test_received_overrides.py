@@ -148,3 +148,52 @@ def test_a_received_tracker_folder_outside_the_run_folder_is_refused_by_resume(t
     _refused(run_cli(f"resume={run_dir}"), "logger.dir")
     assert not outside.exists()
     assert sorted(p.name for p in run_dir.iterdir()) == [MARKER, "overrides.yaml"]
+
+
+def _lock_holder(marker) -> int | None:
+    """The pid holding the flock on a run folder's marker, from /proc/locks."""
+    inode = marker.stat().st_ino
+    for line in open("/proc/locks"):
+        fields = line.split()
+        if fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
+            return int(fields[4])
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_joblib_worker_is_one_line_that_says_how_to_finish_the_sweep(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "zobench.cli", "-m", "hydra/launcher=local_parallel", *QUICK,
+               "train.steps=100000", "checkpoint.every=100000", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]
+    sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, pid = time.time() + 240, None
+        while pid is None and time.time() < deadline and sweep.poll() is None:
+            time.sleep(1)
+            markers = sorted(tmp_path.glob(f"*/{MARKER}"))
+            pid = _lock_holder(markers[0]) if markers else None
+        assert pid is not None, "no job started"
+        os.kill(pid, signal.SIGKILL)
+        _, stderr = sweep.communicate(timeout=120)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 1
+    assert "a sweep worker died" in stderr.strip().splitlines()[-1]
+
+
+def test_a_sweep_run_again_into_its_folder_never_writes_through_a_link(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine\n")
+    job_dir = tmp_path / "sweep" / "0_zero_shot_sst2_opt-tiny"
+    job_dir.mkdir(parents=True)
+    (job_dir / "zobench.log").symlink_to(outside)
+    result = run_cli("-m", *QUICK, "optimizer=zero_shot", "data.n_dev=0", "data.n_test=2", "seed=0,1",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    _refused(result, str(job_dir / "zobench.log"), "symbolic link")
+    assert outside.read_text() == "mine\n"
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [job_dir.name]  # no multirun.yaml either

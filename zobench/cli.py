@@ -235,6 +235,11 @@ def main() -> None:
         if os_error is not None:
             _say(f"error: {os_error_line(os_error)}")
             sys.exit(1)
+        if type(error).__name__ == "TerminatedWorkerError":  # joblib's: one call for all jobs, it ends them all
+            _say("failed: a sweep worker died (killed, or out of memory), and joblib stops the whole sweep with it; "
+                 "the jobs that ended have their metrics.json: run the same command with hydra.sweep.dir=<this "
+                 "sweep's folder> to finish the others (completed ones are not run again)")
+            sys.exit(1)
         if isinstance(error, (HydraException, OmegaConfBaseException, ZobenchError)):
             _say(f"error: {' '.join(str(error).split()) or type(error).__name__}")  # Hydra's hints on one line
             sys.exit(2)

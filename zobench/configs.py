@@ -182,6 +182,23 @@ def resolved_run_dir(overrides: list[str]) -> str | None:
     return os.path.abspath(value)
 
 
+def resolved_sweep_dir(overrides: list[str]) -> Path | None:
+    """hydra.sweep.dir as Hydra will resolve it (the sweep's own overrides left out: compose takes one value
+    per key); None where it cannot be told before Hydra runs (Hydra then reports what is wrong)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    parser = OverridesParser.create()
+    try:
+        single = [item for item in overrides if not parser.parse_override(item).is_sweep_override()]
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=single, return_hydra_config=True)
+            value = OmegaConf.select(cfg, "hydra.sweep.dir", throw_on_missing=True)
+    except Exception:
+        return None
+    return Path(os.path.abspath(value)) if isinstance(value, str) and value else None
+
+
 def run_dir_override(path: str) -> str:
     """`hydra.run.dir='PATH'`, which Hydra reads back as exactly PATH. A name Hydra or a shell would read
     otherwise (a quote, a backslash, `$`, a newline or another control character) is refused."""

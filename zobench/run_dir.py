@@ -286,14 +286,24 @@ def claim_named_run_dir(argv: list[str]) -> list[str]:
     argv comes back with it pinned, so Hydra writes where the lock is. Refused here, before anything is
     written or created: a name Hydra would misread, a link or odd file where Hydra writes, a foreign or live
     folder, a completed run. The job's own claim reuses this one."""
-    from .configs import pin_run_dir, resolved_run_dir, run_dir_override
-    from .safe_files import read_json
+    from .configs import pin_run_dir, resolved_run_dir, resolved_sweep_dir, run_dir_override
+    from .safe_files import read_json, refuse_link
 
-    if any(arg in ("-m", "--multirun") for arg in argv):
-        return argv  # each job of a sweep claims its own folder
     if any(arg.split("=")[0] in ("-c", "--cfg", "-h", "--help", "--hydra-help", "--info", "-i") for arg in argv):
         return argv  # Hydra prints something and runs no job
-    path = resolved_run_dir([arg for arg in argv if "=" in arg and not arg.startswith("-")])
+    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        # Each job claims its own folder, but Hydra writes multirun.yaml, a job's .hydra/ and zobench.log before
+        # the job starts: in a sweep run again into its folder, none of them may be a link.
+        sweep_dir = resolved_sweep_dir(overrides)
+        if sweep_dir is not None and sweep_dir.is_dir() and not sweep_dir.is_symlink():
+            refuse_link(sweep_dir / "multirun.yaml")
+            for job_dir in sorted(sweep_dir.iterdir()):
+                refuse_link(job_dir)
+                if job_dir.is_dir():
+                    _refuse_odd_hydra_outputs(job_dir)
+        return argv
+    path = resolved_run_dir(overrides)
     if path is None:
         return argv
     run_dir_override(path)  # a newline in the name: refused before the folder exists
