@@ -101,7 +101,7 @@ def test_completed_runs_and_changed_configs_are_not_resumed(tmp_path):
     assert changed.returncode == 1 and "was started with another config" in changed.stderr
     assert run_cli(f"resume={run_dir}").returncode == 0
     done = run_cli(f"resume={run_dir}")
-    assert done.returncode == 1 and "already holds a completed run" in done.stderr
+    assert done.returncode == 2 and "already holds a completed run" in done.stderr
 
 
 def test_replay_rebuilds_the_tested_weights_from_the_trajectory(tmp_path):

@@ -29,6 +29,7 @@ def _job(cfg) -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from .optim import check_target
     from .run import run
     from .validate import validate
 
@@ -36,6 +37,7 @@ def _job(cfg) -> str:
     run_dir = hydra_cfg.runtime.output_dir
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
+        check_target(cfg.optimizer.get("_target_"))  # zobench's own classes only, however the config was made
         validate(cfg)  # before anything is written or loaded: a bad value names its key
     except ZobenchError as error:
         if in_sweep:
@@ -43,6 +45,10 @@ def _job(cfg) -> str:
             return "failed"
         _say(f"error: {error}")
         sys.exit(2)
+    if in_sweep and _holds_completed_run(run_dir):
+        # a re-run sweep (same hydra.sweep.dir) finishes what a kill left: a job done before is counted, not failed
+        print(f"completed before: results in {run_dir} (not run again)", flush=True)
+        return "completed"
     try:
         metrics = run(cfg, run_dir, overrides=list(hydra_cfg.overrides.task))
     except (KeyboardInterrupt, Interrupted):
@@ -72,28 +78,51 @@ def _job(cfg) -> str:
     return metrics["status"]
 
 
+def _override_value(arg: str) -> str:
+    """The value as Hydra's parser reads it (`resume='/a b'` is /a b)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return str(OverridesParser.create().parse_override(arg).value())
+    except Exception:
+        return arg.split("=", 1)[1]
+
+
+def _holds_completed_run(run_dir: str) -> bool:
+    from .safe_files import read_json
+
+    try:
+        metrics = read_json(Path(run_dir) / "metrics.json")
+    except (OSError, ZobenchError):  # none, or unreadable: the run itself says why
+        return False
+    return isinstance(metrics, dict) and metrics.get("status") == "completed"
+
+
 def _expand_resume(argv: list[str]) -> list[str]:
-    """`resume=RUN_DIR` means: the command that made RUN_DIR, again, in RUN_DIR (which resumes it)."""
+    """`resume=RUN_DIR` means: the command that made RUN_DIR, again, in RUN_DIR (which resumes it). The
+    folder may have come from someone else: its overrides.yaml is read as data (zobench.safe_files) and only
+    keys of zobench's own config are replayed (configs.received_overrides); what the user types beside
+    resume= is theirs and comes after, so it wins."""
     asked = [arg for arg in argv if arg.startswith("resume=")]
     if not asked:
         return argv
-    import yaml
-
+    from .configs import received_overrides, run_dir_override
     from .run_dir import OVERRIDES  # the command line that started the run, kept by the run directory
+    from .safe_files import read_yaml
 
-    run_dir = Path(asked[-1].split("=", 1)[1]).expanduser()
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        raise ZobenchError("resume=DIR resumes one run, not a sweep (-m): to finish a sweep, run its command again "
+                           "with the same hydra.sweep.dir; to resume one of its jobs, resume=THAT_JOB'S_FOLDER")
+    run_dir = Path(_override_value(asked[-1])).expanduser().absolute()
     overrides_file = run_dir / OVERRIDES
-    if not overrides_file.exists():
-        raise ZobenchError(f"resume={run_dir}: no zobench run there (looked for {overrides_file})")
     try:
-        original = yaml.safe_load(overrides_file.read_text(encoding="utf-8")) or []
-    except (UnicodeDecodeError, yaml.YAMLError) as error:
-        reason = " ".join(str(error).split())  # YAML errors span lines
-        raise ZobenchError(f"resume={run_dir}: {overrides_file} is not a readable list of overrides ({reason})")
-    if not isinstance(original, list) or not all(isinstance(o, str) for o in original):
-        raise ZobenchError(f"resume={run_dir}: {overrides_file} is not a list of overrides")
-    rest = [arg for arg in argv if not arg.startswith("resume=")]
-    return original + rest + [f"hydra.run.dir={run_dir}"]
+        original = received_overrides(read_yaml(overrides_file) or [], overrides_file)
+    except FileNotFoundError:
+        raise ZobenchError(f"resume={run_dir}: no zobench run there (looked for {overrides_file})") from None
+    # Hydra's parser takes options first, then all overrides: the received ones go before the typed ones.
+    first = next((i for i, arg in enumerate(argv) if "=" in arg and not arg.startswith("-")), len(argv))
+    rest = [arg for arg in argv[first:] if not arg.startswith("resume=")]
+    return argv[:first] + original + rest + [run_dir_override(str(run_dir))]
 
 
 def os_error_line(error: OSError) -> str:
@@ -184,7 +213,7 @@ def main() -> None:
         check_overrides(overrides)
         register_resolvers()
         register_tasks()
-        claim_named_run_dir(sys.argv[1:])  # the lock before Hydra writes .hydra/ and zobench.log there
+        sys.argv[1:] = claim_named_run_dir(sys.argv[1:])  # the lock before Hydra writes .hydra/ and zobench.log
     except ZobenchError as error:
         _say(f"error: {error}")
         sys.exit(2)
@@ -205,6 +234,11 @@ def main() -> None:
         os_error = _os_error_in(error)
         if os_error is not None:
             _say(f"error: {os_error_line(os_error)}")
+            sys.exit(1)
+        if type(error).__name__ == "TerminatedWorkerError":  # joblib's: one call for all jobs, it ends them all
+            _say("failed: a sweep worker died (killed, or out of memory), and joblib stops the whole sweep with it; "
+                 "the jobs that ended have their metrics.json: run the same command with hydra.sweep.dir=<this "
+                 "sweep's folder> to finish the others (completed ones are not run again)")
             sys.exit(1)
         if isinstance(error, (HydraException, OmegaConfBaseException, ZobenchError)):
             _say(f"error: {' '.join(str(error).split()) or type(error).__name__}")  # Hydra's hints on one line

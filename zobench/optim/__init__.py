@@ -1,18 +1,52 @@
-"""Optimizers. Each conf/optimizer/<name>.yaml names its class in `_target_`."""
+"""Optimizers. Each conf/optimizer/<name>.yaml names its class in `_target_`, one of REGISTERED.
+
+A config is data (a received run folder's config.yaml and overrides.yaml included): it may choose among
+zobench's own classes, never import one of its choosing (`builtins.open`, `os.system`). So `_target_` is
+looked up in this fixed list, never handed to an importer.
+"""
 
 from __future__ import annotations
 
-from hydra.utils import get_class
+import importlib
+from typing import TYPE_CHECKING
 
 from ..errors import ZobenchError
-from ..precision import Precision
-from .base import Optimizer
+
+if TYPE_CHECKING:  # torch stays unimported until an optimizer is built: the CLI checks targets at start-up
+    from ..precision import Precision
+    from .base import Optimizer
+
+REGISTERED = frozenset({
+    "zobench.optim.mezo.MeZO",
+    "zobench.optim.sparse_mezo.SparseMeZO",
+    "zobench.optim.adamezo.AdaMeZO",
+    "zobench.optim.addax.Addax",
+    "zobench.optim.ip_sgd.InPlaceSGD",
+    "zobench.optim.first_order.TorchOptimizer",
+    "zobench.optim.zero_shot.ZeroShot",
+    "zobench.optim.zo_adam.ZOAdam",
+    "zobench.optim.zo_sgd_momentum.ZOSGDMomentum",
+    "zobench.optim.zo_sgd_sign.ZOSGDSign",
+    "zobench.optim.zo_sign_adamw.ZOSignAdamW",
+    "zobench.head_tuning.HeadTuning",
+    "zobench.linear_probe.LinearProbe",
+})
+
+
+def check_target(target) -> str:
+    """`target` if it is one of zobench's optimizer classes; else one line naming the key and the fix."""
+    if not isinstance(target, str) or target not in REGISTERED:
+        raise ZobenchError(f"optimizer._target_={target!r} is not one of zobench's optimizer classes: zobench "
+                           f"builds only its own ({', '.join(sorted(REGISTERED))}); choose one with optimizer=NAME")
+    return target
+
+
+def optimizer_class(target) -> type:
+    """The registered class named by `target` (only zobench's own modules are ever imported here)."""
+    module, name = check_target(target).rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
 
 
 def build_optimizer(cfg, model, loss_fn, *, seed: int, total_steps: int, precision: Precision | None = None) -> Optimizer:
-    try:
-        cls = get_class(cfg._target_)
-    except Exception as error:
-        raise ZobenchError(f"optimizer '{cfg.get('name')}': cannot import {cfg.get('_target_')} ({error})") from error
-    optimizer = cls(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
-    return optimizer
+    cls = optimizer_class(cfg.get("_target_"))
+    return cls(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
