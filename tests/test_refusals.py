@@ -138,7 +138,7 @@ def test_max_length_beyond_the_model_positions_names_both_keys(tmp_path):
     result = run_cli(*QUICK, NO_DATA, "max_length=4096", f"results_dir={tmp_path}", timeout=120)
     line = _one_line(result)
     assert result.returncode == 2, result.stderr
-    assert "max_length=4096" in line and "max_position_embeddings" in line and "1024" in line, line
+    assert "max_length=4096" in line and "max_position_embeddings" in line and "2048" in line, line
 
 
 def test_max_length_beyond_a_local_model_config_positions_is_refused(tmp_path):
