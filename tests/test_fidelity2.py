@@ -1,0 +1,111 @@
+"""Issue 22, fidelity second pass: each test holds zobench to its reference code (MeZO large_models/)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from conftest import QUICK, run_cli
+from zobench.configs import compose
+from zobench.encoding import Encoder, collate
+from zobench.models import load_model
+from zobench.objective import Objective
+from zobench.optim.hf_adamw import HFAdamW
+from zobench.tasks import PromptTemplate, load_task_definition
+
+COPA_ROWS = [{"premise": p, "choice1": a, "choice2": b, "question": q, "idx": i, "label": l}
+             for i, (p, a, b, q, l) in enumerate([
+                 ("The kettle whistled. ", "The water boiled over the rim of the pot.", "I was asleep.", "cause", 0),
+                 ("The man lost his keys. ", "He searched the whole house twice.", "He sang.", "effect", 0),
+                 ("The road was icy. ", "The car slid.", "The sun was shining brightly all afternoon.", "effect", 0),
+                 ("She opened the window. ", "The room was stuffy and far too warm.", "It rained.", "cause", 0),
+                 ("The dog barked. ", "A stranger knocked at the door.", "The cat slept on the warm rug.", "cause", 0),
+                 ("The cake burned. ", "I forgot the oven.", "The guests praised the baker loudly.", "cause", 0)])]
+
+
+# -- 1. the 16-bit loss is MeZO's --------------------------------------------------------------------------
+
+@functools.cache
+def _copa_model_and_batches(dtype):
+    cfg = compose(QUICK)
+    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), torch.device("cpu"), dtype)
+    encoder, template = Encoder(tokenizer, 256), PromptTemplate(load_task_definition("copa"))
+    encoded = [encoder.encode(template.render(row)) for row in COPA_ROWS]
+    batches = {mode: collate(encoded, tokenizer.pad_token_id, classification=mode) for mode in (True, False)}
+    return model, tokenizer.pad_token_id, batches
+
+
+def _mezo_loss(model, batch, pad_id, num_options):
+    """MeZO large_models/utils.py forward_wrap_with_option_len, transcribed op by op (labels = input_ids)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    shift_logits = logits[..., :-1, :].contiguous()
+    shift_labels = torch.clone(batch.input_ids)[..., 1:].contiguous()
+    shift_labels[shift_labels == pad_id] = -100
+    option_len = batch.option_mask.sum(dim=1).tolist()
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    # MeZO left-pads (run.py: padding_side = "left"), so `shift_labels[_i, :-_len] = -100` counts from the
+    # row's end; zobench right-pads, so the same rule counts from each row's last real token
+    for _i, _len in enumerate(option_len):
+        shift_labels[_i, :lengths[_i] - 1 - _len] = -100
+    loss_fct = torch.nn.CrossEntropyLoss(ignore_index=-100)
+    if num_options is not None:
+        log_probs = F.log_softmax(shift_logits, dim=-1)
+        mask = shift_labels != -100
+        shift_labels[~mask] = 0
+        selected_log_probs = torch.gather(log_probs, dim=-1, index=shift_labels.unsqueeze(-1)).squeeze(-1)
+        selected_log_probs = (selected_log_probs * mask).sum(-1) / mask.sum(-1)
+        selected_log_probs = selected_log_probs.view(-1, num_options)
+        return loss_fct(selected_log_probs, batch.gold)
+    return loss_fct(shift_logits.view(-1, shift_logits.shape[-1]), shift_labels.view(-1))
+
+
+@pytest.mark.parametrize("classification", [True, False], ids=["classification", "lm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_16_bit_loss_is_mezos_bit_for_bit(dtype, classification):
+    """Options of several tokens: MeZO sums the log-probs in fp32 and rounds once (classification) and takes
+    CrossEntropyLoss's mean (LM); zobench's loss in the weights' dtype is the same number, bit for bit."""
+    model, pad_id, batches = _copa_model_and_batches(dtype)
+    batch = batches[classification]
+    assert int(batch.option_mask.sum(dim=1).min()) >= 3  # several tokens per option
+    with torch.no_grad():
+        ours = Objective(model, loss_dtype=dtype).loss(batch)
+        theirs = _mezo_loss(model, batch, pad_id, 2 if classification else None)
+    assert ours.dtype == theirs.dtype == dtype
+    assert ours.item() == theirs.item()
+
+
+# -- 2. head-tuning in 16-bit: finetune.sh's fp32 model under autocast, HF's AdamW, clipping at 1.0 ---------------
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_head_tuning_runs_in_16_bit(tmp_path, dtype):
+    result = run_cli("experiment=quickstart", "optimizer=head_tuning", f"dtype={dtype}", "train.steps=3",
+                     "train.eval_interval=3", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 3 and metrics["backward_passes"] == 3
+    assert math.isfinite(metrics["dev_loss"])
+
+
+def test_head_tuning_follows_hf_trainer(quick_cfg):
+    """finetune.sh's HF Trainer (transformers 4.28): AdamW `adamw_hf`, max_grad_norm 1.0."""
+    from test_mezo import _setup
+    _, _, optimizer, _ = _setup(quick_cfg("optimizer=head_tuning"))
+    assert isinstance(optimizer.optimizer, HFAdamW) and optimizer.clip == 1.0
+
+
+def test_hf_adamw_first_step_is_transformers_rule():
+    """transformers.AdamW: eps added to sqrt(v) before the bias correction, so step 1 is
+    lr·sqrt(1-β2)/(1-β1) · (1-β1)g / (sqrt((1-β2)g²) + eps), not torch's lr·g/(|g| + eps)."""
+    grad = torch.tensor([1e-6, 1e-3, -2.0], dtype=torch.float64)
+    param = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    param.grad = grad.clone()
+    lr, (b1, b2), eps = 0.1, (0.9, 0.999), 1e-6
+    HFAdamW([param], lr=lr, betas=(b1, b2), eps=eps).step()
+    expected = -lr * math.sqrt(1 - b2) / (1 - b1) * (1 - b1) * grad / (((1 - b2) * grad ** 2).sqrt() + eps)
+    assert torch.allclose(param.detach(), expected, rtol=1e-12, atol=0)
