@@ -109,3 +109,20 @@ def test_hf_adamw_first_step_is_transformers_rule():
     HFAdamW([param], lr=lr, betas=(b1, b2), eps=eps).step()
     expected = -lr * math.sqrt(1 - b2) / (1 - b1) * (1 - b1) * grad / (((1 - b2) * grad ** 2).sqrt() + eps)
     assert torch.allclose(param.detach(), expected, rtol=1e-12, atol=0)
+
+
+# -- 3. train.keep_best=none reports the dev figures of the weights it tests ----------------------------------
+
+def test_keep_best_none_reports_the_final_weights(tmp_path):
+    """The loss climbs after step 2 (lr 0.3), so the best evaluation is not the last; keep_best=none tests the
+    step-4 weights, and metrics.json, the console and the report's dev column must describe those."""
+    run_dir = tmp_path / "run"
+    result = run_cli("experiment=quickstart", "train.keep_best=none", "train.steps=4", "train.eval_interval=2",
+                     "optimizer.lr=0.3", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    dev = {e["step"]: e for e in events if e.get("event") == "eval" and e.get("split") == "dev"}
+    assert dev[2]["loss"] < dev[4]["loss"]  # a keep-the-best run would have chosen step 2
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (metrics["best_step"], metrics["dev_metric"], metrics["dev_loss"]) == (4, dev[4]["metric"], dev[4]["loss"])
+    assert f"(dev accuracy = {dev[4]['metric']:.4f}, best step 4)" in result.stdout + result.stderr

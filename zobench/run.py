@@ -324,7 +324,9 @@ class Job:
 
     def _keep_if_best(self, result: dict[str, Any], step: int) -> None:
         score = result["loss"] if self.cfg.train.select_by == "loss" else -result["metric"]
-        if score < self.best_score:  # the first evaluation always becomes the best
+        # keep_best=none tests the final weights: the dev figures are the latest evaluation's (the last step,
+        # or the early stop's, is always evaluated), so they describe the weights the test scores
+        if score < self.best_score or self.best.mode == "none":  # the first evaluation always becomes the best
             self.best_score = score
             self.best.save()
             self.metrics.update(dev_metric=result["metric"], dev_loss=result["loss"], best_step=step)
