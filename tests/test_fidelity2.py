@@ -13,7 +13,9 @@ from omegaconf import OmegaConf
 
 from conftest import QUICK, run_cli
 from zobench.configs import compose
+from zobench.data import sample_splits
 from zobench.encoding import Encoder, collate
+from zobench.epochs import resolve_epochs
 from zobench.models import load_model
 from zobench.objective import Objective
 from zobench.optim.hf_adamw import HFAdamW
@@ -126,3 +128,31 @@ def test_keep_best_none_reports_the_final_weights(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (metrics["best_step"], metrics["dev_metric"], metrics["dev_loss"]) == (4, dev[4]["metric"], dev[4]["loss"])
     assert f"(dev accuracy = {dev[4]['metric']:.4f}, best step 4)" in result.stdout + result.stderr
+
+
+# -- 4. mezo_opt13b_ft trains MeZO's 5 epochs of each task's training set ---------------------------------------
+
+@pytest.mark.parametrize("task, train_rows, steps", [("cb", 250, 95), ("copa", 400, 190), ("wsc", 554, 35),
+                                                     ("sst2", 67349, 625)])
+def test_ft_preset_resolves_5_epochs_per_task(task, train_rows, steps):
+    """finetune.sh: 5 epochs at batch 8, evaluated once per epoch; CB and COPA keep 100 for dev (150 / 300
+    train), WSC 500 (54 train), the rest 1000 train: 5 * ceil(n_train / 8) steps."""
+    cfg = compose(["experiment=mezo_opt13b_ft", f"task={task}"])
+    definition = OmegaConf.to_container(cfg.task, resolve=True)
+    sizes = {key: min(int(cfg.data[key]), int(definition["sizes"].get(key, 10**12)))
+             for key in ("n_train", "n_dev", "n_test")}  # as data.sample_task caps them
+    splits = sample_splits({"train": [{"i": i} for i in range(train_rows)], "test": [{"i": 0}]}, seed=0,
+                           source="synthetic", **sizes)
+    assert resolve_epochs(cfg.train, len(splits.train))
+    assert (cfg.train.steps, cfg.train.eval_interval) == (steps, steps // 5)
+
+
+def test_epochs_set_the_steps_a_run_takes(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("experiment=quickstart", "train.epochs=2", "train.batch_size=5", "train.steps=1000",
+                     f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["n_train"] == 16 and metrics["steps"] == metrics["steps_planned"] == 8  # 2 x ceil(16 / 5)
+    events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "eval" and e.get("split") == "dev"] == [4, 8]

@@ -23,6 +23,7 @@ from .checkpoint import Checkpointer, RecordingLoss
 from .data import sample_task
 from .early_stopping import EarlyStopping
 from .encoding import Encoder, collate
+from .epochs import resolve_epochs
 from .errors import Diverged, Interrupted, ZobenchError
 from .evaluate import MAX_NEW_TOKENS, evaluate
 from .icl import demonstration_blocks
@@ -149,6 +150,8 @@ class Job:
             raise ZobenchError(f"task '{task['name']}' is a generation task: train_as_classification must be false")
         trains = _check_method(cfg, task)
         splits = self._data(task)
+        if resolve_epochs(cfg.train, len(splits.train)):  # train.epochs: steps from this task's training size
+            self.metrics["steps_planned"] = int(cfg.train.steps)
         model_spec = OmegaConf.to_container(cfg.model, resolve=True)
         model, tokenizer = load_model(model_spec, self.device, dtype)
         peft_spec = OmegaConf.to_container(cfg.peft, resolve=True) if "peft" in cfg else None

@@ -33,7 +33,7 @@ OPTIMIZER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 # Keys that count something: a whole number (1e3 is fine, 3.7 is refused rather than truncated to 3 while
 # config.yaml keeps 3.7; "abc" is refused by name rather than by a bare int() ValueError later).
-INTEGER_KEYS = ("train.steps", "train.batch_size", "train.log_interval", "train.eval_interval", "eval.batch_size",
+INTEGER_KEYS = ("train.steps", "train.epochs", "train.batch_size", "train.log_interval", "train.eval_interval", "eval.batch_size",
                 "checkpoint.every", "data.n_train", "data.n_dev", "data.n_test", "max_length", "seed", "data.seed",
                 "icl.k", "optimizer.q", "optimizer.k0", "optimizer.k1", "optimizer.l_t", "optimizer.h")
 # numpy's RandomState (MeZO's sampling) and torch.manual_seed both take seeds in [0, 2**32)
@@ -42,6 +42,7 @@ SEED_KEYS = {"seed": "the optimizer seed: ZO directions and batch order",
 
 RUN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.steps": (lambda v: v >= 1, ">= 1"),
+    "train.epochs": (lambda v: v >= 1, ">= 1, or null to train train.steps steps"),
     "train.batch_size": (lambda v: v >= 1, ">= 1"),
     "train.log_interval": (lambda v: v >= 1, ">= 1"),
     "train.eval_interval": (lambda v: v >= 0, ">= 0 (0: evaluate at the end only)"),
