@@ -6,6 +6,7 @@ import functools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,8 +15,9 @@ from omegaconf import OmegaConf
 from conftest import QUICK, run_cli
 from zobench.configs import compose
 from zobench.data import sample_splits
-from zobench.encoding import Encoder, collate
+from zobench.encoding import EncodedExample, Encoder, collate
 from zobench.epochs import resolve_epochs
+from zobench.linear_probe import LinearProbe, ProbeEvaluator
 from zobench.models import load_model
 from zobench.objective import Objective
 from zobench.optim.hf_adamw import HFAdamW
@@ -156,3 +158,21 @@ def test_epochs_set_the_steps_a_run_takes(tmp_path):
     assert metrics["n_train"] == 16 and metrics["steps"] == metrics["steps_planned"] == 8  # 2 x ceil(16 / 5)
     events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e.get("event") == "eval" and e.get("split") == "dev"] == [4, 8]
+
+
+# -- 5. linear probing's CV folds follow the shuffled training order -----------------------------------------
+
+def test_probe_fits_the_rows_in_the_shuffled_training_order(monkeypatch):
+    """MeZO extracts the probe's rows from HF's shuffled train dataloader, and LogisticRegressionCV's folds
+    follow row order: the rows reach the fit in the run seed's first-epoch order, not in sample order."""
+    train = [EncodedExample([[0, i]], [1], [i % 3], [i], False) for i in range(30)]
+    probe = LinearProbe(None, None, OmegaConf.create({}), seed=7, total_steps=0)
+    evaluator = ProbeEvaluator(probe, objective=None, pad_id=1, batch_size=8)
+    monkeypatch.setattr(evaluator, "features", lambda examples: np.array([[float(e.prompt_ids[0])] for e in examples]))
+    seen = {}
+    monkeypatch.setattr(probe, "fit", lambda features, labels: seen.update(rows=features[:, 0].astype(int).tolist(),
+                                                                           labels=labels.tolist()))
+    evaluator.fit(train)
+    first_epoch = np.random.RandomState(7).permutation(30).tolist()  # Optimizer.batches' first epoch
+    assert seen["rows"] == first_epoch != list(range(30))
+    assert seen["labels"] == [i % 3 for i in first_epoch]
