@@ -176,3 +176,20 @@ def test_probe_fits_the_rows_in_the_shuffled_training_order(monkeypatch):
     first_epoch = np.random.RandomState(7).permutation(30).tolist()  # Optimizer.batches' first epoch
     assert seen["rows"] == first_epoch != list(range(30))
     assert seen["labels"] == [i % 3 for i in first_epoch]
+
+
+# -- 6. the rest of issue 22's list -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_ip_sgd_weights_arithmetic_keeps_lr_in_fp32(dtype):
+    """update_dtype=weights: θ − lr·g rounded once into 16 bits with lr as given (CUDA's opmath); CPU's
+    `add_(alpha=-lr)` rounded lr itself to 16 bits (1e-7 -> 1.19e-7 in fp16) and so moved weights it should not."""
+    from zobench.optim.ip_sgd import _sgd_update
+
+    theta = torch.full((64,), 1.0, dtype=dtype) * torch.linspace(1e-4, 2e-4, 64).to(dtype)
+    grad = torch.linspace(0.3, 0.7, 64).to(dtype)
+    lr = 1e-7 if dtype == torch.float16 else 3e-4 / 7
+    expected = (theta.float() - lr * grad.float()).to(dtype)
+    updated = theta.clone()
+    _sgd_update(updated, grad.clone(), lr, 0.0, 1.0)
+    assert torch.equal(updated, expected)
