@@ -193,3 +193,15 @@ def test_ip_sgd_weights_arithmetic_keeps_lr_in_fp32(dtype):
     updated = theta.clone()
     _sgd_update(updated, grad.clone(), lr, 0.0, 1.0)
     assert torch.equal(updated, expected)
+
+
+def test_speed_table_has_no_ratio_when_mezo_reaches_the_target_at_step_0(tmp_path):
+    """A target the baseline meets before training (step 0, 0 passes) gives no ratio: a dash, not 0.00x."""
+    from test_report_speed import speed, write_run
+
+    runs = tmp_path / "runs"
+    write_run(runs, "mezo", [(0, 0.70, 0, 0.0), (1000, 0.65, 2000, 100.0)])
+    write_run(runs, "addax", [(100, 0.72, 150, 10.0), (200, 0.75, 300, 20.0)])
+    rows, markdown, _ = speed(tmp_path, runs, "--speed-target", "70")
+    assert rows["passes_speedup"].isna().all() and rows["seconds_speedup"].isna().all()
+    assert "0.00x" not in markdown
