@@ -205,3 +205,20 @@ def test_speed_table_has_no_ratio_when_mezo_reaches_the_target_at_step_0(tmp_pat
     rows, markdown, _ = speed(tmp_path, runs, "--speed-target", "70")
     assert rows["passes_speedup"].isna().all() and rows["seconds_speedup"].isna().all()
     assert "0.00x" not in markdown
+
+
+def test_zobench_sst2_presets_sweep_each_methods_own_grid():
+    """ZO-Bench's SST-2 / OPT-1.3B sweeps (zo-bench/sweeps/SST2_opt-1.3b/*_cls_ft*.yml): 48 jobs, not 60."""
+    from test_report_presets import compose_with_hydra
+
+    grids = {}
+    for suffix in ("", "_momentum", "_sign"):
+        cfg = compose_with_hydra([f"experiment=zobench_sst2_opt1.3b{suffix}"])
+        params = cfg.hydra.sweeper.params
+        assert cfg.dtype == "float32" and cfg.seed == 42 and cfg.train.eval_interval == 500
+        for optimizer in params.optimizer.split(","):
+            grids[optimizer] = (params["optimizer.lr"].split(","), params["optimizer.eps"].split(","))
+    every = ["1e-4", "1e-5", "1e-6", "1e-7", "1e-8"]
+    assert grids == {"mezo": (every, ["1e-3", "1e-4", "1e-5"]), "zo_adam": (every, ["1e-3", "1e-4", "1e-5"]),
+                     "zo_sgd_momentum": (every[1:], ["1e-3", "1e-4", "1e-5"]),
+                     "zo_sgd_sign": (["1e-4", "1e-6", "1e-8"], ["1e-3", "1e-5"])}
