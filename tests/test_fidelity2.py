@@ -222,3 +222,41 @@ def test_zobench_sst2_presets_sweep_each_methods_own_grid():
     assert grids == {"mezo": (every, ["1e-3", "1e-4", "1e-5"]), "zo_adam": (every, ["1e-3", "1e-4", "1e-5"]),
                      "zo_sgd_momentum": (every[1:], ["1e-3", "1e-4", "1e-5"]),
                      "zo_sgd_sign": (["1e-4", "1e-6", "1e-8"], ["1e-3", "1e-5"])}
+
+
+def _zo_bench_step(name, theta, g, z, lr):
+    """ZO-Bench's zo_step for q = 1 (zo-bench/trainer.py ~1040-1075) from a restored θ, the first step: ĝ = g·z in
+    the weights' dtype as param.grad, then torch's SGD(momentum 0.9) / Adam (foreach, as on CUDA: every
+    operation computed in fp32 and rounded into the 16-bit tensor). Adam's ε stays fp32 (zobench's one change)."""
+    r = lambda t: t.to(theta.dtype).float()  # noqa: E731
+    grad = r(g * z.float())
+    if name == "zo_sgd_momentum":
+        direction, scale = r(r(0.9 * torch.zeros_like(grad)) + grad), lr  # buf.mul_(0.9).add_(grad)
+    else:
+        exp_avg = r(torch.zeros_like(grad).lerp_(grad, 0.1))
+        exp_avg_sq = r(r(torch.zeros_like(grad) * 0.999).addcmul_(grad, grad, value=0.001))
+        denominator = r(r(exp_avg_sq.sqrt()) / math.sqrt(1 - 0.999)) + 1e-8
+        direction, scale = exp_avg / denominator, lr / (1 - 0.9)
+    return theta.float().add_(direction, alpha=-scale).to(theta.dtype)  # param.add_ / addcdiv_: one rounding
+
+
+@pytest.mark.parametrize("name", ["zo_sgd_momentum", "zo_adam"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_reference_stateful_zo_rounds_as_zo_bench(quick_cfg, dtype, name):
+    """Reference mode with 16-bit state: ĝ rounded to the weights' dtype, each state operation rounded, and θ
+    moved by one rounding (torch's optimizer.step()), not MeZO's three (r(g·z), r(lr·…), r(θ − …))."""
+    from test_precision_zo import _opt_tiny
+
+    lr = 1e-3 if name == "zo_sgd_momentum" else 1e-4
+    restored_model, probe, batch = _opt_tiny(quick_cfg, dtype, name, "reference", state="weights", lr=0.0, eps=1e-2)
+    model, optimizer, _ = _opt_tiny(quick_cfg, dtype, name, "reference", state="weights", lr=lr, eps=1e-2)
+    probe.step(batch)  # lr 0: only the restore, θ as ZO-Bench holds it before optimizer.step()
+    optimizer.step(batch)
+    assert optimizer.last_projected_grads == probe.last_projected_grads
+    (seed, g), = optimizer.last_projected_grads
+    restored = dict(restored_model.named_parameters())
+    moved = dict(model.named_parameters())
+    for index, (param_name, _) in enumerate(optimizer.engine.named):
+        theta = restored[param_name].detach()
+        z = optimizer.engine.direction(seed, index, theta)
+        assert torch.equal(moved[param_name].detach(), _zo_bench_step(name, theta, g, z, lr)), param_name
