@@ -147,6 +147,7 @@ def test_ft_preset_resolves_5_epochs_per_task(task, train_rows, steps):
                            source="synthetic", **sizes)
     assert resolve_epochs(cfg.train, len(splits.train))
     assert (cfg.train.steps, cfg.train.eval_interval) == (steps, steps // 5)
+    assert cfg.optimizer.torch_class == "HFAdamW"  # HF Trainer's adamw_hf, as finetune.sh ran
 
 
 def test_epochs_set_the_steps_a_run_takes(tmp_path):
