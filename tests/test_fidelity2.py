@@ -225,6 +225,20 @@ def test_zobench_sst2_presets_sweep_each_methods_own_grid():
                      "zo_sgd_sign": (["1e-4", "1e-6", "1e-8"], ["1e-3", "1e-5"])}
 
 
+def test_zobench_copa_fp16_presets_sweep_each_methods_own_grid():
+    """zo-bench/sweeps/Copa_opt-13b: zo_sgd lr 1e-4..1e-8, zo_sgd_momen 1e-5..1e-8, both eps 1e-2..1e-4."""
+    from test_report_presets import compose_with_hydra
+
+    grids = {}
+    for suffix in ("", "_momentum"):
+        cfg = compose_with_hydra([f"experiment=zobench_copa_opt13b_fp16{suffix}"])
+        params = cfg.hydra.sweeper.params
+        assert cfg.dtype == "float16" and cfg.task.name == "copa" and cfg.data.n_train == 300
+        grids[params.optimizer] = (params["optimizer.lr"].split(","), params["optimizer.eps"].split(","))
+    every, eps = ["1e-4", "1e-5", "1e-6", "1e-7", "1e-8"], ["1e-2", "1e-3", "1e-4"]
+    assert grids == {"mezo": (every, eps), "zo_sgd_momentum": (every[1:], eps)}
+
+
 def _zo_bench_step(name, theta, g, z, lr):
     """ZO-Bench's zo_step for q = 1 (zo-bench/trainer.py ~1040-1075) from a restored θ, the first step: ĝ = g·z in
     the weights' dtype as param.grad, then torch's SGD(momentum 0.9) / Adam (foreach, as on CUDA: every

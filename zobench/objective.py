@@ -1,8 +1,11 @@
 """The training loss and candidate log-likelihoods, with forward/backward/token counters.
 
-Losses follow MeZO (large_models/utils.py forward_wrap_with_option_len):
-  classification  cross-entropy over the candidates' mean token log-probs (train_as_classification)
-  lm              teacher-forced NLL of the correct candidate's tokens, averaged over those tokens
+Losses follow MeZO (large_models/utils.py forward_wrap_with_option_len), op for op in the loss dtype:
+  classification  cross-entropy over the candidates' mean token log-probs (train_as_classification); each
+                  candidate's sum as MeZO's `.sum(-1)`: accumulated in fp32, rounded once
+  lm              teacher-forced NLL of the correct candidate's tokens: CrossEntropyLoss's mean over those tokens,
+                  through the same reduction (nll_loss) over the same positions, so it rounds as MeZO's does
+In fp32 (zobench's default loss dtype) the one rounding is no rounding: the same rule serves every mode.
 """
 
 from __future__ import annotations
@@ -75,11 +78,10 @@ class Objective:
         return seen["hidden"]
 
     def loss(self, batch: SequenceBatch) -> torch.Tensor:
-        table = self._option_table(batch)
         if batch.classification:
-            loss = loss_from_logprobs(batch, _row_sums(table), batch.option_mask[:, 1:].sum(dim=1))
-        else:
-            loss = lm_loss(table, batch.option_mask[:, 1:])
+            loss = loss_from_logprobs(batch, *self.option_logprobs(batch))
+        else:  # MeZO's reduction needs each option token's position, not the per-sequence sums
+            loss = lm_loss(self._option_table(batch), batch.option_mask[:, 1:])
         if loss.requires_grad:  # counts a backward pass when one runs through this loss
             loss.register_hook(self._count_backward)
         return loss
