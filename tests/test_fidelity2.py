@@ -64,6 +64,15 @@ def _mezo_loss(model, batch, pad_id, num_options):
         shift_labels[~mask] = 0
         selected_log_probs = torch.gather(log_probs, dim=-1, index=shift_labels.unsqueeze(-1)).squeeze(-1)
         selected_log_probs = (selected_log_probs * mask).sum(-1) / mask.sum(-1)
+        if isinstance(num_options, list):  # options of different counts: one loss per example, then / count
+            loss, start_id, count = 0, 0, 0
+            while start_id < len(num_options):
+                end_id = start_id + num_options[start_id]
+                _logits = selected_log_probs[start_id:end_id].unsqueeze(0)
+                loss = loss_fct(_logits, batch.gold[count].unsqueeze(0)) + loss
+                count += 1
+                start_id = end_id
+            return loss / count
         selected_log_probs = selected_log_probs.view(-1, num_options)
         return loss_fct(selected_log_probs, batch.gold)
     return loss_fct(shift_logits.view(-1, shift_logits.shape[-1]), shift_labels.view(-1))
@@ -82,6 +91,21 @@ def test_16_bit_loss_is_mezos_bit_for_bit(dtype, classification):
         theirs = _mezo_loss(model, batch, pad_id, 2 if classification else None)
     assert ours.dtype == theirs.dtype == dtype
     assert ours.item() == theirs.item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_16_bit_loss_over_different_candidate_counts_is_mezos(dtype):
+    """MeZO's loop for examples with different numbers of options: a CrossEntropyLoss per example, added up in
+    the loss dtype, divided by their count (not one mean over a padded table)."""
+    model, pad_id, _ = _copa_model_and_batches(dtype)
+    counts = [2, 3, 2, 4, 3, 2]
+    examples = [EncodedExample([[0, 30 + i, 40 + c, 50 + c, 60 + c + i] for c in range(n)], [2 + c % 2 for c in range(n)],
+                               [i % n], [0, 30 + i], False) for i, n in enumerate(counts)]
+    batch = collate(examples, pad_id, classification=True)
+    with torch.no_grad():
+        ours = Objective(model, loss_dtype=dtype).loss(batch)
+        theirs = _mezo_loss(model, batch, pad_id, [n for n in counts for _ in range(n)])
+    assert ours.dtype == theirs.dtype == dtype and ours.item() == theirs.item()
 
 
 # -- 2. head-tuning in 16-bit: finetune.sh's fp32 model under autocast, HF's AdamW, clipping at 1.0 ---------------
