@@ -69,9 +69,9 @@ def test_weight_decay_is_refused(small_blocks):
 
 
 @pytest.mark.parametrize("preset, dtype, optimizers", [
-    ("zobench_sst2_opt1.3b", "float32", "mezo,zo_sgd_sign,zo_sgd_momentum,zo_adam"),
+    ("zobench_sst2_opt1.3b", "float32", "mezo,zo_adam"),  # the other two methods: their own grids (issue 22)
     ("zobench_copa_opt13b_bf16", "bfloat16", "zo_sgd_sign,zo_adam"),
-    ("zobench_copa_opt13b_fp16", "float16", "mezo,zo_sgd_momentum"),
+    ("zobench_copa_opt13b_fp16", "float16", "mezo"),  # ZO-SGD-MMT: its own grid (issue 22)
 ])
 def test_zobench_presets_carry_its_protocol(preset, dtype, optimizers):
     from test_report_presets import compose_with_hydra

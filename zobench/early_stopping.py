@@ -11,7 +11,8 @@ checkpoint: `control.should_save = False`), so their test sees the weights of th
 selection (train.select_by / keep_best) runs on the regular train.eval_interval evaluations and on the
 evaluation of the step where a run stops, as it does at train.steps.
 
-With `interval: null` the stopper counts the regular evaluations instead (no extra ones).
+With `interval: null` the stopper counts the regular evaluations instead (no extra ones). With `patience: null`
+and an interval, the extra evaluations still run (a finer dev curve for the report's speed table) and never stop.
 Its state is plain Python numbers, saved in the job state of each checkpoint.
 """
 
@@ -44,9 +45,9 @@ class EarlyStopping:
                                f"train.eval_interval evaluations), got {interval!r}")
         if metric not in METRICS:
             raise ZobenchError(f"train.early_stop.metric must be loss or metric, got {metric!r}")
-        if patience is not None and not has_dev:
+        if (patience is not None or interval is not None) and not has_dev:
             raise ZobenchError("train.early_stop needs dev examples to evaluate: set data.n_dev > 0 "
-                               "or train.early_stop.patience=null")
+                               "or train.early_stop.patience=null train.early_stop.interval=null")
         return cls(patience, interval, metric)
 
     @property
@@ -60,11 +61,9 @@ class EarlyStopping:
     def due(self, step: int, regular: bool) -> bool:
         """Whether the dev evaluation at `step` (0: before the first step) feeds the stopper; `regular`
         says whether the run evaluates there anyway (train.eval_interval, the last step)."""
-        if not self.enabled:
-            return False
         if self.interval is None:
-            return regular and step > 0
-        return step % self.interval == 0
+            return self.enabled and regular and step > 0
+        return step % self.interval == 0  # with patience null: evaluations for the curve alone
 
     def observe(self, step: int, result: dict[str, Any]) -> bool:
         """Count one dev evaluation; True when the run must stop here."""
@@ -76,7 +75,7 @@ class EarlyStopping:
             self.best, self.best_step, self.bad_evaluations = score, step, 0
         else:
             self.bad_evaluations += 1
-        if self.bad_evaluations >= self.patience:
+        if self.enabled and self.bad_evaluations >= self.patience:
             self.stopped_at = step
         return self.stopped
 

@@ -46,8 +46,13 @@ def train_head_only(model: torch.nn.Module, untie: bool) -> torch.nn.Parameter:
 
 
 class HeadTuning(TorchOptimizer):
-    """A torch optimizer (conf/optimizer/head_tuning.yaml: AdamW as HF Trainer's) over the LM head alone."""
+    """A torch optimizer (conf/optimizer/head_tuning.yaml: HF Trainer's AdamW, clipping at 1.0) over the LM head
+    alone. 16-bit runs follow finetune.sh's `--fp16` without `--load_float16`: the whole model in fp32 under
+    16-bit autocast (HF AMP); master weights for the head alone would leave frozen 16-bit LayerNorms meeting
+    the fp32 embedding output (CPU: "mixed dtype")."""
 
     def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
         train_head_only(model, untie=bool(cfg.get("untie", False)))
+        if precision is not None and precision.half and precision.master_weights:
+            model.float()  # in place: the same Parameter objects, so the tie and the hooks stay
         super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)

@@ -64,12 +64,21 @@ class LinearProbe(ZeroShot):
 
     def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
         super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
+        self.seed = int(seed)
         self.folds = int(cfg.get("cv", 5))
         self.max_iter = int(cfg.get("max_iter", 5000))
         self.tol = float(cfg.get("tol", 1e-4))
         self.fit_intercept = bool(cfg.get("fit_intercept", False))
         self.classifier = None
         self.C = None  # the chosen inverse regularisation, in MeZO's (multinomial) units
+
+    def training_order(self, n: int) -> list[int]:
+        """The order the training rows are fitted in. MeZO (trainer.py ~246) extracts them by iterating HF
+        Trainer's train dataloader (a RandomSampler: shuffled), and LogisticRegressionCV's stratified folds
+        follow row order, so its folds are a shuffled split. Here: the first epoch of the run's seed as the
+        trained methods draw it (Optimizer.batches); MeZO's own permutation (a torch generator seeded from
+        the global RNG) is not reproduced."""
+        return np.random.RandomState(self.seed).permutation(n).tolist()
 
     def fit(self, features: np.ndarray, labels: np.ndarray) -> "LinearProbe":
         from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
@@ -145,7 +154,8 @@ class ProbeEvaluator:
         if any(n > 1 for example in train for n in example.option_lens):
             log.warning("a label word is several tokens long: MeZO's probe would fit one row per answer token "
                         "(token ids as classes) and score with the LM; zobench's probe over candidates differs")
-        self.probe.fit(self.features(train), np.array([e.train_index for e in train]))
+        shuffled = [train[i] for i in self.probe.training_order(len(train))]  # MeZO's folds: shuffled order
+        self.probe.fit(self.features(shuffled), np.array([e.train_index for e in shuffled]))
         return self
 
     def __call__(self, examples: Sequence[EncodedExample]) -> dict[str, Any]:

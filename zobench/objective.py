@@ -1,8 +1,11 @@
 """The training loss and candidate log-likelihoods, with forward/backward/token counters.
 
-Losses follow MeZO (large_models/utils.py forward_wrap_with_option_len):
-  classification  cross-entropy over the candidates' mean token log-probs (train_as_classification)
-  lm              teacher-forced NLL of the correct candidate's tokens, averaged over those tokens
+Losses follow MeZO (large_models/utils.py forward_wrap_with_option_len), op for op in the loss dtype:
+  classification  cross-entropy over the candidates' mean token log-probs (train_as_classification); each
+                  candidate's sum as MeZO's `.sum(-1)`: accumulated in fp32, rounded once
+  lm              teacher-forced NLL of the correct candidate's tokens: CrossEntropyLoss's mean over those tokens,
+                  through the same reduction (nll_loss) over the same positions, so it rounds as MeZO's does
+In fp32 (zobench's default loss dtype) the one rounding is no rounding: the same rule serves every mode.
 """
 
 from __future__ import annotations
@@ -38,7 +41,13 @@ class Objective:
             self._body = None
 
     def option_logprobs(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per sequence: the sum of its option tokens' log-probs, and how many there are."""
+        """Per sequence: the sum of its option tokens' log-probs (in the loss dtype), and how many there are."""
+        table = self._option_table(batch)
+        return _row_sums(table), batch.option_mask[:, 1:].sum(dim=1)
+
+    def _option_table(self, batch: SequenceBatch) -> torch.Tensor:
+        """[N, T-1] in the loss dtype: the log-prob of token t+1 at t where it is an option token, else 0
+        (MeZO utils.py forward_wrap_with_option_len: `selected_log_probs * mask`)."""
         self.counter.forward_passes += 1
         self.counter.tokens += int(batch.attention_mask.sum())
         target = batch.option_mask[:, 1:]  # token t is predicted at position t-1
@@ -48,12 +57,11 @@ class Objective:
         else:
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][target]
         tokens = batch.input_ids[:, 1:][target]
+        # log_softmax is row by row, so the option rows alone give MeZO's values; masked_scatter places them
+        # (deterministic, unlike index_add on CUDA)
         token_logprobs = -F.cross_entropy(logits.to(self.loss_dtype), tokens, reduction="none")
-        rows = torch.nonzero(target, as_tuple=True)[0]
-        sums = torch.zeros(target.shape[0], dtype=token_logprobs.dtype, device=token_logprobs.device)
-        sums = sums.index_add(0, rows, token_logprobs)
-        counts = target.sum(dim=1)
-        return sums, counts
+        table = torch.zeros(target.shape, dtype=token_logprobs.dtype, device=token_logprobs.device)
+        return table.masked_scatter(target, token_logprobs)
 
     def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[N, T, hidden]: the states the LM head reads (linear probing's features); one counted forward."""
@@ -70,8 +78,10 @@ class Objective:
         return seen["hidden"]
 
     def loss(self, batch: SequenceBatch) -> torch.Tensor:
-        sums, counts = self.option_logprobs(batch)
-        loss = loss_from_logprobs(batch, sums, counts)
+        if batch.classification:
+            loss = loss_from_logprobs(batch, *self.option_logprobs(batch))
+        else:  # MeZO's reduction needs each option token's position, not the per-sequence sums
+            loss = lm_loss(self._option_table(batch), batch.option_mask[:, 1:])
         if loss.requires_grad:  # counts a backward pass when one runs through this loss
             loss.register_hook(self._count_backward)
         return loss
@@ -97,7 +107,29 @@ def candidate_scores(batch: SequenceBatch, sums: torch.Tensor, counts: torch.Ten
     return table
 
 
+def _row_sums(table: torch.Tensor) -> torch.Tensor:
+    """Each row's sum, as MeZO's `.sum(-1)` of 16-bit log-probs: torch accumulates 16-bit sums in fp32
+    and rounds once (CPU and CUDA), so this is the fp32 sum rounded once to the loss dtype in every mode."""
+    return table.sum(dim=-1)
+
+
+def lm_loss(table: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MeZO's LM loss (utils.py: CrossEntropyLoss(ignore_index=-100) over the shifted [N*(T-1), vocab] logits,
+    mean over the option tokens), through the same reduction kernel over the same positions: its rounding in
+    16-bit (a half-precision cascade on CPU, an fp32 total on CUDA) is the kernel's, and so is MeZO's."""
+    labels = torch.where(target, 0, -100).reshape(-1)
+    return F.nll_loss(table.reshape(-1, 1), labels, ignore_index=-100)
+
+
 def loss_from_logprobs(batch: SequenceBatch, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    if batch.classification:
-        return F.cross_entropy(candidate_scores(batch, sums, counts, "mean"), batch.gold)
-    return -sums.sum() / counts.sum().clamp(min=1)
+    if not batch.classification:
+        return -sums.sum() / counts.sum().clamp(min=1)
+    scores = candidate_scores(batch, sums, counts, "mean")
+    sizes = torch.bincount(batch.example_index, minlength=batch.num_examples)
+    if bool((sizes == sizes[0]).all()):  # MeZO: one CrossEntropyLoss (mean) over [bsz, num_options]
+        return F.cross_entropy(scores, batch.gold)
+    # MeZO utils.py, options of different counts: one loss per example, added up in order, then / count
+    loss = 0
+    for i, size in enumerate(sizes.tolist()):
+        loss = F.cross_entropy(scores[i: i + 1, :size], batch.gold[i: i + 1]) + loss
+    return loss / len(sizes)

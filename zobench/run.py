@@ -23,6 +23,7 @@ from .checkpoint import Checkpointer, RecordingLoss
 from .data import sample_task
 from .early_stopping import EarlyStopping
 from .encoding import Encoder, collate
+from .epochs import resolve_epochs
 from .errors import Diverged, Interrupted, ZobenchError
 from .evaluate import MAX_NEW_TOKENS, evaluate
 from .icl import demonstration_blocks
@@ -149,6 +150,8 @@ class Job:
             raise ZobenchError(f"task '{task['name']}' is a generation task: train_as_classification must be false")
         trains = _check_method(cfg, task)
         splits = self._data(task)
+        if resolve_epochs(cfg.train, len(splits.train)):  # train.epochs: steps from this task's training size
+            self.metrics["steps_planned"] = int(cfg.train.steps)
         model_spec = OmegaConf.to_container(cfg.model, resolve=True)
         model, tokenizer = load_model(model_spec, self.device, dtype, max_length=int(cfg.max_length))
         peft_spec = OmegaConf.to_container(cfg.peft, resolve=True) if "peft" in cfg else None
@@ -324,7 +327,9 @@ class Job:
 
     def _keep_if_best(self, result: dict[str, Any], step: int) -> None:
         score = result["loss"] if self.cfg.train.select_by == "loss" else -result["metric"]
-        if score < self.best_score:  # the first evaluation always becomes the best
+        # keep_best=none tests the final weights: the dev figures are the latest evaluation's (the last step,
+        # or the early stop's, is always evaluated), so they describe the weights the test scores
+        if score < self.best_score or self.best.mode == "none":  # the first evaluation always becomes the best
             self.best_score = score
             self.best.save()
             self.metrics.update(dev_metric=result["metric"], dev_loss=result["loss"], best_step=step)

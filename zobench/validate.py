@@ -51,7 +51,7 @@ OPTIMIZER_FLAGS = ("fit_intercept", "untie", "nesterov", "amsgrad", "maximize")
 
 # Keys that count something: a whole number (1e3 is fine, 3.7 is refused rather than truncated to 3 while
 # config.yaml keeps 3.7; "abc" is refused by name rather than by a bare int() ValueError later).
-INTEGER_KEYS = ("train.steps", "train.batch_size", "train.log_interval", "train.eval_interval", "eval.batch_size",
+INTEGER_KEYS = ("train.steps", "train.epochs", "train.batch_size", "train.log_interval", "train.eval_interval", "eval.batch_size",
                 "checkpoint.every", "data.n_train", "data.n_dev", "data.n_test", "max_length", "seed", "data.seed",
                 "icl.k", "model.init_seed", "model.bos_token_id", "model.arch.vocab_size",
                 "model.arch.max_position_embeddings", "peft.r", "peft.alpha", "peft.num_virtual_tokens",
@@ -65,6 +65,7 @@ FLAG_KEYS = ("save_model", "checkpoint.weights", "precision.master_weights", "ta
 
 RUN_RULES: dict[str, Rule] = {
     "train.steps": (lambda v: v >= 1, ">= 1"),
+    "train.epochs": (lambda v: v >= 1, ">= 1, or null to train train.steps steps"),
     "train.batch_size": (lambda v: v >= 1, ">= 1"),
     "train.log_interval": (lambda v: v >= 1, ">= 1"),
     "train.eval_interval": (lambda v: v >= 0, ">= 0 (0: evaluate at the end only)"),

@@ -27,10 +27,12 @@ from ..errors import Diverged, ZobenchError
 from ..models import trained_parameters
 from .base import Optimizer
 from .engine import decays
+from .hf_adamw import HFAdamW
 from .loss_scaling import scaler_for
 
 log = logging.getLogger(__name__)
-TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+# HFAdamW: HF Trainer's own AdamW (adamw_hf), which MeZO's finetune.sh ran (hf_adamw.py)
+TORCH_OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "HFAdamW": HFAdamW}
 
 
 class TorchOptimizer(Optimizer):
@@ -54,7 +56,10 @@ class TorchOptimizer(Optimizer):
                         "step are lost; precision.master_weights=true keeps fp32 weights", name,
                         str(policy.weights).removeprefix("torch."))
         self.scaler = scaler_for(policy)
-        self.clip = policy.grad_clip
+        # optimizer.max_grad_norm: a method's own clipping (head-tuning: HF Trainer's 1.0); precision.grad_clip wins
+        default_clip = cfg.get("max_grad_norm")
+        self.clip = policy.grad_clip if policy.grad_clip is not None else (
+            None if default_clip is None else float(default_clip))
         self.grad_norm: float | None = None  # the last step's unscaled gradient norm, before clipping
         wd = float(cfg.get("weight_decay", 0.0))
         groups = [{"params": [p for n, p in named if decays(n)], "weight_decay": wd},
@@ -63,7 +68,7 @@ class TorchOptimizer(Optimizer):
         extra = dict(cfg.get("kwargs") or {})
         if "betas" in extra:
             extra["betas"] = tuple(extra["betas"])
-        self.optimizer = getattr(torch.optim, name)(groups, lr=self.base_lr, **extra)
+        self.optimizer = TORCH_OPTIMIZERS[name](groups, lr=self.base_lr, **extra)
 
     def _forward_context(self):
         if self.autocast_dtype is None:

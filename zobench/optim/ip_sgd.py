@@ -128,12 +128,29 @@ class InPlaceSGDStep:
 
 
 def _sgd_update(theta: torch.Tensor, grad: torch.Tensor, lr: float, wd: float, factor: float) -> None:
-    """θ ← θ − lr·(factor·g + wd·θ), in θ's dtype; `grad` is overwritten."""
+    """θ ← θ − lr·(factor·g + wd·θ), each operation rounded into θ's dtype; `grad` is overwritten."""
+    if theta.dtype in (torch.float16, torch.bfloat16):  # update_dtype=weights on 16-bit weights
+        for t, g in zip(_chunks(theta), _chunks(grad)) if theta.is_contiguous() and grad.is_contiguous() \
+                else [(theta, grad)]:
+            _sgd_update_16bit(t, g, lr, wd, factor)
+        return
     if factor != 1.0:
         grad.mul_(factor)  # unscale and clip: 1/scale · c
     if wd != 0.0:
         grad.add_(theta, alpha=wd)  # torch.optim.SGD: d_p = g + wd·θ
     theta.add_(grad, alpha=-lr)
+
+
+def _sgd_update_16bit(theta: torch.Tensor, grad: torch.Tensor, lr: float, wd: float, factor: float) -> None:
+    """The same three operations as torch.optim.SGD's on 16-bit tensors on CUDA: each computed in fp32 with
+    its scalar in fp32 (CUDA's opmath) and rounded once into the 16-bit tensor. CPU's 16-bit `add_` rounds
+    alpha itself to 16 bits first (lr 1e-7 became 1.19e-7 in fp16), so the arithmetic is spelled out here."""
+    theta32, grad32 = theta.float(), grad.float()
+    if factor != 1.0:
+        grad32 = grad32.mul_(factor).to(grad.dtype).float()
+    if wd != 0.0:
+        grad32 = grad32.add_(theta32, alpha=wd).to(grad.dtype).float()
+    theta.copy_(theta32.add_(grad32, alpha=-lr))
 
 
 def _chunks(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -90,6 +90,13 @@ class Numerics:
         acc.add_(direction32, alpha=-lr)
         self._store(theta, acc)
 
+    def step_once(self, theta: torch.Tensor, direction32: torch.Tensor, scale: float) -> None:
+        """θ ← r(θ − scale·d) in either mode: a torch optimizer's last operation (Adam's addcdiv_, SGD's add_),
+        which ZO-Bench's stateful baselines end with (zo-bench/trainer.py zo_step: optimizer.step())."""
+        acc = theta if theta.dtype in WIDE else self._f32(theta, theta, "n_b")
+        acc.add_(direction32, alpha=-scale)
+        self._store(theta, acc)
+
     def _decay(self, acc: torch.Tensor, lr_times_wd: float, mask: torch.Tensor | None) -> None:
         if not lr_times_wd:
             return

@@ -26,14 +26,16 @@ class ZOAdam(StatefulZO):
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ZobenchError(f"optimizer.betas must be in [0, 1), got {list(cfg.betas)}")
 
-    def step_block(self, grad, state, lr):
+    def step_block(self, grad, state, lr, keep):
+        """torch.optim.Adam's operations (foreach, as on CUDA): lerp_, mul_, addcmul_, sqrt, div_, add_(ε), then
+        param.addcdiv_(m, denominator, value=-lr/(1 − β1^t))."""
         exp_avg, exp_avg_sq = state
-        exp_avg.lerp_(grad, 1 - self.beta1)
-        exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        keep(exp_avg.lerp_(grad, 1 - self.beta1))
+        keep(keep(exp_avg_sq.mul_(self.beta2)).addcmul_(grad, grad, value=1 - self.beta2))
         correction1 = 1 - self.beta1 ** self.updates
         correction2_root = math.sqrt(1 - self.beta2 ** self.updates)
         # ε added in fp32, to the fp32 √v̂ of this block: torch adds it in the state's dtype, where 1e-8
         # rounds to 0 in fp16 and a v that underflowed (|ĝ| < ~8e-3) then divides by zero (issue 13)
-        denominator = torch.sqrt(exp_avg_sq, out=self.engine.scratch(grad, "denominator"))
-        denominator.div_(correction2_root).add_(self.adam_eps)
-        return torch.div(exp_avg, denominator, out=denominator).div_(correction1)
+        denominator = keep(torch.sqrt(exp_avg_sq, out=self.engine.scratch(grad, "denominator")))
+        keep(denominator.div_(correction2_root)).add_(self.adam_eps)
+        return torch.div(exp_avg, denominator, out=denominator), lr / correction1

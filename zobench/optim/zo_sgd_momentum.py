@@ -19,6 +19,6 @@ class ZOSGDMomentum(StatefulZO):
         if not 0.0 <= self.momentum < 1.0:
             raise ZobenchError(f"optimizer.momentum must be in [0, 1), got {self.momentum}")
 
-    def step_block(self, grad, state, lr):
-        buffer, = state
-        return buffer.mul_(self.momentum).add_(grad)
+    def step_block(self, grad, state, lr, keep):
+        buffer, = state  # torch.optim.SGD: buf.mul_(momentum).add_(grad), then param.add_(buf, alpha=-lr)
+        return keep(keep(buffer.mul_(self.momentum)).add_(grad)), lr

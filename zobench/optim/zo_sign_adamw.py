@@ -31,12 +31,12 @@ class ZOSignAdamW(ZOAdam):
         super().update(signed, lr, lr_times_wd, restore)
         self.last_projected_grads = pairs  # the trajectory keeps g itself; the sign is taken again on replay
 
-    def step_block(self, grad, state, lr):
-        """StatefulZO's rule, in fp32 on the block: returns d with θ ← θ − lr·d (HF AdamW, ε before the bias
-        correction)."""
+    def step_block(self, grad, state, lr, keep):
+        """StatefulZO's rule: returns (d, s) with θ ← θ − s·d (HF AdamW: ε before the bias correction, then
+        param.addcdiv_(m, √v + ε, value=-lr·√(1 − β2^t)/(1 − β1^t)))."""
         exp_avg, exp_avg_sq = state
-        exp_avg.mul_(self.beta1).add_(grad, alpha=1 - self.beta1)
-        exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-        correction = math.sqrt(1 - self.beta2 ** self.updates) / (1 - self.beta1 ** self.updates)
-        denominator = torch.sqrt(exp_avg_sq, out=self.engine.scratch(grad, "denominator"))
-        return torch.div(exp_avg, denominator.add_(self.adam_eps), out=denominator).mul_(correction)
+        keep(keep(exp_avg.mul_(self.beta1)).add_(grad, alpha=1 - self.beta1))
+        keep(keep(exp_avg_sq.mul_(self.beta2)).addcmul_(grad, grad, value=1 - self.beta2))
+        step_size = lr * math.sqrt(1 - self.beta2 ** self.updates) / (1 - self.beta1 ** self.updates)
+        denominator = keep(torch.sqrt(exp_avg_sq, out=self.engine.scratch(grad, "denominator")))
+        return torch.div(exp_avg, denominator.add_(self.adam_eps), out=denominator), step_size

@@ -104,7 +104,8 @@ _NO_CLAIM = {"claim": None, "claim_source": None}
 
 
 def _ratio(base_hit, hit, column: str) -> float:
-    if base_hit is None or hit is None or not hit[column] > 0:
+    """baseline / method; none (a dash) where either reached the target at no cost (at step 0)."""
+    if base_hit is None or hit is None or not hit[column] > 0 or not base_hit[column] > 0:
         return math.nan
     return base_hit[column] / hit[column]
 
