@@ -224,11 +224,11 @@ def _check_torch_optimizer(optimizer: DictConfig) -> None:
     if kwargs is None:
         return
     if not isinstance(kwargs, DictConfig):
-        raise ZobenchError(f"optimizer.kwargs must be a mapping of torch.optim.{name}'s arguments, got {kwargs!r:.60}")
-    accepted = set(inspect.signature(getattr(torch.optim, name)).parameters) - {"params", "lr", "weight_decay"}
+        raise ZobenchError(f"optimizer.kwargs must be a mapping of {name}'s arguments, got {kwargs!r:.60}")
+    accepted = set(inspect.signature(TORCH_OPTIMIZERS[name]).parameters) - {"params", "lr", "weight_decay"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise ZobenchError(f"optimizer.kwargs.{unknown[0]} is not an argument of torch.optim.{name} (lr and "
+        raise ZobenchError(f"optimizer.kwargs.{unknown[0]} is not an argument of {name} (lr and "
                            f"weight_decay are optimizer.lr, optimizer.weight_decay); it takes: {', '.join(sorted(accepted))}")
     _check_hyperparameters(kwargs, "optimizer.kwargs")
 
