@@ -180,13 +180,19 @@ class Checkpointer:
                                f"run writes {self.mode} checkpoints; cannot resume")
         if state["mode"] == "weights":
             self.restore_weights(state["weights_path"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            best_kept = best_step is None or best.adopt_saved(best_step)
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+                raise ZobenchError(f"{self.directory.path / 'checkpoint' / 'state.json'}: its optimizer state "
+                                   f"does not fit this optimizer ({type(error).__name__}: {error}); cannot "
+                                   f"resume") from None
+            best_kept = best_step is None or best.adopt_saved(best_step, state["job"].get("best_weights"))
         else:  # the trajectory rebuilds the weights, and the best-on-dev copy on the way
             records = read_trajectory(self.directory.path, up_to=step)
             if len(records) != step:
-                raise ZobenchError(f"{self.directory.path / TRAJECTORY} holds {len(records)} steps, the "
-                                   f"checkpoint {step}; cannot resume")
+                path = self.directory.path / TRAJECTORY
+                raise ZobenchError(f"{path} {'is missing' if not path.exists() else f'holds {len(records)} steps'}, "
+                                   f"the checkpoint {step}; cannot resume")
             replay(self.optimizer, records, on_step=lambda s: best.save(s) if s == best_step else None)
         torch.set_rng_state(state["torch_rng"])
         return best_kept
