@@ -189,8 +189,13 @@ class RunDir:
         except OSError as error:
             if not final:
                 raise
-            raise ZobenchError(f"could not record the run's end ({metrics.get('status')}) in "
-                               f"{self.path / 'metrics.json'}: {error}") from error
+            was = getattr(self, "_recorded", None)
+            still = (f"it still says {was[0]!r} at step {was[1]}" if was else "it was never written")
+            why = f": {metrics['error']}" if metrics.get("error") else ""
+            raise ZobenchError(f"could not record the run's end in {self.path / 'metrics.json'} "
+                               f"({error.strerror or error}), {still}; the run itself ended "
+                               f"{metrics.get('status')!r} at step {metrics.get('steps')}{why}") from error
+        self._recorded = (metrics.get("status"), metrics.get("steps"))
 
     def read_json(self, name: str) -> dict[str, Any] | None:
         path = self.path / name
