@@ -61,7 +61,6 @@ class RunDir:
         self.saved_fingerprints: dict[str, str] | None = None  # the resumed checkpoint's
         self.run_id: str | None = None  # from the marker: every checkpoint and best-weights file carries it
         self.config_sha256: str | None = None  # of config.yaml's text: zobench-replay checks it
-        self.earlier_attempts: list[str] = []  # attempts/N folders this run's restarts filled
         self._records: dict[str, RecordFile] = {}
 
     # -- ownership -----------------------------------------------------------------------------
@@ -165,14 +164,16 @@ class RunDir:
             os.rename(self.path / name, folder / name)
         (self.path / "best_weights.safetensors").unlink(missing_ok=True)  # the abandoned attempt's
         _sync_dir(self.path)
-        self.earlier_attempts.append(f"{ATTEMPTS}/{number}")
-        return self.earlier_attempts[-1]
+        return f"{ATTEMPTS}/{number}"
 
     def provenance(self) -> dict[str, Any]:
-        """What metrics.json records to tie the run's files to it (kept when its checkpoint is gone)."""
-        noted = {"run_id": self.run_id, "config_sha256": self.config_sha256}
-        if self.earlier_attempts:
-            noted["earlier_attempts"] = list(self.earlier_attempts)
+        """What metrics.json records to tie the run's files to it (kept when its checkpoint is gone), and
+        the attempts/N folders of its restarts."""
+        noted: dict[str, Any] = {"run_id": self.run_id, "config_sha256": self.config_sha256}
+        attempts = self.path / ATTEMPTS
+        if attempts.is_dir() and not attempts.is_symlink():
+            numbers = sorted(int(p.name) for p in attempts.iterdir() if p.name.isdigit())
+            noted["earlier_attempts"] = [f"{ATTEMPTS}/{n}" for n in numbers]
         return noted
 
     # -- whole files ---------------------------------------------------------------------------
