@@ -163,6 +163,7 @@ def test_a_run_killed_before_its_first_checkpoint_runs_again_keeping_its_records
     assert json.loads((kept / "metrics.json").read_text())["status"] == "running"
     assert _log_without_clock(kept) == killed_log and len(killed_log) == 2
     assert len((kept / "trajectory.jsonl").read_text().splitlines()) == 2
+    assert (kept / "config.yaml").read_text() == (run_dir / "config.yaml").read_text()
     whole = run(compose(settings), tmp_path / "whole")
     assert _log_without_clock(run_dir) == _log_without_clock(tmp_path / "whole")
     assert metrics["test_metric"] == whole["test_metric"]

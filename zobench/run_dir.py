@@ -51,7 +51,7 @@ CHECKPOINT_FORMAT = 2  # 2: every file's SHA-256 and the run id recorded (1 had 
 ATTEMPTS = "attempts"  # records of earlier attempts that ended before their first checkpoint
 HASH_CHUNK = 16 << 20  # checkpoint files are tens of GB for real models: hashed as a stream
 
-_held: dict[Path, list] = {}  # locks this process holds: resolved path -> [fd, claims]
+_held: dict[Path, list] = {}  # locks this process holds: resolved path -> [fd, claims, run id]
 
 
 class RunDir:
@@ -61,6 +61,7 @@ class RunDir:
         self.saved_fingerprints: dict[str, str] | None = None  # the resumed checkpoint's
         self.run_id: str | None = None  # from the marker: every checkpoint and best-weights file carries it
         self.config_sha256: str | None = None  # of config.yaml's text: zobench-replay checks it
+        self._recorded: tuple | None = None  # (status, steps) of the last metrics.json written
         self._records: dict[str, RecordFile] = {}
 
     # -- ownership -----------------------------------------------------------------------------
@@ -162,6 +163,9 @@ class RunDir:
         folder.mkdir()
         for name in names:
             os.rename(self.path / name, folder / name)
+        for name in ("config.yaml", OVERRIDES):  # the attempt's command; start() may write another one
+            if (self.path / name).is_file() and not (self.path / name).is_symlink():
+                shutil.copyfile(self.path / name, folder / name)
         (self.path / "best_weights.safetensors").unlink(missing_ok=True)  # the abandoned attempt's
         _sync_dir(self.path)
         return f"{ATTEMPTS}/{number}"
@@ -190,7 +194,7 @@ class RunDir:
         except OSError as error:
             if not final:
                 raise
-            was = getattr(self, "_recorded", None)
+            was = self._recorded
             still = (f"it still says {was[0]!r} at step {was[1]}" if was else "it was never written")
             why = f": {metrics['error']}" if metrics.get("error") else ""
             raise ZobenchError(f"could not record the run's end in {self.path / 'metrics.json'} "
@@ -299,7 +303,7 @@ class RunDir:
         is refused in one line. Returns the step its metadata names."""
         metadata = safetensors_metadata(path)
         if metadata.get("run_id") != self.run_id:
-            raise ZobenchError(f"{path} belongs to another run (run id {metadata.get('run_id')}, this run "
+            raise ZobenchError(f"{path} belongs to another run (run id {str(metadata.get('run_id'))[:40]!r}, this run "
                                f"{self.run_id}, see {self.path / MARKER}): zobench does not resume from files "
                                f"of another run; remove it or start a new run")
         try:
@@ -386,7 +390,7 @@ def check_manifest(manifest: Any, path: Path, run_id: str | None) -> tuple[int, 
         raise ZobenchError(f"{path} is not a checkpoint zobench wrote: {key} must be {should}; cannot "
                            f"resume") from None
     if manifest.get("run_id") != run_id:
-        raise ZobenchError(f"{path} belongs to another run (run id {str(manifest.get('run_id'))[:40]}, this run "
+        raise ZobenchError(f"{path} belongs to another run (run id {str(manifest.get('run_id'))[:40]!r}, this run "
                            f"{run_id}, see {path.parent.parent / MARKER}): zobench does not resume from another "
                            f"run's checkpoint; remove it or start a new run")
     return step, files, state
@@ -398,7 +402,10 @@ def _check_job(job: dict[str, Any]) -> None:
         _count(metrics.get(key), f"state.job.metrics.{key}")
     if metrics.get("best_step") is not None:
         _count(metrics["best_step"], "state.job.metrics.best_step")
-    for key, value in _expect(job.get("counter"), dict, "state.job.counter").items():
+    counter = _expect(job.get("counter"), dict, "state.job.counter")
+    if set(counter) != {"forward_passes", "backward_passes", "tokens"}:  # zobench.objective.PassCounter's
+        raise _Bad("state.job.counter", "an object of forward_passes, backward_passes and tokens")
+    for key, value in counter.items():
         _count(value, f"state.job.counter.{key}")
     _count(job.get("eval_tokens"), "state.job.eval_tokens")
     _number(job.get("best_score"), "state.job.best_score", finite=False)
@@ -407,8 +414,14 @@ def _check_job(job: dict[str, Any]) -> None:
         _number(seconds.get(key), f"state.job.seconds.{key}")
     for index, loss in enumerate(_expect(job.get("recent_losses"), list, "state.job.recent_losses")):
         _number(loss, f"state.job.recent_losses[{index}]")
-    if job.get("early_stop") is not None:
-        _expect(job["early_stop"], dict, "state.job.early_stop")
+    if job.get("early_stop"):  # zobench.early_stopping.EarlyStopping.state_dict()
+        stop = _expect(job["early_stop"], dict, "state.job.early_stop")
+        _count(stop.get("bad_evaluations"), "state.job.early_stop.bad_evaluations")
+        for key in ("best_step", "stopped_at"):
+            if stop.get(key) is not None:
+                _count(stop[key], f"state.job.early_stop.{key}")
+        if stop.get("best") is not None:
+            _number(stop["best"], "state.job.early_stop.best", finite=False)
     best = job.get("best_weights")
     if best is not None:
         _expect(best, dict, "state.job.best_weights")
