@@ -219,3 +219,37 @@ def test_a_full_disk_at_the_end_says_the_end_was_not_recorded(tmp_path, monkeypa
     assert "could not record the run's end" in line and "it still says 'running' at step 0" in line
     assert "the run itself ended 'failed'" in line and "No space left on device" in line
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "running"
+
+
+@pytest.mark.slow
+def test_the_same_command_after_a_kill_9_before_the_first_checkpoint_completes(tmp_path):
+    """A SLURM requeue of a job killed at step ~3 of a run checkpointing every 500 steps: exit 0, not a refusal."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import run_cli
+
+    run_dir = tmp_path / "run"
+    args = [*QUICK, "data.n_dev=4", "data.n_test=4", "train.steps=30", "train.eval_interval=0",
+            "checkpoint.every=500", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "zobench.cli", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env)
+    trajectory, deadline = run_dir / "trajectory.jsonl", time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if trajectory.exists() and trajectory.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "running"
+    assert not (run_dir / "checkpoint").exists()
+
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 30
+    assert metrics["earlier_attempts"] == ["attempts/1"]
+    assert (run_dir / "attempts" / "1" / "trajectory.jsonl").read_text().count("\n") >= 3
