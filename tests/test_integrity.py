@@ -253,3 +253,35 @@ def test_the_same_command_after_a_kill_9_before_the_first_checkpoint_completes(t
     assert metrics["status"] == "completed" and metrics["steps"] == 30
     assert metrics["earlier_attempts"] == ["attempts/1"]
     assert (run_dir / "attempts" / "1" / "trajectory.jsonl").read_text().count("\n") >= 3
+
+
+@pytest.mark.slow
+def test_sigterm_then_the_same_command_gives_the_uninterrupted_log(tmp_path):
+    """SIGTERM checkpoints between two train lines (log_interval above train.steps: one line averaging every
+    step); the resumed log.jsonl equals the one-go log but for the clock."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import run_cli
+
+    args = [*QUICK, "data.n_dev=4", "data.n_test=4", "train.steps=40", "train.eval_interval=0",
+            "train.log_interval=1000", "checkpoint.every=500"]
+    assert run_cli(*args, f"hydra.run.dir={tmp_path / 'whole'}").returncode == 0
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "zobench.cli", *args, f"hydra.run.dir={run_dir}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    trajectory, deadline = run_dir / "trajectory.jsonl", time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if trajectory.exists() and trajectory.read_text().count("\n") >= 5:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 130
+    stopped = json.loads((run_dir / "checkpoint" / "state.json").read_text())["state"]
+    assert 5 <= stopped["step"] < 40 and len(stopped["job"]["recent_losses"]) == stopped["step"]
+    again = run_cli(*args, f"hydra.run.dir={run_dir}")
+    assert again.returncode == 0, again.stderr
+    assert _log_without_clock(run_dir) == _log_without_clock(tmp_path / "whole")

@@ -248,9 +248,7 @@ class RunDir:
                 what = "was deleted" if size < 0 else "was truncated"
                 raise ZobenchError(f"{path} {what} after the checkpoint of step {step} was taken (it held "
                                    f"{mark['bytes']} bytes then): the run's records are incomplete, cannot resume")
-            with open(path, "rb") as handle:
-                kept = handle.read(mark["bytes"])
-            if hashlib.sha256(kept).hexdigest() != mark["sha256"]:
+            if file_sha256(path, mark["bytes"]) != mark["sha256"]:
                 raise ZobenchError(f"{path} was edited after the checkpoint of step {step} was taken: "
                                    f"cannot resume from records that do not match")
             os.truncate(path, mark["bytes"])
@@ -638,15 +636,16 @@ def safetensors_step(path: Path) -> int | None:
         raise ZobenchError(f"{path} names step {step!r} in its metadata: not a file zobench wrote") from None
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a regular file, read in chunks (never the whole file in memory)."""
-    digest = hashlib.sha256()
+def file_sha256(path: Path, length: int | None = None) -> str:
+    """SHA-256 of a regular file (of its first `length` bytes), read in chunks: never the whole file in memory."""
+    digest, left = hashlib.sha256(), math.inf if length is None else length
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ZobenchError(f"{path} is not a regular file: zobench reads only regular files from a run folder")
-        while chunk := os.read(fd, HASH_CHUNK):
+        while left > 0 and (chunk := os.read(fd, int(min(HASH_CHUNK, left)))):
             digest.update(chunk)
+            left -= len(chunk)
     finally:
         os.close(fd)
     return digest.hexdigest()
