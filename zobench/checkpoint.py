@@ -8,9 +8,10 @@ is the ZO checkpoint; `checkpoint.weights=true` adds the weights for a fast resu
 (and any optimizer that needs real gradients) always checkpoint weights + optimizer state. Saved
 weights are the trained parameters only (with an adapter: the adapter, not the whole model).
 
-checkpoint/ holds the rest: the step, the run's counters, the best-dev bookkeeping, the optimizer's
-state, the torch RNG state, the config and data fingerprints and the exact length and hash of log.jsonl
-and trajectory.jsonl at that step: JSON (state.json) beside safetensors, never a pickle. It is written
+checkpoint/ holds the rest: the step, the run's counters, the best-dev bookkeeping (with the SHA-256 of
+best_weights.safetensors), the losses since the last log line, the optimizer's state, the torch RNG state,
+the config and data fingerprints and the exact length and hash of log.jsonl and trajectory.jsonl at that
+step: JSON (state.json, its shape checked on load) beside safetensors, never a pickle. It is written
 after a whole step, never in the middle, and switched in atomically (zobench/run_dir.py).
 
 Each trajectory line carries a checksum chained to the line before ("check"), so an edited or corrupt

@@ -15,6 +15,11 @@
   never a pickle.
 - Fingerprints of the config and the data sample go into every checkpoint; a resume that does not match
   them, or whose records were edited, truncated or deleted since, is refused.
+- Every file is tied to its run: the marker holds a random run id, written into every checkpoint manifest
+  and safetensors file (checkpoint and best weights) with the file's SHA-256; a damaged file, or another
+  run's copied in, is refused before it is loaded. metrics.json keeps the run id and config.yaml's SHA-256.
+- A run that ended before its first checkpoint has nothing to resume: its command starts it again from
+  step 0, what it recorded moved to attempts/N (never overwritten, never appended to).
 """
 
 from __future__ import annotations
