@@ -38,6 +38,7 @@ def _interrupted(run_dir: Path, monkeypatch, *extra: str) -> list[str]:
 def _zero_400_bytes(path: Path) -> None:
     data = bytearray(path.read_bytes())
     middle = len(data) // 2  # past the safetensors header: tensor data, as a bad disk block would hit it
+    assert 8 + int.from_bytes(data[:8], "little") < middle
     data[middle:middle + 400] = bytes(400)
     path.write_bytes(bytes(data))
 
