@@ -132,9 +132,11 @@ def test_leftover_records_without_metrics_are_not_appended_to(tmp_path, quick_cf
     run_dir = tmp_path / "run"
     RunDir(run_dir).claim().release()  # zobench's folder, but its metrics.json is gone
     (run_dir / "trajectory.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(ZobenchError, match="no metrics.json"):
+    run(quick_cfg("train.steps=1"), run_dir)  # a start-up killed before metrics.json: it starts again
+    assert (run_dir / "attempts" / "1" / "trajectory.jsonl").read_text() == '{"step": 1}\n'  # kept, not added to
+    (run_dir / "metrics.json").unlink()
+    with pytest.raises(ZobenchError, match="no metrics.json"):  # a checkpoint it cannot account for
         run(quick_cfg("train.steps=1"), run_dir)
-    assert (run_dir / "trajectory.jsonl").read_text() == '{"step": 1}\n'
 
 
 def test_replay_never_writes_over_a_runs_tested_weights(tmp_path, quick_cfg, capsys):

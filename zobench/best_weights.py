@@ -17,17 +17,21 @@ MODES = ("disk", "host", "none")
 
 
 class BestWeights:
-    def __init__(self, model: torch.nn.Module, mode: str, run_dir: Path, step=lambda: None):
-        """`step()` says which step the weights being saved belong to (kept in the file's metadata)."""
+    def __init__(self, model: torch.nn.Module, mode: str, run_dir, step=lambda: None):
+        """`run_dir`: the RunDir (its run id goes into the file's metadata; a bare path: none); `step()` says
+        which step the weights being saved belong to (kept in the file's metadata too)."""
         if mode not in MODES:
             from .errors import ZobenchError
 
             raise ZobenchError(f"train.keep_best must be one of {', '.join(MODES)}, got {mode}")
         self.model, self.mode = model, mode
-        self.path = Path(run_dir) / "best_weights.safetensors"
+        self.directory = run_dir if hasattr(run_dir, "file_metadata") else None
+        self.path = Path(getattr(run_dir, "path", run_dir)) / "best_weights.safetensors"
         self._host: dict[str, torch.Tensor] | None = None
         self.saved = False
         self.step = step
+        self.sha256: str | None = None  # of the file on disk, checked before it is loaded
+        self.saved_step: int | None = None
 
     def _parameters(self) -> dict[str, torch.nn.Parameter]:
         return trained_parameters(self.model)  # frozen weights (an adapter's base model) never change
@@ -40,24 +44,48 @@ class BestWeights:
         elif self.mode == "disk":
             from safetensors.torch import save_file
 
+            from .run_dir import file_sha256
+
             tmp = self.path.with_suffix(".tmp")
+            metadata = self.directory.file_metadata(step) if self.directory is not None else {"step": str(step)}
             try:
                 save_file({n: p.detach().contiguous().cpu() for n, p in self._parameters().items()}, str(tmp),
-                          metadata={"step": str(step)})
+                          metadata=metadata)
+                self.sha256, self.saved_step = file_sha256(tmp), step
                 tmp.replace(self.path)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
         self.saved = self.mode != "none"
 
-    def adopt_saved(self, best_step: int) -> bool:
-        """After a resume from saved weights: is the best-on-dev copy of `best_step` still there? (disk: yes,
-        unless a kill came between a later best's save and that step's checkpoint)"""
-        if self.mode == "disk":
-            from .run_dir import safetensors_step
+    def record(self) -> dict | None:
+        """What a checkpoint keeps of the file on disk, to check it on a resume."""
+        if self.mode != "disk" or not self.saved:
+            return None
+        return {"step": self.saved_step, "sha256": self.sha256}
 
-            self.saved = self.path.exists() and safetensors_step(self.path) == best_step
+    def adopt_saved(self, best_step: int, recorded: dict | None) -> bool:
+        """After a resume from saved weights: is the best-on-dev copy of `best_step` still there? (disk: yes,
+        unless a kill came between a later best's save and that step's checkpoint). `recorded`: the
+        checkpoint's record() of it. A file of another run, or one whose bytes changed, is refused."""
+        if self.mode == "disk":
+            self.saved = False
+            if self.path.exists() or self.path.is_symlink():
+                step = self.directory.check_own_file(self.path)  # another run's file: refused
+                if recorded is not None and step == best_step == recorded["step"]:
+                    self.sha256, self.saved_step = recorded["sha256"], step
+                    self._check_hash()
+                    self.saved = True
         return self.mode == "none" or self.saved
+
+    def _check_hash(self) -> None:
+        from .errors import ZobenchError
+        from .run_dir import file_sha256
+
+        if self.sha256 is not None and file_sha256(self.path) != self.sha256:
+            raise ZobenchError(f"{self.path} does not match the SHA-256 recorded when it was saved: the file is "
+                               f"corrupt or was modified; zobench will not test those weights (remove it to "
+                               f"test the best of the evaluations from the resume on)")
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -72,6 +100,7 @@ class BestWeights:
         else:
             from safetensors import safe_open
 
+            self._check_hash()
             with safe_open(str(self.path), framework="pt") as saved:
                 for name in saved.keys():
                     params[name].copy_(saved.get_tensor(name))

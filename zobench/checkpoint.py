@@ -8,9 +8,10 @@ is the ZO checkpoint; `checkpoint.weights=true` adds the weights for a fast resu
 (and any optimizer that needs real gradients) always checkpoint weights + optimizer state. Saved
 weights are the trained parameters only (with an adapter: the adapter, not the whole model).
 
-checkpoint/ holds the rest: the step, the run's counters, the best-dev bookkeeping, the optimizer's
-state, the torch RNG state, the config and data fingerprints and the exact length and hash of log.jsonl
-and trajectory.jsonl at that step: JSON (state.json) beside safetensors, never a pickle. It is written
+checkpoint/ holds the rest: the step, the run's counters, the best-dev bookkeeping (with the SHA-256 of
+best_weights.safetensors), the losses since the last log line, the optimizer's state, the torch RNG state,
+the config and data fingerprints and the exact length and hash of log.jsonl and trajectory.jsonl at that
+step: JSON (state.json, its shape checked on load) beside safetensors, never a pickle. It is written
 after a whole step, never in the middle, and switched in atomically (zobench/run_dir.py).
 
 Each trajectory line carries a checksum chained to the line before ("check"), so an edited or corrupt
@@ -180,13 +181,19 @@ class Checkpointer:
                                f"run writes {self.mode} checkpoints; cannot resume")
         if state["mode"] == "weights":
             self.restore_weights(state["weights_path"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            best_kept = best_step is None or best.adopt_saved(best_step)
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+                raise ZobenchError(f"{self.directory.path / 'checkpoint' / 'state.json'}: its optimizer state "
+                                   f"does not fit this optimizer ({type(error).__name__}: {error}); cannot "
+                                   f"resume") from None
+            best_kept = best_step is None or best.adopt_saved(best_step, state["job"].get("best_weights"))
         else:  # the trajectory rebuilds the weights, and the best-on-dev copy on the way
             records = read_trajectory(self.directory.path, up_to=step)
             if len(records) != step:
-                raise ZobenchError(f"{self.directory.path / TRAJECTORY} holds {len(records)} steps, the "
-                                   f"checkpoint {step}; cannot resume")
+                path = self.directory.path / TRAJECTORY
+                raise ZobenchError(f"{path} {'is missing' if not path.exists() else f'holds {len(records)} steps'}, "
+                                   f"the checkpoint {step}; cannot resume")
             replay(self.optimizer, records, on_step=lambda s: best.save(s) if s == best_step else None)
         torch.set_rng_state(state["torch_rng"])
         return best_kept

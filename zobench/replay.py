@@ -19,7 +19,7 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     import torch
     from omegaconf import OmegaConf
 
-    from .checkpoint import ReplayLoss, read_trajectory, replay
+    from .checkpoint import TRAJECTORY, ReplayLoss, read_trajectory, replay
     from .errors import ZobenchError
     from .models import load_model, resolve_device, resolve_dtype
     from .optim import build_optimizer
@@ -38,12 +38,18 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
         raise ZobenchError(f"{run_dir / 'config.yaml'} is not a zobench run's config "
                            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
     metrics = RunDir(run_dir).read_json("metrics.json") or {}
+    _check_config(run_dir, metrics)
     records = read_trajectory(run_dir)
+    done = metrics.get("steps") if isinstance(metrics.get("steps"), int) else 0
     if step is None:  # what the run tested: its best-on-dev step, else its last
         best = metrics.get("best_step")
-        step = best if keep_best != "none" and isinstance(best, int) and best else len(records)
-    if not 0 <= step <= len(records):
-        raise ZobenchError(f"{run_dir}: the trajectory holds steps 1..{len(records)}, not {step}")
+        step = best if keep_best != "none" and isinstance(best, int) and best else max(done, len(records))
+    if step < 0 or step > len(records):
+        path = run_dir / TRAJECTORY
+        raise ZobenchError(f"{path} is missing: zobench-replay rebuilds the weights of step {step} from it"
+                           if not path.exists() else
+                           f"{path} holds steps 1..{len(records)}, not {step}"
+                           + (f": it is short (the run recorded {done} steps)" if len(records) < done else ""))
     out = Path(out) if out else run_dir / f"model-step-{step}"
     _check_out(out)  # before the base model is loaded
     device = resolve_device(str(cfg.device))
@@ -65,6 +71,22 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     # with PEFT: the adapter alone, as the run's save_model writes it; written in full, then renamed
     write_new_folder(out, lambda folder: (saveable.save_pretrained(folder), tokenizer.save_pretrained(folder)))
     return out
+
+
+def _check_config(run_dir: Path, metrics: dict) -> None:
+    """config.yaml must be the text the run started with (metrics.json keeps its SHA-256): an edited one
+    would rebuild other weights without a word."""
+    from .errors import ZobenchError
+    from .run_dir import text_sha256
+    from .safe_files import YAML_LIMIT, read_text
+
+    recorded = metrics.get("config_sha256")
+    if not isinstance(recorded, str):
+        raise ZobenchError(f"{run_dir / 'metrics.json'} records no config_sha256 (a run of an older zobench, or "
+                           f"the file is missing): zobench-replay cannot check that config.yaml is the run's")
+    if text_sha256(read_text(run_dir / "config.yaml", YAML_LIMIT)) != recorded:
+        raise ZobenchError(f"{run_dir / 'config.yaml'} was edited after the run started (its SHA-256 differs from "
+                           f"the config_sha256 in metrics.json): replaying it would build other weights")
 
 
 def _check_out(out: Path) -> None:

@@ -37,7 +37,8 @@ from .peft_adapters import apply_peft
 from .precision import from_config as precision_from_config
 from .records import (JsonlLog, Stopwatch, device_name, final_figures, initial_metrics, peak_memory,
                       reset_peak_memory)
-from .run_dir import RunDir, now
+from .run_dir import RunDir, now, text_sha256
+from .safe_files import YAML_LIMIT, read_text
 from .tasks import PromptTemplate
 from .validate import validate
 
@@ -84,8 +85,9 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
 
 
 def _resumable_state(directory: RunDir, cfg: DictConfig) -> dict[str, Any] | None:
-    """None for a fresh directory; the checkpoint of an unfinished run made with the same config, its
-    records rewound to it."""
+    """None for a fresh directory, or for an unfinished run that left no checkpoint (it starts again from
+    step 0, what it recorded moved to attempts/N); else the checkpoint of an unfinished run made with the
+    same config, its records rewound to it."""
     metrics = directory.read_json("metrics.json")
     if metrics is None:
         directory.refuse_leftovers()
@@ -94,14 +96,20 @@ def _resumable_state(directory: RunDir, cfg: DictConfig) -> dict[str, Any] | Non
     if status == "completed":
         raise ZobenchError(f"{run_dir} already holds a completed run; zobench never overwrites results")
     state = Checkpointer.load_state(directory)
-    if state is None:
-        raise ZobenchError(f"{run_dir} holds a {status} run that left no checkpoint to resume from; "
-                           f"zobench never overwrites results: start a new run")
-    saved = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else None
+    if state is None and status == "diverged":  # a result, as a completed run is
+        raise ZobenchError(f"{run_dir} holds a diverged run that left no checkpoint; zobench never overwrites "
+                           f"results: start a new run")
+    saved = read_text(run_dir / "config.yaml", YAML_LIMIT) if (run_dir / "config.yaml").exists() else None
     if saved != OmegaConf.to_yaml(cfg, resolve=True):
         raise ZobenchError(f"{run_dir} was started with another config; resume it as it was with "
                            f"`zobench resume={run_dir}`")
+    if state is None:  # killed or failed before its first checkpoint: nothing to resume, nothing lost
+        attempt = directory.set_aside_attempt()
+        log.warning("the %s run in %s left no checkpoint: it starts again from step 0 (its records are kept "
+                    "in %s)", status, run_dir, attempt)
+        return None
     directory.fingerprint("config", saved)  # config.yaml edited to match another command line: refused
+    directory.config_sha256 = text_sha256(saved)
     directory.rewind(state["records"], state["step"])
     log.info("resuming the %s run in %s from step %d", status, run_dir, state["step"])
     return state
@@ -132,6 +140,8 @@ class Job:
             self.counter = PassCounter(**saved["counter"])
             self.eval_tokens, self.best_score = saved["eval_tokens"], saved["best_score"]
             self.earlier_seconds = saved["seconds"]
+        self.recent_losses: list[float] = list(resume_state["job"]["recent_losses"]) if resume_state else []
+        self.metrics.update(directory.provenance())  # run id, config.yaml's SHA-256, earlier attempts
         self._write_metrics()
 
     # -- the job -------------------------------------------------------------------------------
@@ -169,7 +179,7 @@ class Job:
         # counted once the optimizer is built: head-tuning chooses its trained parameters there
         self.metrics["n_trainable_params"] = sum(p.numel() for p in trained_parameters(model).values()) if trains else 0
         evaluator = _Evaluator(objective, task, tokenizer, classification, cfg, self.device)
-        self.best = BestWeights(model, str(cfg.train.keep_best) if trains else "none", self.run_dir,
+        self.best = BestWeights(model, str(cfg.train.keep_best) if trains else "none", self.directory,
                                 step=lambda: self.metrics["steps"])
         if trains:
             self.checkpointer = Checkpointer(self.directory, model, optimizer, bool(cfg.checkpoint.weights))
@@ -263,7 +273,7 @@ class Job:
         batches = optimizer.batches([max(map(len, e.sequences)) for e in train], batch_size, int(self.cfg.seed))
         for _ in range(start):  # the data order of the steps already done
             next(batches)
-        recent = []
+        recent = self.recent_losses  # the losses since the last train line: checkpointed, a resume goes on
         stopper = self.early_stop = EarlyStopping.from_config(train_cfg.get("early_stop"), bool(encoded["dev"]))
         if self.resume_state is not None:
             stopper.load_state_dict(self.resume_state["job"].get("early_stop"))
@@ -286,13 +296,13 @@ class Job:
                 self.metrics["steps"] = step
                 if not math.isfinite(loss):
                     raise Diverged(f"loss is {loss}")
-                recent.append(loss)
+                recent.append(float(loss))
                 if step % log_interval == 0 or step == steps:
                     self.log.write({"event": "train", "step": step, "loss": sum(recent) / len(recent),
                                     "lr": lr, "elapsed_s": self._elapsed(),
                                     "forward_passes": self.metrics["forward_passes"]})
                     bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
-                    recent = []
+                    recent.clear()
                 bar.update(1)
                 regular = (eval_interval > 0 and step % eval_interval == 0) or step == steps
                 early = stopper.due(step, regular)
@@ -352,7 +362,8 @@ class Job:
         """Everything of the job a resume needs besides model and optimizer."""
         return {"metrics": dict(self.metrics), "counter": vars(self.counter).copy(),
                 "eval_tokens": self.eval_tokens, "best_score": self.best_score,
-                "early_stop": self.early_stop.state_dict(),
+                "early_stop": self.early_stop.state_dict(), "recent_losses": list(self.recent_losses),
+                "best_weights": self.best.record() if self.best is not None else None,
                 "seconds": {"total": self._elapsed(), "train": self.metrics["train_wall_clock_s"]}}
 
     def _timed_eval(self, evaluator, examples, split: str, step: int) -> dict[str, Any]:

@@ -15,6 +15,11 @@
   never a pickle.
 - Fingerprints of the config and the data sample go into every checkpoint; a resume that does not match
   them, or whose records were edited, truncated or deleted since, is refused.
+- Every file is tied to its run: the marker holds a random run id, written into every checkpoint manifest
+  and safetensors file (checkpoint and best weights) with the file's SHA-256; a damaged file, or another
+  run's copied in, is refused before it is loaded. metrics.json keeps the run id and config.yaml's SHA-256.
+- A run that ended before its first checkpoint has nothing to resume: its command starts it again from
+  step 0, what it recorded moved to attempts/N (never overwritten, never appended to).
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
+import math
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 from collections import deque
 from pathlib import Path
@@ -33,8 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, safe_files
 from .errors import ZobenchError
+from .safe_files import refuse_link
 
 MARKER = ".zobench-run"
 OVERRIDES = "overrides.yaml"  # the command line that started the run, for `zobench resume=`
@@ -43,9 +52,11 @@ CHECKPOINT, NEXT, OLD = "checkpoint", "checkpoint.next", "checkpoint.old"
 MANIFEST = "state.json"  # written last inside a checkpoint folder: its presence means "complete"
 STATE_TENSORS = "state.safetensors"
 WEIGHTS = "weights.safetensors"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: every file's SHA-256 and the run id recorded (1 had sizes only)
+ATTEMPTS = "attempts"  # records of earlier attempts that ended before their first checkpoint
+HASH_CHUNK = 16 << 20  # checkpoint files are tens of GB for real models: hashed as a stream
 
-_held: dict[Path, list] = {}  # locks this process holds: resolved path -> [fd, claims]
+_held: dict[Path, list] = {}  # locks this process holds: resolved path -> [fd, claims, run id]
 
 
 class RunDir:
@@ -53,6 +64,9 @@ class RunDir:
         self.path = Path(path)
         self.fingerprints: dict[str, str] = {}
         self.saved_fingerprints: dict[str, str] | None = None  # the resumed checkpoint's
+        self.run_id: str | None = None  # from the marker: every checkpoint and best-weights file carries it
+        self.config_sha256: str | None = None  # of config.yaml's text: zobench-replay checks it
+        self._recorded: tuple | None = None  # (status, steps) of the last metrics.json written
         self._records: dict[str, RecordFile] = {}
 
     # -- ownership -----------------------------------------------------------------------------
@@ -61,6 +75,7 @@ class RunDir:
         key = self.path.resolve()
         if key in _held:
             _held[key][1] += 1
+            self.run_id = _held[key][2]
             return self
         for name in os.listdir(self.path) if self.path.is_dir() else ():
             if (self.path / name).is_symlink() and name in _OWN_NAMES:
@@ -86,13 +101,12 @@ class RunDir:
             os.close(fd)
             raise ZobenchError(f"{self.path} is in use by another zobench process (it holds the lock on {MARKER}): "
                                f"wait for it to end, or stop it, then resume") from None
-        _held[key] = [fd, 1]
-        if os.fstat(fd).st_size == 0:
-            note = {"zobench_run_directory": True, "zobench_version": __version__,
-                    "created_at": now(),
-                    "note": "zobench writes only into folders holding this file; a running job locks it"}
-            os.write(fd, (json.dumps(note) + "\n").encode())
-            os.fsync(fd)
+        try:
+            self.run_id = _marker_run_id(fd, marker)
+        except BaseException:
+            os.close(fd)
+            raise
+        _held[key] = [fd, 1, self.run_id]
         self._clean_partial_writes()
         return self
 
@@ -126,17 +140,50 @@ class RunDir:
         """A fresh run: its config (and the command line `zobench resume=` repeats) before anything else."""
         self.write_text("config.yaml", config_yaml)
         self.fingerprint("config", config_yaml)
+        self.config_sha256 = text_sha256(config_yaml)
         if overrides is not None:
             import yaml
 
             self.write_text(OVERRIDES, yaml.safe_dump([o for o in overrides if not o.startswith("hydra.run.dir=")]))
 
     def refuse_leftovers(self) -> None:
-        """Records without metrics.json are not this run's: never appended to."""
-        left = [name for name in ("log.jsonl", "trajectory.jsonl", CHECKPOINT) if (self.path / name).exists()]
-        if left:
-            raise ZobenchError(f"{self.path} holds {', '.join(left)} but no metrics.json: zobench does not add to "
+        """Records without metrics.json (a kill between opening log.jsonl and the first metrics.json) are
+        never appended to: they move to attempts/N. A checkpoint without metrics.json is refused."""
+        if (self.path / CHECKPOINT).exists():
+            raise ZobenchError(f"{self.path} holds a checkpoint but no metrics.json: zobench does not add to "
                                f"records it cannot account for; start the run in a new folder")
+        self.set_aside_attempt()
+
+    def set_aside_attempt(self) -> str | None:
+        """A run that ended before its first checkpoint starts again from step 0 in its folder: what it
+        recorded moves to attempts/N (N = 1, 2, …), never overwritten; returns that folder's name."""
+        names = [name for name in ("metrics.json", "log.jsonl", "trajectory.jsonl") if (self.path / name).exists()]
+        if not names:
+            return None
+        attempts = self.path / ATTEMPTS
+        refuse_link(attempts)
+        attempts.mkdir(exist_ok=True)
+        number = 1 + max((int(p.name) for p in attempts.iterdir() if p.name.isdigit()), default=0)
+        folder = attempts / str(number)
+        folder.mkdir()
+        for name in names:
+            os.rename(self.path / name, folder / name)
+        for name in ("config.yaml", OVERRIDES):  # the attempt's command; start() may write another one
+            if (self.path / name).is_file() and not (self.path / name).is_symlink():
+                shutil.copyfile(self.path / name, folder / name)
+        (self.path / "best_weights.safetensors").unlink(missing_ok=True)  # the abandoned attempt's
+        _sync_dir(self.path)
+        return f"{ATTEMPTS}/{number}"
+
+    def provenance(self) -> dict[str, Any]:
+        """What metrics.json records to tie the run's files to it (kept when its checkpoint is gone), and
+        the attempts/N folders of its restarts."""
+        noted: dict[str, Any] = {"run_id": self.run_id, "config_sha256": self.config_sha256}
+        attempts = self.path / ATTEMPTS
+        if attempts.is_dir() and not attempts.is_symlink():
+            numbers = sorted(int(p.name) for p in attempts.iterdir() if p.name.isdigit())
+            noted["earlier_attempts"] = [f"{ATTEMPTS}/{n}" for n in numbers]
+        return noted
 
     # -- whole files ---------------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> None:
@@ -152,8 +199,13 @@ class RunDir:
         except OSError as error:
             if not final:
                 raise
-            raise ZobenchError(f"could not record the run's end ({metrics.get('status')}) in "
-                               f"{self.path / 'metrics.json'}: {error}") from error
+            was = self._recorded
+            still = (f"it still says {was[0]!r} at step {was[1]}" if was else "it was never written")
+            why = f": {metrics['error']}" if metrics.get("error") else ""
+            raise ZobenchError(f"could not record the run's end in {self.path / 'metrics.json'} "
+                               f"({error.strerror or error}), {still}; the run itself ended "
+                               f"{metrics.get('status')!r} at step {metrics.get('steps')}{why}") from error
+        self._recorded = (metrics.get("status"), metrics.get("steps"))
 
     def read_json(self, name: str) -> dict[str, Any] | None:
         path = self.path / name
@@ -201,9 +253,7 @@ class RunDir:
                 what = "was deleted" if size < 0 else "was truncated"
                 raise ZobenchError(f"{path} {what} after the checkpoint of step {step} was taken (it held "
                                    f"{mark['bytes']} bytes then): the run's records are incomplete, cannot resume")
-            with open(path, "rb") as handle:
-                kept = handle.read(mark["bytes"])
-            if hashlib.sha256(kept).hexdigest() != mark["sha256"]:
+            if file_sha256(path, mark["bytes"]) != mark["sha256"]:
                 raise ZobenchError(f"{path} was edited after the checkpoint of step {step} was taken: "
                                    f"cannot resume from records that do not match")
             os.truncate(path, mark["bytes"])
@@ -222,7 +272,8 @@ class RunDir:
     # -- the checkpoint ------------------------------------------------------------------------
     def save_checkpoint(self, step: int, state: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         """Write a whole checkpoint into checkpoint.next, then swap it in: a kill at any point leaves one
-        complete checkpoint, old or new (see _clean_partial_writes)."""
+        complete checkpoint, old or new (see _clean_partial_writes). Each file's size and SHA-256 and the
+        run id go into the manifest (and the run id and step into each file's own metadata)."""
         from safetensors.torch import save_file
 
         current, new, old = self.path / CHECKPOINT, self.path / NEXT, self.path / OLD
@@ -232,10 +283,10 @@ class RunDir:
             files = {}
             for name, named in tensors.items():
                 save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(new / name),
-                          metadata={"step": str(step)})
-                files[name] = {"bytes": (new / name).stat().st_size}
-            _write_synced(new / MANIFEST, json.dumps({"format": CHECKPOINT_FORMAT, "step": step, "files": files,
-                                                      "state": state}) + "\n")
+                          metadata=self.file_metadata(step))
+                files[name] = {"bytes": (new / name).stat().st_size, "sha256": file_sha256(new / name)}
+            _write_synced(new / MANIFEST, json.dumps({"format": CHECKPOINT_FORMAT, "run_id": self.run_id,
+                                                      "step": step, "files": files, "state": state}) + "\n")
             _sync_dir(new)
             if current.exists():
                 current.rename(old)
@@ -246,38 +297,193 @@ class RunDir:
             shutil.rmtree(new, ignore_errors=True)
             raise
 
+    def file_metadata(self, step: int) -> dict[str, str]:
+        """The safetensors metadata of a weights file this run writes: whose it is and which step."""
+        return {"step": str(step), "run_id": str(self.run_id)}
+
+    def check_own_file(self, path: Path, step: int | None = None) -> int | None:
+        """A safetensors file in this run directory must be this run's (its run id): another run's copied in
+        is refused in one line. Returns the step its metadata names."""
+        metadata = safetensors_metadata(path)
+        if metadata.get("run_id") != self.run_id:
+            raise ZobenchError(f"{path} belongs to another run (run id {str(metadata.get('run_id'))[:40]!r}, this run "
+                               f"{self.run_id}, see {self.path / MARKER}): zobench does not resume from files "
+                               f"of another run; remove it or start a new run")
+        try:
+            saved_step = int(metadata["step"])
+        except (KeyError, ValueError):
+            raise ZobenchError(f"{path} names no step in its metadata: not a file zobench wrote") from None
+        if step is not None and saved_step != step:
+            raise ZobenchError(f"{path} belongs to step {saved_step}, the checkpoint to step {step}: "
+                               f"cannot resume from a mixed checkpoint")
+        return saved_step
+
     def load_checkpoint(self) -> tuple[dict[str, Any], dict[str, Path]] | None:
-        """(state, {file name: path}) of the checkpoint, each file checked against the manifest; None if
-        there is none."""
+        """(state, {file name: path}) of the checkpoint, each file checked against the manifest (size,
+        SHA-256, run id, step); None if there is none."""
         folder = self.path / CHECKPOINT
         if (folder / "state.pt").exists() and not (folder / MANIFEST).exists():
             raise ZobenchError(f"{folder / 'state.pt'} is a checkpoint of an older zobench (a pickle, which "
                                f"zobench never loads: it could run code); start a new run")
         manifest_path = folder / MANIFEST
-        if not manifest_path.exists():
+        if not manifest_path.exists() and not manifest_path.is_symlink():
             return None
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            step, files, state = int(manifest["step"]), dict(manifest["files"]), manifest["state"]
-            if manifest.get("format") != CHECKPOINT_FORMAT or not isinstance(state, dict):
-                raise ValueError(f"format {manifest.get('format')!r}")
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
-            raise ZobenchError(f"{manifest_path} is not a readable zobench checkpoint ({error}); "
-                               f"cannot resume") from None
+        step, files, state = check_manifest(safe_files.read_json(manifest_path), manifest_path, self.run_id)
         paths = {}
         for name, expected in files.items():
-            path = folder / Path(name).name  # names from a file never leave the folder
+            path = folder / name
             size = path.stat().st_size if path.exists() else -1
-            if size != expected.get("bytes"):
+            if size != expected["bytes"]:
                 raise ZobenchError(f"{path} is {'missing' if size < 0 else 'truncated or replaced'} "
-                                   f"(expected {expected.get('bytes')} bytes): cannot resume")
-            saved_step = safetensors_step(path)
-            if saved_step != step:
-                raise ZobenchError(f"{path} belongs to step {saved_step}, the checkpoint to step {step}: "
-                                   f"cannot resume from a mixed checkpoint")
-            paths[Path(name).name] = path
+                                   f"(expected {expected['bytes']} bytes): cannot resume")
+            if file_sha256(path) != expected["sha256"]:
+                raise ZobenchError(f"{path} does not match the SHA-256 its checkpoint recorded: the file is "
+                                   f"corrupt or was modified; cannot resume")
+            self.check_own_file(path, step)
+            paths[name] = path
         self.saved_fingerprints = state.get("fingerprints")
         return state, paths
+
+
+# -- the checkpoint manifest's shape: a crafted state.json is one line, not an OverflowError later ---------
+_SHA256 = frozenset("0123456789abcdef")
+_MAX_COUNT = 10 ** 18  # steps, bytes, passes, tokens: far above any real run, far below float trouble
+_COUNTS = ("steps", "forward_passes", "backward_passes", "tokens", "eval_forward_passes")
+
+
+class _Bad(ValueError):
+    """A manifest value of the wrong shape: (its key, what it should be)."""
+
+
+def check_manifest(manifest: Any, path: Path, run_id: str | None) -> tuple[int, dict[str, dict], dict[str, Any]]:
+    """(step, files, state) of a checkpoint's state.json once every value zobench uses is of its type and
+    range; anything else is refused in one line naming the key."""
+    try:
+        _expect(manifest, dict, "the file")
+        if manifest.get("format") == 1:
+            raise ZobenchError(f"{path} is a checkpoint of an older zobench (no file hashes, no run id): it "
+                               f"cannot be checked; start a new run")
+        if manifest.get("format") != CHECKPOINT_FORMAT or isinstance(manifest.get("format"), bool):
+            raise _Bad("format", f"{CHECKPOINT_FORMAT}")
+        step = _count(manifest.get("step"), "step")
+        files = _expect(manifest.get("files"), dict, "files")
+        if STATE_TENSORS not in files or not set(files) <= {STATE_TENSORS, WEIGHTS}:
+            raise _Bad("files", f"{STATE_TENSORS} and at most {WEIGHTS}")
+        for name, entry in files.items():
+            _file_entry(entry, f"files.{name}")
+        state = _expect(manifest.get("state"), dict, "state")
+        if state.get("step") != step or isinstance(state.get("step"), bool):
+            raise _Bad("state.step", f"the manifest's step {step}")
+        if state.get("mode") not in ("weights", "trajectory"):
+            raise _Bad("state.mode", "'weights' or 'trajectory'")
+        if (state["mode"] == "weights") != (WEIGHTS in files):
+            raise _Bad("files", f"{WEIGHTS} exactly when state.mode is 'weights'")
+        for name, entry in _expect(state.get("records"), dict, "state.records").items():
+            if name not in ("log.jsonl", "trajectory.jsonl"):
+                raise _Bad(f"state.records.{name}", "log.jsonl or trajectory.jsonl")
+            _file_entry(entry, f"state.records.{name}")
+        for name, digest in _expect(state.get("fingerprints"), dict, "state.fingerprints").items():
+            _sha256(digest, f"state.fingerprints.{name}")
+        rng = _expect(state.get("torch_rng"), dict, "state.torch_rng")
+        _expect(rng.get("$tensor"), str, "state.torch_rng")
+        _expect(state.get("optimizer"), dict, "state.optimizer")
+        _check_job(_expect(state.get("job"), dict, "state.job"))
+    except _Bad as bad:
+        key, should = bad.args
+        raise ZobenchError(f"{path} is not a checkpoint zobench wrote: {key} must be {should}; cannot "
+                           f"resume") from None
+    if manifest.get("run_id") != run_id:
+        raise ZobenchError(f"{path} belongs to another run (run id {str(manifest.get('run_id'))[:40]!r}, this run "
+                           f"{run_id}, see {path.parent.parent / MARKER}): zobench does not resume from another "
+                           f"run's checkpoint; remove it or start a new run")
+    return step, files, state
+
+
+def _check_job(job: dict[str, Any]) -> None:
+    metrics = _expect(job.get("metrics"), dict, "state.job.metrics")
+    for key in _COUNTS:
+        _count(metrics.get(key), f"state.job.metrics.{key}")
+    if metrics.get("best_step") is not None:
+        _count(metrics["best_step"], "state.job.metrics.best_step")
+    counter = _expect(job.get("counter"), dict, "state.job.counter")
+    if set(counter) != {"forward_passes", "backward_passes", "tokens"}:  # zobench.objective.PassCounter's
+        raise _Bad("state.job.counter", "an object of forward_passes, backward_passes and tokens")
+    for key, value in counter.items():
+        _count(value, f"state.job.counter.{key}")
+    _count(job.get("eval_tokens"), "state.job.eval_tokens")
+    _number(job.get("best_score"), "state.job.best_score", finite=False)
+    seconds = _expect(job.get("seconds"), dict, "state.job.seconds")
+    for key in ("total", "train"):
+        _number(seconds.get(key), f"state.job.seconds.{key}")
+    for index, loss in enumerate(_expect(job.get("recent_losses"), list, "state.job.recent_losses")):
+        _number(loss, f"state.job.recent_losses[{index}]")
+    if job.get("early_stop"):  # zobench.early_stopping.EarlyStopping.state_dict()
+        stop = _expect(job["early_stop"], dict, "state.job.early_stop")
+        _count(stop.get("bad_evaluations"), "state.job.early_stop.bad_evaluations")
+        for key in ("best_step", "stopped_at"):
+            if stop.get(key) is not None:
+                _count(stop[key], f"state.job.early_stop.{key}")
+        if stop.get("best") is not None:
+            _number(stop["best"], "state.job.early_stop.best", finite=False)
+    best = job.get("best_weights")
+    if best is not None:
+        _expect(best, dict, "state.job.best_weights")
+        _count(best.get("step"), "state.job.best_weights.step")
+        _sha256(best.get("sha256"), "state.job.best_weights.sha256")
+
+
+def _expect(value: Any, kind: type, key: str) -> Any:
+    if not isinstance(value, kind):
+        raise _Bad(key, {dict: "an object", list: "a list", str: "a string"}.get(kind, kind.__name__))
+    return value
+
+
+def _count(value: Any, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_COUNT:
+        raise _Bad(key, f"an integer from 0 to {_MAX_COUNT:.0e}")
+    return value
+
+
+def _number(value: Any, key: str, finite: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or \
+            (finite and not math.isfinite(value)):
+        raise _Bad(key, "a finite number" if finite else "a number")
+
+
+def _sha256(value: Any, key: str) -> None:
+    if not (isinstance(value, str) and len(value) == 64 and set(value) <= _SHA256):
+        raise _Bad(key, "a SHA-256 (64 hex digits)")
+
+
+def _file_entry(entry: Any, key: str) -> None:
+    _expect(entry, dict, key)
+    _count(entry.get("bytes"), f"{key}.bytes")
+    _sha256(entry.get("sha256"), f"{key}.sha256")
+
+
+def _marker_run_id(fd: int, marker: Path) -> str:
+    """The run id in the marker; a new marker (or an older zobench's, without one) gets a random one."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise ZobenchError(f"{marker} is not a regular file: not a zobench run directory")
+    note: Any = None
+    if 0 < info.st_size <= safe_files.MiB:
+        try:
+            note = safe_files.loads_json(os.pread(fd, info.st_size, 0).decode("utf-8"), marker)
+        except (ZobenchError, UnicodeDecodeError):
+            note = None
+    run_id = note.get("run_id") if isinstance(note, dict) else None
+    if isinstance(run_id, str) and len(run_id) == 32 and set(run_id) <= _SHA256:
+        return run_id
+    run_id = secrets.token_hex(16)
+    created = note.get("created_at") if isinstance(note, dict) and isinstance(note.get("created_at"), str) else now()
+    note = {"zobench_run_directory": True, "zobench_version": __version__, "created_at": created[:40],
+            "run_id": run_id,
+            "note": "zobench writes only into folders holding this file; a running job locks it"}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(note) + "\n").encode(), 0)
+    os.fsync(fd)
+    return run_id
 
 
 def claim_named_run_dir(argv: list[str]) -> list[str]:
@@ -456,15 +662,43 @@ def _sync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def safetensors_step(path: Path) -> int | None:
+def safetensors_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
+    if not Path(path).is_file():
+        raise ZobenchError(f"{path} is not a regular file: zobench reads only regular files from a run folder")
     try:
         with safe_open(str(path), framework="pt") as saved:
-            step = (saved.metadata() or {}).get("step")
-        return int(step) if step is not None else None
+            return dict(saved.metadata() or {})
     except Exception as error:  # safetensors' own errors: a corrupt header
         raise ZobenchError(f"{path} is not a readable safetensors file ({error}); cannot resume") from None
+
+
+def safetensors_step(path: Path) -> int | None:
+    step = safetensors_metadata(path).get("step")
+    try:
+        return int(step) if step is not None else None
+    except ValueError:
+        raise ZobenchError(f"{path} names step {step!r} in its metadata: not a file zobench wrote") from None
+
+
+def file_sha256(path: Path, length: int | None = None) -> str:
+    """SHA-256 of a regular file (of its first `length` bytes), read in chunks: never the whole file in memory."""
+    digest, left = hashlib.sha256(), math.inf if length is None else length
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ZobenchError(f"{path} is not a regular file: zobench reads only regular files from a run folder")
+        while left > 0 and (chunk := os.read(fd, int(min(HASH_CHUNK, left)))):
+            digest.update(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _hashable(key):
@@ -473,4 +707,4 @@ def _hashable(key):
 
 # Files a run directory's writer creates; none of them may be a link into somewhere else.
 _OWN_NAMES = frozenset({MARKER, "config.yaml", "overrides.yaml", "metrics.json", "log.jsonl", "trajectory.jsonl",
-                        CHECKPOINT, NEXT, OLD, "model", "model.partial", "best_weights.safetensors"}) | HYDRA_OUTPUTS
+                        CHECKPOINT, NEXT, OLD, "model", "model.partial", "best_weights.safetensors", ATTEMPTS}) | HYDRA_OUTPUTS
