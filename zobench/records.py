@@ -20,6 +20,7 @@ import torch
 
 from .paths import PACKAGE_DIR
 from .run_dir import RecordFile, jsonable, now
+from .safe_files import InvalidJson, loads_json, read_jsonl_lines
 
 STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
 
@@ -39,10 +40,10 @@ class JsonlLog:
     def attach(self, sinks) -> None:
         """Add trackers; the lines already written (a resumed run's) reach them first."""
         self.sinks += list(sinks)
-        for line in self.path.read_text().splitlines():
+        for number, line in enumerate(read_jsonl_lines(self.path), 1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a killed run's half line
+                record = loads_json(line, f"{self.path} line {number}")
+            except InvalidJson:  # a killed run's half line
                 break
             self._forward("record", record)
 
