@@ -20,7 +20,7 @@ import torch
 
 from .paths import PACKAGE_DIR
 from .run_dir import RecordFile, jsonable, now
-from .safe_files import InvalidJson, loads_json, read_jsonl_lines
+from .safe_files import read_jsonl
 
 STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
 
@@ -40,10 +40,8 @@ class JsonlLog:
     def attach(self, sinks) -> None:
         """Add trackers; the lines already written (a resumed run's) reach them first."""
         self.sinks += list(sinks)
-        for number, line in enumerate(read_jsonl_lines(self.path), 1):
-            try:
-                record = loads_json(line, f"{self.path} line {number}")
-            except InvalidJson:  # a killed run's half line
+        for record in read_jsonl(self.path):  # a received file: safe_files' rules
+            if record is None:  # a killed run's half line
                 break
             self._forward("record", record)
 

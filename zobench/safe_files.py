@@ -85,13 +85,42 @@ def _open_regular(path: Path, limit: int) -> int:
 
 
 def read_jsonl_lines(path: str | Path, limit: int = RECORDS_LIMIT, line_limit: int = LINE_LIMIT) -> list[str]:
-    """The lines of a .jsonl record file (log.jsonl, trajectory.jsonl), read as a stream: a regular file of at
-    most `limit` bytes, each line at most `line_limit` bytes, UTF-8, and each line's JSON shape checked
-    (check_json_shape), so that json.loads of any of them is safe. A last line without its newline (a killed
-    run's half line) is returned as it is: the caller decides whether to drop it."""
+    """The lines of a .jsonl record file (trajectory.jsonl), read as a stream: a regular file of at most `limit`
+    bytes, each line at most `line_limit` bytes, UTF-8, and each line's JSON shape checked (check_json_shape),
+    so that json.loads of any of them is safe. A last line without its newline (a killed run's half line) is
+    returned as it is: the caller decides whether to drop it."""
     path = Path(path)
+    lines = []
+    for number, raw, _ in _jsonl(path, limit, line_limit):
+        try:
+            lines.append(raw.decode("utf-8").rstrip("\r\n"))
+        except UnicodeDecodeError as error:
+            raise ZobenchError(f"{path} line {number} is not UTF-8 text (byte {error.start})") from None
+    return lines
+
+
+def read_jsonl(path: str | Path, limit: int = RECORDS_LIMIT, line_limit: int = LINE_LIMIT) -> list[Any]:
+    """Each line of a .jsonl record file (log.jsonl) parsed by loads_json's rules, read as read_jsonl_lines
+    reads; a line that is not JSON (a killed run's half line) is None."""
+    path = Path(path)
+    records = []
+    for number, raw, may_overflow in _jsonl(path, limit, line_limit):
+        try:
+            records.append(json.loads(raw, **({"parse_float": _finite_float} if may_overflow else {})))
+        except UnicodeDecodeError as error:
+            raise ZobenchError(f"{path} line {number} is not UTF-8 text (byte {error.start})") from None
+        except json.JSONDecodeError:
+            records.append(None)
+        except _OutOfRange as error:
+            raise ZobenchError(f"{path} line {number} holds the number {error.args[0]}, too large for a float: "
+                               f"not a file zobench wrote") from None
+    return records
+
+
+def _jsonl(path: Path, limit: int, line_limit: int):
+    """(line number, the line's bytes, whether a number may overflow), each line's shape checked."""
     fd = _open_regular(path, limit)
-    lines, total = [], 0
+    total = 0
     try:
         with os.fdopen(fd, "rb", closefd=False) as handle:
             for number, raw in enumerate(iter(lambda: handle.readline(line_limit + 1), b""), 1):
@@ -101,15 +130,19 @@ def read_jsonl_lines(path: str | Path, limit: int = RECORDS_LIMIT, line_limit: i
                 if len(raw) > line_limit and not raw.endswith(b"\n"):
                     raise ZobenchError(f"{path} line {number} is longer than the {line_limit:,} bytes of any record "
                                        f"zobench writes: not a file zobench wrote")
-                try:
-                    line = raw.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as error:
-                    raise ZobenchError(f"{path} line {number} is not UTF-8 text (byte {error.start})") from None
-                check_json_shape(line, f"{path} line {number}")
-                lines.append(line)
+                yield number, raw, check_json_shape(raw, _Line(path, number))
     finally:
         os.close(fd)
-    return lines
+
+
+class _Line:
+    """`PATH line N`, formatted only for a message (most lines never need it)."""
+
+    def __init__(self, path: Path, number: int):
+        self.path, self.number = path, number
+
+    def __str__(self) -> str:
+        return f"{self.path} line {self.number}"
 
 
 def read_text(path: str | Path, limit: int) -> str:
@@ -127,13 +160,13 @@ class InvalidJson(ZobenchError):
 
 def loads_json(text: str, where: str | Path) -> Any:
     """json.loads with the depth and number-length limits checked first (one line naming `where`)."""
-    check_json_shape(text, where)
+    may_overflow = check_json_shape(text, where)
     try:
-        return json.loads(text, parse_int=_bounded_int, parse_float=_finite_float)
+        return json.loads(text, **({"parse_float": _finite_float} if may_overflow else {}))
     except json.JSONDecodeError as error:
         raise InvalidJson(f"{where} is not valid JSON ({error.msg}, line {error.lineno})") from None
     except _OutOfRange as error:
-        raise ZobenchError(f"{where} holds the number {error.args[0]}, {error.args[1]}: not a file zobench "
+        raise ZobenchError(f"{where} holds the number {error.args[0]}, too large for a float: not a file zobench "
                            f"wrote") from None
 
 
@@ -164,17 +197,35 @@ _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _INNERMOST_PAIR = re.compile(r"[\[{][\]}]")
 _LONG_NUMBER = re.compile(r"\d{%d,}" % (MAX_INT_DIGITS + 1))
+# The text's bytes with every digit made 0, E made e and - made +: long digit runs and 3-digit exponents are
+# then found by plain substring searches (much faster than a regular expression tried at every position).
+_MARKS = bytes.maketrans(b"123456789E-", b"000000000e+")
+_LONG_RUN = b"0" * (MAX_INT_DIGITS + 1)
 
 
-def check_json_shape(text: str, where: str | Path) -> None:
+def check_json_shape(text: str | bytes, where: object) -> bool:
     """Nesting deeper than MAX_DEPTH, or a number of more than MAX_INT_DIGITS digits, is refused by scans that
-    neither recurse nor loop in Python over the characters (regular expressions over the text outside
-    strings), so a hostile file costs little more than reading it."""
-    outside = _STRING.sub('""', text)
-    if _LONG_NUMBER.search(outside):
-        raise ZobenchError(f"{where} holds a number longer than {MAX_INT_DIGITS} digits: not a file zobench wrote")
-    if _nesting(_NOT_BRACKET.sub("", outside)) > MAX_DEPTH:
-        raise ZobenchError(f"{where} is nested more than {MAX_DEPTH} levels deep: not a file zobench wrote")
+    neither recurse nor loop in Python over the characters, so a hostile file costs little more than reading
+    it; a text that cannot fail (no long digit run, few brackets: a line of log.jsonl) is not scanned further.
+    Returns whether a number may be too large for a float (it has a 3-digit exponent): loads_json checks those.
+    """
+    marks = (text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")).translate(_MARKS)
+    outside = None
+    if _LONG_RUN in marks:  # digits inside strings (a hash, an id) are text: look again outside them
+        outside = _outside_strings(text)
+        if _LONG_NUMBER.search(outside):
+            raise ZobenchError(f"{where} holds a number longer than {MAX_INT_DIGITS} digits: not a file zobench "
+                               f"wrote")
+    if marks.count(b"[") + marks.count(b"{") > MAX_DEPTH:
+        outside = _outside_strings(text) if outside is None else outside
+        if _nesting(_NOT_BRACKET.sub("", outside)) > MAX_DEPTH:
+            raise ZobenchError(f"{where} is nested more than {MAX_DEPTH} levels deep: not a file zobench wrote")
+    return b"e000" in marks or b"e+000" in marks
+
+
+def _outside_strings(text: str | bytes) -> str:
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    return _STRING.sub('""', text)
 
 
 def _nesting(brackets: str) -> int:
@@ -229,16 +280,10 @@ class _OutOfRange(ValueError):
     pass
 
 
-def _bounded_int(digits: str) -> int:
-    if len(digits.lstrip("-")) > MAX_INT_DIGITS:  # check_json_shape refuses these first
-        raise _OutOfRange(f"{digits[:20]}…", f"longer than {MAX_INT_DIGITS} digits")
-    return int(digits)
-
-
 def _finite_float(text: str) -> float:
     value = float(text)
     if math.isinf(value):  # a literal such as 1e999999; zobench writes an infinity as `Infinity`
-        raise _OutOfRange(text[:20], "too large for a float")
+        raise _OutOfRange(text[:20])
     return value
 
 

@@ -140,15 +140,8 @@ def load_log(run_dir: str | Path) -> pd.DataFrame:
     A log safe_files refuses (not a regular file, too large, a line too long, deep or with a number out of
     range) gives an empty frame, so that run has no curve and no speed row, and one warning naming it."""
     path = Path(run_dir) / "log.jsonl"
-    rows = []
     try:
-        for number, line in enumerate(safe_files.read_jsonl_lines(path), 1):
-            try:
-                row = safe_files.loads_json(line, f"{path} line {number}")
-            except safe_files.InvalidJson:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
+        rows = [row for row in safe_files.read_jsonl(path) if isinstance(row, dict)]
     except OSError:
         return pd.DataFrame()
     except ZobenchError as error:
