@@ -5,12 +5,13 @@ log.jsonl, trajectory.jsonl, config.yaml, overrides.yaml) or writes into a run o
 
 - read only regular files: a FIFO, a device (`/dev/zero`), a socket or a folder is refused, and opening
   never blocks (O_NONBLOCK), so a FIFO cannot hang a command;
-- read at most a size limit per file, and refuse what is larger; records (.jsonl) are read line by line,
-  each line at most LINE_LIMIT bytes;
+- read at most a size limit per file, and refuse what is larger; records (.jsonl: `read_jsonl`,
+  `read_jsonl_lines`) are read as a stream, line by line, each line at most LINE_LIMIT bytes;
 - JSON nested deeper than MAX_DEPTH or holding numbers longer than MAX_INT_DIGITS digits is refused before it
   is parsed (Python's parser would recurse until RecursionError, or refuse a 5,000-digit int with a
-  ValueError); a number too large for a float (1e999999) is refused as it is parsed (zobench writes an
-  infinity as `Infinity`);
+  ValueError), by scans that cost little more than reading the text; a number too large for a float
+  (1e999999) is refused as it is parsed (zobench writes an infinity as `Infinity`); text that is not JSON
+  at all is `InvalidJson` (a killed run's torn line, which a reader of records may skip);
 - YAML may not use anchors or aliases (a "billion laughs" file expands to gigabytes once walked): zobench's
   own YAML never has them; nor nest deeper than MAX_DEPTH, nor hold ints Python will not convert;
 - never write through a symbolic link (`open_for_write`, `refuse_link`): a link in a received folder would
@@ -108,7 +109,9 @@ def read_jsonl(path: str | Path, limit: int = RECORDS_LIMIT, line_limit: int = L
         try:
             records.append(json.loads(raw, **({"parse_float": _finite_float} if may_overflow else {})))
         except UnicodeDecodeError as error:
-            raise ZobenchError(f"{path} line {number} is not UTF-8 text (byte {error.start})") from None
+            if raw.endswith(b"\n"):  # not a last line cut inside a character
+                raise ZobenchError(f"{path} line {number} is not UTF-8 text (byte {error.start})") from None
+            records.append(None)
         except json.JSONDecodeError:
             records.append(None)
         except _OutOfRange as error:
