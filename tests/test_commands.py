@@ -63,10 +63,10 @@ def test_report_on_a_folder_it_cannot_write_is_one_line_and_exit_1(tmp_path, cap
 def test_report_on_a_full_disk_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
     _completed_run(tmp_path / "runs" / "a")
 
-    def full(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr("zobench.report.names.open_for_write", full)  # every file the report writes
     assert report_main([str(tmp_path / "runs"), "-o", str(tmp_path / "out"), "--no-plots"]) == 1
     assert "No space left on device" in _one_line(capsys.readouterr().err)
 

@@ -90,7 +90,9 @@ def read_trajectory(run_dir: Path, up_to: int | None = None) -> list[dict[str, A
     if not path.exists():
         return []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        from .safe_files import read_jsonl_lines  # a received file: regular, bounded, shallow lines
+
+        lines = read_jsonl_lines(path)
     except UnicodeDecodeError as error:
         raise ZobenchError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     records, previous = [], ""

@@ -20,6 +20,7 @@ import torch
 
 from .paths import PACKAGE_DIR
 from .run_dir import RecordFile, jsonable, now
+from .safe_files import read_jsonl
 
 STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
 
@@ -39,10 +40,8 @@ class JsonlLog:
     def attach(self, sinks) -> None:
         """Add trackers; the lines already written (a resumed run's) reach them first."""
         self.sinks += list(sinks)
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a killed run's half line
+        for record in read_jsonl(self.path):  # a received file: safe_files' rules
+            if record is None:  # a killed run's half line
                 break
             self._forward("record", record)
 

@@ -27,13 +27,17 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     from .peft_adapters import apply_peft
 
     from .run_dir import RunDir
+    from .safe_files import read_yaml
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise ZobenchError(f"{run_dir}: not a zobench run directory (no config.yaml)")
     try:
-        cfg = OmegaConf.load(run_dir / "config.yaml")
+        cfg = OmegaConf.create(read_yaml(run_dir / "config.yaml"))  # a received file: regular, small, no aliases
         keep_best = str(cfg.train.keep_best)
+    except ZobenchError as error:  # refused by safe_files (a FIFO, too large, aliases) or not YAML
+        reason = str(error).replace(str(run_dir / "config.yaml"), "it")
+        raise ZobenchError(f"{run_dir / 'config.yaml'} is not a zobench run's config ({reason})") from None
     except Exception as error:  # YAML, encoding or missing keys: the file is not what a run wrote
         raise ZobenchError(f"{run_dir / 'config.yaml'} is not a zobench run's config "
                            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None

@@ -121,9 +121,14 @@ class RunDir:
                 os.close(_held.pop(key)[0])  # closing the descriptor drops the flock
 
     def _clean_partial_writes(self) -> None:
-        """What a killed or failed write left: temp files, a half-written model or checkpoint folder."""
+        """What a killed or failed write left: temp files, a half-written model or checkpoint folder. A link
+        under one of these names is not zobench's: refused, never followed (rmtree, rename, glob into it)."""
+        from .safe_files import refuse_link
+
+        for name in (CHECKPOINT, NEXT, OLD, "model.partial"):
+            refuse_link(self.path / name)
         for tmp in list(self.path.glob("*.tmp")) + list(self.path.glob(".*.tmp")):
-            tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)  # a link named *.tmp: the link goes, not its target
         shutil.rmtree(self.path / "model.partial", ignore_errors=True)
         current, new, old = self.path / CHECKPOINT, self.path / NEXT, self.path / OLD
         if not current.exists():  # killed between the two renames of a swap: the complete one wins
@@ -208,13 +213,17 @@ class RunDir:
         self._recorded = (metrics.get("status"), metrics.get("steps"))
 
     def read_json(self, name: str) -> dict[str, Any] | None:
+        """A JSON object of the folder (metrics.json), read by safe_files' rules: a regular file, size and
+        depth limits; None if there is none."""
+        from . import safe_files
+
         path = self.path / name
-        if not path.exists():
-            return None
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ZobenchError(f"{path} is not valid JSON ({error}); zobench cannot tell what this run did") from None
+            data = safe_files.read_json(path)
+        except FileNotFoundError:
+            return None
+        except safe_files.InvalidJson as error:
+            raise ZobenchError(f"{error}; zobench cannot tell what this run did") from None
         if not isinstance(data, dict):
             raise ZobenchError(f"{path} does not hold a JSON object")
         return data
@@ -222,7 +231,11 @@ class RunDir:
     def save_folder(self, name: str, write) -> Path:
         """A folder written in full as NAME.partial by `write(folder)`, then renamed to NAME. An earlier
         NAME of this same unfinished run (it failed after saving) is replaced."""
+        from .safe_files import refuse_link
+
         target, partial = self.path / name, self.path / f"{name}.partial"
+        refuse_link(target)  # rmtree and rename would act on the link's folder, save_pretrained write into it
+        refuse_link(partial)
         shutil.rmtree(partial, ignore_errors=True)
         try:
             write(partial)
@@ -540,22 +553,34 @@ def _refuse_odd_hydra_outputs(path: Path) -> None:
 
 
 class RecordFile:
-    """An append-only file of lines, flushed at once, whose length and SHA-256 are kept as it grows."""
+    """An append-only file of lines, flushed at once, whose length and SHA-256 are kept as it grows.
+
+    Opened once, for reading and appending, by safe_files.open_for_write: never through a link, never a
+    FIFO or device; what a resumed run's file already holds is hashed through that same descriptor."""
 
     def __init__(self, path: Path):
+        from . import safe_files
+
         self.path = Path(path)
         self._hash = hashlib.sha256()
         self.bytes = 0
-        if self.path.exists():
-            with open(self.path, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    self._hash.update(chunk)
-                    self.bytes += len(chunk)
-        self._handle = open(self.path, "ab")
+        self._handle = safe_files.open_for_write(self.path, "a+b")
+        try:
+            size = os.fstat(self._handle.fileno()).st_size
+            if size > safe_files.RECORDS_LIMIT:
+                raise ZobenchError(f"{self.path} is {size:,} bytes, more than the {safe_files.RECORDS_LIMIT:,} "
+                                   f"zobench reads from a record file: not a file zobench wrote")
+            self._handle.seek(0)
+            for chunk in iter(lambda: self._handle.read(1 << 20), b""):
+                self._hash.update(chunk)
+                self.bytes += len(chunk)
+        except BaseException:
+            self._handle.close()
+            raise
 
     def write_line(self, line: str) -> None:
         data = (line + "\n").encode()
-        self._handle.write(data)
+        self._handle.write(data)  # O_APPEND: at the end, wherever reading left the position
         self._handle.flush()
         self._hash.update(data)
         self.bytes += len(data)
@@ -615,8 +640,12 @@ def from_plain(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 # -- atomic whole-file writes ------------------------------------------------------------------------
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over the target."""
+    """Write to a temp file in the same folder, fsync, then rename over the target. A target that is a link is
+    refused (the rename would replace the link, but a link there is not zobench's)."""
     path = Path(path)
+    from .safe_files import refuse_link
+
+    refuse_link(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from colleagues on a shared server

@@ -5,8 +5,10 @@ report a cluster's results. Writes Markdown, LaTeX and CSV tables and PNG plots 
 folder (default: report/ beside the runs) and prints the main table.
 
 Exit status: 0 report written; 1 no runs found, or the output folder cannot be written (one line: read-only,
-disk full); 2 a given folder does not exist. A metrics.json that cannot be read gets a one-line warning and
-is listed as unreadable.
+disk full, a link: the report never writes through one); 2 a given folder does not exist. A metrics.json or
+config.yaml that cannot be read (safe_files' rules: regular files only, size and depth limits) gets a
+one-line warning and its run is listed as unreadable; a log.jsonl that cannot be read gets one and leaves
+that run out of the plots and the speed table.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..errors import ZobenchError
 from .build import build_report
 from .references import default_reference_dir
 from .speed import BASELINE
@@ -34,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = build_report(args.paths, out_dir, reference_dir, plots=not args.no_plots,
                               speed_baseline=args.speed_baseline, speed_target=args.speed_target)
+    except ZobenchError as error:  # an output folder or file that is a link, a FIFO
+        print(f"zobench-report: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
     except OSError as error:  # a read-only or full output folder
         from ..cli import os_error_line  # torch-free, as the report must stay
 

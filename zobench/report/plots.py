@@ -13,9 +13,10 @@ import matplotlib
 import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
-from .names import output_file
+from ..safe_files import open_for_write
+from .names import output_file, output_folder
 from .runs import load_log
-from .tables import OPTIMIZER_ORDER, TASK_ORDER, ordered
+from .tables import OPTIMIZER_ORDER, TASK_ORDER, ordered, visible
 
 
 def curves(run_dirs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -46,12 +47,13 @@ def plot_task(task: str, lines: dict[str, tuple[pd.DataFrame, pd.DataFrame]], pa
     colors = matplotlib.colormaps["tab10"].colors
     for index, (label, (train, dev)) in enumerate(lines.items()):
         # ten colours, then the same ten dashed: more than ten lines stay apart
-        style = {"color": colors[index % 10], "linestyle": ("-", "--", ":")[index // 10 % 3], "label": label}
+        style = {"color": colors[index % 10], "linestyle": ("-", "--", ":")[index // 10 % 3], "label": plain(label)}
         if not train.empty:
             loss_fp.plot(train["forward_passes"], train["loss"], **style)
             loss_s.plot(train["elapsed_s"], train["loss"], **style)
         if not dev.empty:
             dev_fp.plot(dev["forward_passes"], 100 * dev["metric"], marker="o", **style)
+    task = plain(task)
     loss_fp.set(title=f"{task}: training loss", xlabel="forward passes (training)", ylabel="loss")
     loss_s.set(title=f"{task}: training loss", xlabel="seconds since the run started", ylabel="loss")
     dev_fp.set(title=f"{task}: dev metric", xlabel="forward passes (training)", ylabel="dev metric (%)")
@@ -59,13 +61,20 @@ def plot_task(task: str, lines: dict[str, tuple[pd.DataFrame, pd.DataFrame]], pa
         axes.grid(alpha=0.3)
     handles, labels = (loss_fp if loss_fp.lines else dev_fp).get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside right upper", fontsize="small")
-    figure.savefig(path, dpi=100)
+    with open_for_write(path, "wb") as handle:  # never through a link
+        figure.savefig(handle, format="png", dpi=100)
+
+
+def plain(text: object) -> str:
+    """A name from a metrics.json as plain text: `$` would start matplotlib's mathtext (one unpaired `$` makes
+    savefig raise), control characters are shown as escapes."""
+    return visible(str(text)).replace("$", r"\$")
 
 
 def plot_all(selected: pd.DataFrame, out_dir: Path) -> list[Path]:
     """plots/<task>.png for every task of the selected settings (an odd task name is made a plain file name:
     zobench/report/names.py); returns the files written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out_dir)
     several_models = selected["model"].nunique() > 1
     written = []
     for task in ordered(selected["task"], TASK_ORDER):

@@ -13,45 +13,56 @@ when there is one (`mezo_lora`, `adam_prefix`), and `icl` for zero-shot with dem
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
-import yaml
+
+from .. import safe_files
+from ..errors import ZobenchError
 
 CONFIG_PREFIX = "cfg."
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[dict]:
-    """One record per metrics.json under the paths. One that cannot be read (not UTF-8, not JSON, not a JSON
-    object) gets a one-line warning on stderr naming it, and stays in the report as status 'unreadable'
-    (the failures table lists it) rather than stopping the report."""
+    """One record per metrics.json under the paths. One that cannot be read (not a regular file, too large or
+    too deep, not UTF-8, not JSON, not a JSON object) gets a one-line warning on stderr naming it, and stays in
+    the report as status 'unreadable' (the failures table lists it) rather than stopping the report."""
     runs = []
     for root in paths:
         root = Path(root)
         for metrics_file in _metrics_files(root):
             record, problem = _read_metrics(metrics_file)
             if problem:
-                print(f"zobench-report: warning: {metrics_file}: {problem}; listed as unreadable", file=sys.stderr)
-                record = {"status": "unreadable", "error": f"metrics.json: {problem}"}
+                record = _unreadable(metrics_file, problem)
             record["run_dir"] = str(metrics_file.parent)
             runs.append(record)
     return runs
 
 
 def _read_metrics(path: Path) -> tuple[dict, str | None]:
+    """(record, None), or ({}, what is wrong); every read by safe_files' rules."""
     try:
-        record = json.loads(path.read_bytes().decode("utf-8"))
+        record = safe_files.read_json(path)
     except OSError as error:
         return {}, error.strerror or str(error)
-    except UnicodeDecodeError as error:
-        return {}, f"not UTF-8 text (byte offset {error.start})"
-    except json.JSONDecodeError as error:
-        return {}, f"not JSON ({error.msg}, line {error.lineno})"
+    except ZobenchError as error:
+        return {}, _without(str(error), path)
     if not isinstance(record, dict):
         return {}, f"a JSON {type(record).__name__}, not an object"
     return record, None
+
+
+def _unreadable(path: Path, problem: str) -> dict:
+    print(f"zobench-report: warning: {path}: {problem}; listed as unreadable", file=sys.stderr)
+    return {"status": "unreadable", "error": f"{path.name}: {problem}"}
+
+
+def _without(message: str, path: Path) -> str:
+    """A safe_files message without the path it begins with (the warning names the file once)."""
+    return message.removeprefix(f"{path} ").removeprefix("is ") if message.startswith(str(path)) else message
 
 
 def _metrics_files(root: Path) -> list[Path]:
@@ -61,11 +72,18 @@ def _metrics_files(root: Path) -> list[Path]:
 
 
 def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """Every run as one row: metrics.json fields plus the flattened config (`cfg.*` columns)."""
+    """Every run as one row: metrics.json fields plus the flattened config (`cfg.*` columns). A config.yaml
+    that cannot be read (a FIFO, too large or deep, YAML aliases, not YAML) makes its run unreadable too."""
     rows = []
     for record in find_runs(paths):
+        config_file = Path(record["run_dir"]) / "config.yaml"
+        try:
+            config = _config_columns(config_file)
+        except ZobenchError as error:
+            record = {**_unreadable(config_file, _without(str(error), config_file)), "run_dir": record["run_dir"]}
+            config = {}
         row = {key: _scalar(value) for key, value in record.items()}
-        row.update(_config_columns(Path(record["run_dir"]) / "config.yaml"))
+        row.update(config)
         row["optimizer_config"] = row.get("optimizer")
         row["optimizer"] = method_name(row)
         rows.append(row)
@@ -91,10 +109,12 @@ def method_name(row: dict[str, Any]) -> Any:
 
 
 def _config_columns(path: Path) -> dict[str, Any]:
+    """The config's `cfg.*` columns; {} when there is none (the run is still listed, without hyperparameters to
+    compare). A file safe_files refuses, or that is not YAML, raises its ZobenchError."""
     try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
-        return {}  # the run is still listed; it just has no hyperparameters to compare
+        config = safe_files.read_yaml(path) or {}
+    except OSError:
+        return {}
     if not isinstance(config, dict):
         return {}
     return {CONFIG_PREFIX + key: value for key, value in _flatten(config).items()}
@@ -116,17 +136,29 @@ def _scalar(value: Any) -> Any:
 
 
 def load_log(run_dir: str | Path) -> pd.DataFrame:
-    """log.jsonl as a DataFrame (train and eval events); a torn last line is skipped."""
-    rows = []
+    """log.jsonl as a DataFrame (train and eval events); a line that is not JSON (a torn last one) is skipped.
+    A log safe_files refuses (not a regular file, too large, a line too long, deep or with a number out of
+    range) gives an empty frame, so that run has no curve and no speed row, and one warning naming it."""
+    path = Path(run_dir) / "log.jsonl"
     try:
-        lines = (Path(run_dir) / "log.jsonl").read_bytes().decode("utf-8", errors="replace").splitlines()
+        rows = [row for row in safe_files.read_jsonl(path) if isinstance(row, dict)]
     except OSError:
         return pd.DataFrame()
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
+    except ZobenchError as error:
+        _warn_once(path, f"zobench-report: warning: {error}; that run has no curve or speed row")
+        return pd.DataFrame()
     return pd.DataFrame(rows)
+
+
+_warned: set[tuple] = set()  # the plots and the speed table both read each log: one warning per file
+
+
+def _warn_once(path: Path, message: str) -> None:
+    try:
+        info = os.stat(path)
+        key = (str(path), info.st_ino, info.st_size, info.st_mtime_ns)
+    except OSError:
+        key = (str(path),)
+    if key not in _warned:
+        _warned.add(key)
+        print(message, file=sys.stderr)

@@ -8,6 +8,7 @@ the papers print them.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -189,20 +190,51 @@ def failures_table(runs: pd.DataFrame) -> pd.DataFrame:
 # -- writing -----------------------------------------------------------------------------------------
 def write_table(out_dir: Path, name: str, display: pd.DataFrame, numbers: pd.DataFrame | None = None) -> None:
     """name.md and name.tex from the display frame; name.csv from the numbers (or the display frame)."""
-    from .names import output_file
+    from .names import output_folder, write_output
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    output_file(out_dir, name, ".md").write_text(to_markdown(display) + "\n")
-    output_file(out_dir, name, ".tex").write_text(to_latex(display))
-    (numbers if numbers is not None else display).to_csv(output_file(out_dir, name, ".csv"), index=False)
+    out_dir = output_folder(out_dir)
+    write_output(out_dir, name, ".md", lambda handle: handle.write(to_markdown(display) + "\n"))
+    write_output(out_dir, name, ".tex", lambda handle: handle.write(to_latex(display)))
+    csv = numbers if numbers is not None else display
+    write_output(out_dir, name, ".csv", lambda handle: csv.to_csv(handle, index=False))  # csv quotes what needs it
 
 
 def to_markdown(display: pd.DataFrame) -> str:
-    # disable_numparse: cells are already formatted text ("75.0" must not become "75")
-    return display.to_markdown(index=False, disable_numparse=True) if not display.empty else "(none)"
+    """A GFM table; every cell and header escaped (markdown_cell), so a name from a metrics.json cannot add
+    rows or columns. disable_numparse: cells are already formatted text ("75.0" must not become "75")."""
+    if display.empty:
+        return "(none)"
+    escaped = display.map(markdown_cell).rename(columns=markdown_cell)
+    return escaped.to_markdown(index=False, disable_numparse=True)
 
 
 def to_latex(display: pd.DataFrame) -> str:
-    text = display.astype(str).style.hide(axis="index").format(escape="latex") \
+    """LaTeX escapes the specials; line breaks and other control characters are shown as escapes first (a
+    blank line inside a tabular cell would end the table)."""
+    shown = display.astype(str).map(visible).rename(columns=visible)
+    text = shown.style.hide(axis="index").format(escape="latex") \
         .format_index(escape="latex", axis=1).to_latex(hrules=True)
     return text.replace("±", r"$\pm$")
+
+
+# Characters that end a line in some reader (C0/C1 controls, DEL, Unicode line and paragraph separators).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": r"\n", "\r": r"\r", "\t": r"\t"}
+
+
+def visible(value):
+    """A text's control characters as escapes (\\n, \\x1b, \\u2028): one line, nothing for a terminal to act on."""
+    return _CONTROL.sub(_escape, value) if isinstance(value, str) else value
+
+
+def _escape(match: re.Match) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def markdown_cell(value):
+    """A GFM table cell: backslashes and pipes escaped (a `|` would add a column), control characters shown as
+    escapes (a line break would add a row)."""
+    if not isinstance(value, str):
+        return value
+    return visible(value.replace("\\", "\\\\").replace("|", "\\|"))
