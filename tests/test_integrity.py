@@ -168,6 +168,9 @@ def test_a_run_killed_before_its_first_checkpoint_runs_again_keeping_its_records
     whole = run(compose(settings), tmp_path / "whole")
     assert _log_without_clock(run_dir) == _log_without_clock(tmp_path / "whole")
     assert metrics["test_metric"] == whole["test_metric"]
+    from zobench.report.runs import find_runs
+
+    assert [r["run_dir"] for r in find_runs([tmp_path])] == [str(run_dir), str(tmp_path / "whole")]  # attempts/ not runs
     with pytest.raises(ZobenchError, match="already holds a completed run"):  # completed: never again
         run(compose(settings), run_dir)
 

@@ -68,7 +68,14 @@ def _without(message: str, path: Path) -> str:
 def _metrics_files(root: Path) -> list[Path]:
     if (root / "metrics.json").exists():
         return [root / "metrics.json"]
-    return sorted(root.rglob("metrics.json"))
+    return sorted(path for path in root.rglob("metrics.json") if not _earlier_attempt(path))
+
+
+def _earlier_attempt(path: Path) -> bool:
+    """RUN/attempts/N/metrics.json: the records of an attempt that ended before its first checkpoint and was
+    started again (run_dir.py); the run is RUN's own metrics.json, reported once."""
+    folder = path.parent
+    return folder.parent.name == "attempts" and (folder.parent.parent / ".zobench-run").exists()
 
 
 def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
