@@ -111,7 +111,7 @@ def test_zobench_resume_of_a_folder_with_a_fifo_as_metrics_is_one_line(tmp_path)
     (run_dir / "overrides.yaml").write_text(yaml.safe_dump([*QUICK, "train.steps=2"]))
     plant(run_dir / "metrics.json", "fifo")
     result = run_cli(f"resume={run_dir}", timeout=120)
-    assert result.returncode == 1
+    assert result.returncode == 2  # refused as the folder is claimed, before any run starts
     assert "metrics.json is a FIFO, not a regular file" in one_line(result.stderr)
 
 
