@@ -499,50 +499,37 @@ def _marker_run_id(fd: int, marker: Path) -> str:
     return run_id
 
 
-def claim_named_run_dir(argv: list[str]) -> list[str]:
-    """The CLI's claim of a run's folder, before Hydra writes its .hydra/ and zobench.log there: the folder is
-    hydra.run.dir resolved as Hydra resolves it (any form: `++`, quoted, `${…}`, a resume's, the default), and
-    argv comes back with it pinned, so Hydra writes where the lock is. Refused here, before anything is
-    written or created: a name Hydra would misread, a link or odd file where Hydra writes, a foreign or live
-    folder, a completed run. The job's own claim reuses this one."""
-    from .configs import pin_run_dir, resolved_run_dir, resolved_sweep_dir, run_dir_override
-    from .safe_files import read_json, refuse_link
-
-    if any(arg.split("=")[0] in ("-c", "--cfg", "-h", "--help", "--hydra-help", "--info", "-i") for arg in argv):
-        return argv  # Hydra prints something and runs no job
-    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
-    if any(arg in ("-m", "--multirun") for arg in argv):
-        # Each job claims its own folder, but Hydra writes multirun.yaml, a job's .hydra/ and zobench.log before
-        # the job starts: in a sweep run again into its folder, none of them may be a link.
-        sweep_dir = resolved_sweep_dir(overrides)
-        if sweep_dir is not None and sweep_dir.is_dir() and not sweep_dir.is_symlink():
-            refuse_link(sweep_dir / "multirun.yaml")
-            for job_dir in sorted(sweep_dir.iterdir()):
-                refuse_link(job_dir)
-                if job_dir.is_dir():
-                    _refuse_odd_hydra_outputs(job_dir)
-        return argv
-    path = resolved_run_dir(overrides)
-    if path is None:
-        return argv
-    run_dir_override(path)  # a newline in the name: refused before the folder exists
+def claim_for_hydra(path: str | Path) -> RunDir:
+    """Claim a run's folder before Hydra writes its .hydra/ and zobench.log there (the CLI's claim; the
+    job's own reuses it). Refused before anything is written or created: a link or odd file where Hydra
+    writes, a foreign or live folder, a completed run."""
     _refuse_odd_hydra_outputs(Path(path))
     directory = RunDir(path).claim()
     try:
-        metrics = read_json(directory.path / "metrics.json") if (directory.path / "metrics.json").exists() else None
+        metrics_path = directory.path / "metrics.json"
+        metrics = safe_files.read_json(metrics_path) if metrics_path.exists() else None
         if isinstance(metrics, dict) and metrics.get("status") == "completed":
             raise ZobenchError(f"{path} already holds a completed run; zobench never overwrites results "
                                f"(its .hydra/ included): choose a new hydra.run.dir")
     except BaseException:
         directory.release()
         raise
-    return pin_run_dir(argv, path)
+    return directory
+
+
+def refuse_odd_sweep_outputs(sweep_dir: Path) -> None:
+    """Hydra writes multirun.yaml, a job's .hydra/ and zobench.log before the job claims its folder: in a
+    sweep run again into its folder, none of them may be a link."""
+    if sweep_dir.is_dir() and not sweep_dir.is_symlink():
+        refuse_link(sweep_dir / "multirun.yaml")
+        for job_dir in sorted(sweep_dir.iterdir()):
+            refuse_link(job_dir)
+            if job_dir.is_dir():
+                _refuse_odd_hydra_outputs(job_dir)
 
 
 def _refuse_odd_hydra_outputs(path: Path) -> None:
     """Hydra appends to zobench.log and rewrites .hydra/*.yaml following links: each must be what Hydra made."""
-    from .safe_files import refuse_link
-
     hydra_dir = path / ".hydra"
     inside = sorted(hydra_dir.iterdir()) if hydra_dir.is_dir() and not hydra_dir.is_symlink() else []
     for item in [path / "zobench.log", hydra_dir, *inside]:
