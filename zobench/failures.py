@@ -52,7 +52,7 @@ def classify(error: BaseException, refused: tuple[type, ...] = (), wrapped: bool
                        "hydra.sweep.dir=<this sweep's folder> to finish the others (completed ones are not run "
                        "again)", FAILED, unexpected=True)
     if isinstance(error, refused) or _config_error(error):
-        return Failure("failed", one_line(error), BAD_INPUT)  # Hydra's hints on one line
+        return Failure("failed", one_line(error) or type(error).__name__, BAD_INPUT)  # Hydra's hints on one line
     return Failure("failed", f"{type(error).__name__}: {one_line(error)}", FAILED, unexpected=True)
 
 
@@ -99,7 +99,7 @@ def say(prog: str, message: str) -> None:
 
 def one_line(error: BaseException | str) -> str:
     """An exception's message may span lines: the console gets one."""
-    return " ".join(str(error).split()) or (type(error).__name__ if isinstance(error, BaseException) else "")
+    return " ".join(str(error).split())
 
 
 def os_error_line(error: OSError) -> str:
