@@ -90,3 +90,22 @@ def test_zobench_says_interrupted_once_when_stopped_before_its_job(tmp_path, mon
         cli.main()
     assert exit_.value.code == 130
     assert _lines(capsys.readouterr().err) == ["zobench: interrupted"]
+
+
+def test_what_a_run_records_for_the_error_that_ended_it(tmp_path):
+    """run_failure is what run() records in metrics.json and raises for the CLI (its except chain at merge)."""
+    from zobench.failures import classify, run_failure
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    ended = run_failure(full, 3, tmp_path)
+    assert (ended.status, ended.message, ended.traceback) == \
+        ("failed", f"could not write to {tmp_path}: [Errno 28] No space left on device", True)
+    assert isinstance(ended.raised, ZobenchError) and ended.raised.__cause__ is full
+    assert classify(ended.raised).exit_code == 1  # the CLI's line names the run directory, exit 1
+    stopped = run_failure(KeyboardInterrupt(), 3, tmp_path)
+    assert (stopped.status, stopped.message, classify(stopped.raised).exit_code) == \
+        ("interrupted", "interrupted at step 3", 130)
+    bug = RuntimeError("a bug")
+    assert (run_failure(bug, 3, tmp_path).message, run_failure(bug, 3, tmp_path).raised) == ("RuntimeError: a bug", bug)
+    refused = ZobenchError("the data changed")
+    assert run_failure(refused, 3, tmp_path).message == "the data changed"

@@ -73,16 +73,17 @@ def command(prog: str, body: Callable[[], int | None], refused: tuple[type, ...]
 def run_failure(error: BaseException, step: int, run_dir: Path) -> "RunFailure":
     """What the runner records in metrics.json for an error that ended the run at `step`, and what it raises
     for the CLI afterwards (a full disk becomes a ZobenchError that names the run directory)."""
-    if isinstance(error, (KeyboardInterrupt, Interrupted)):
+    failure = classify(error)
+    if failure.status == "interrupted":
         return RunFailure("interrupted", f"interrupted at step {step}", error, traceback=False)
-    if isinstance(error, ZobenchError):
-        return RunFailure("failed", str(error), error, traceback=False)
     if isinstance(error, OSError):  # a full disk, a folder made read-only: recorded if it still can be
         message = f"could not write to {run_dir}: {error}"
         raised = ZobenchError(message)
-        raised.__cause__ = error
-        return RunFailure("failed", message, raised, traceback=True)
-    return RunFailure("failed", f"{type(error).__name__}: {error}", error, traceback=True)
+        raised.__cause__, raised.__suppress_context__ = error, True  # as `raise … from error` would set them
+        return RunFailure(failure.status, message, raised, traceback=True)
+    # metrics.json keeps the message as raised, lines and all
+    message = str(error) if isinstance(error, ZobenchError) else f"{type(error).__name__}: {error}"
+    return RunFailure(failure.status, message, error, traceback=failure.unexpected)
 
 
 @dataclass(frozen=True)
