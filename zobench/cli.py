@@ -9,7 +9,9 @@ failed (bad data found at start-up included: metrics.json says why), or a folder
 (read-only, disk full); 2 bad input refused before any run started (an unknown name, a config value, an
 override Hydra cannot apply); 130 interrupted. In a multirun a failed job is recorded and reported, the
 sweep goes on with the next job, and the sweep exits 1 once all jobs are done if any of them failed.
-Every error is one line on stderr (HYDRA_FULL_ERROR=1 shows Hydra's own traceback instead).
+Every error is one line on stderr (HYDRA_FULL_ERROR=1 shows Hydra's own traceback instead): the mapping from
+an exception to its line and exit status is zobench/failures.py's, shared with the other console commands.
+The command line is this module's (resume=, the run folder's name); the folder's rules are run_dir.py's.
 """
 
 from __future__ import annotations
