@@ -18,13 +18,14 @@ from safetensors import torch as safetensors_torch
 from safetensors.torch import load_file
 
 from conftest import QUICK
+from zobench import checkpoint as checkpoint_module
 from zobench import run_dir as run_dir_module
 from zobench.configs import compose
 from zobench.run import run
 
 SETTINGS = [*QUICK, "data.n_dev=4", "data.n_test=4", "train.steps=6", "train.eval_interval=0",
             "checkpoint.every=2", "checkpoint.weights=true", "save_model=true"]
-# The write points of one checkpoint (RunDir.save_checkpoint), in order; a kill "at" one comes before it.
+# The write points of one checkpoint (checkpoint.write_checkpoint), in order; a kill "at" one comes before it.
 POINTS = ["rmtree checkpoint.next", "save_file state", "save_file weights", "write state.json",
           "sync checkpoint.next", "rename checkpoint -> checkpoint.old", "rename checkpoint.next -> checkpoint",
           "sync run dir", "rmtree checkpoint.old", "after the swap"]
@@ -41,17 +42,17 @@ class KillAt:
 
     def __init__(self, monkeypatch, index: int):
         self.index, self.calls, self.saves, self.dead = index, 0, 0, False
-        original_save = run_dir_module.RunDir.save_checkpoint
+        original_save = checkpoint_module.write_checkpoint
 
-        def save_checkpoint(directory, *args, **kwargs):
+        def write_checkpoint(*args, **kwargs):
             self.saves += 1
-            original_save(directory, *args, **kwargs)
+            original_save(*args, **kwargs)
             if self.saves == 2:
                 self._point()  # the last point: the swap done, nothing returned yet
 
-        monkeypatch.setattr(run_dir_module.RunDir, "save_checkpoint", save_checkpoint)
-        for owner, name in ((safetensors_torch, "save_file"), (run_dir_module, "_write_synced"),
-                            (run_dir_module, "_sync_dir"), (pathlib.Path, "rename"), (shutil, "rmtree")):
+        monkeypatch.setattr(checkpoint_module, "write_checkpoint", write_checkpoint)
+        for owner, name in ((safetensors_torch, "save_file"), (checkpoint_module, "atomic_write_text"),
+                            (run_dir_module, "sync_dir"), (pathlib.Path, "rename"), (shutil, "rmtree")):
             monkeypatch.setattr(owner, name, self._wrap(name, getattr(owner, name)))
 
     def _point(self) -> None:

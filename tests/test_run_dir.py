@@ -20,7 +20,8 @@ from zobench.errors import ZobenchError
 from zobench.paths import tasks_dir
 from zobench.replay import main as replay_main
 from zobench.run import run
-from zobench.run_dir import MARKER, RunDir, from_plain, to_plain
+from zobench.checkpoint import from_plain, to_plain
+from zobench.run_dir import MARKER, RunDir
 
 SMALL = [*QUICK, "data.n_dev=4", "data.n_test=4", "train.steps=6", "train.eval_interval=3", "checkpoint.every=2"]
 
@@ -224,12 +225,12 @@ def test_divergence_names_the_step_that_diverged(quick_cfg, tmp_path, monkeypatc
 
 
 def test_a_full_disk_is_recorded_and_leaves_no_temp_files(tmp_path, monkeypatch, quick_cfg):
-    from zobench import run_dir as run_dir_module
+    from zobench import checkpoint
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(run_dir_module, "_write_synced", full)  # the checkpoint's manifest cannot be written
+    monkeypatch.setattr(checkpoint, "atomic_write_text", full)  # the checkpoint's manifest cannot be written
     with pytest.raises(ZobenchError, match="No space left on device"):
         run(quick_cfg("train.steps=4", "train.eval_interval=0", "checkpoint.every=2"), tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

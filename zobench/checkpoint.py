@@ -16,22 +16,33 @@ after a whole step, never in the middle, and switched in atomically (zobench/run
 
 Each trajectory line carries a checksum chained to the line before ("check"), so an edited or corrupt
 loss value is refused, not replayed into different weights.
+
+The format is this module's: `write_checkpoint` / `read_checkpoint` (the folder's safetensors files and their
+manifest), `check_manifest` (every value of a received state.json of its type and range), `to_plain` /
+`from_plain` (state as JSON beside tensors). The run directory only swaps the folder in whole.
 """
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
+import math
+from collections import deque
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import ZobenchError
 from .models import trained_parameters
-from .run_dir import STATE_TENSORS, WEIGHTS, RunDir, from_plain, to_plain
+from .run_dir import CHECKPOINT, HEX_DIGITS, MANIFEST, MARKER, RunDir, atomic_write_text, file_sha256
+from .safe_files import read_json
 
 TRAJECTORY = "trajectory.jsonl"
+STATE_TENSORS = "state.safetensors"
+WEIGHTS = "weights.safetensors"
+CHECKPOINT_FORMAT = 2  # 2: every file's SHA-256 and the run id recorded (1 had sizes only)
 
 
 class RecordingLoss:
@@ -154,12 +165,12 @@ class Checkpointer:
         files = {STATE_TENSORS: tensors}
         if self.with_weights:
             files[WEIGHTS] = dict(trained_parameters(self.model))
-        self.directory.save_checkpoint(step, state, files)
+        write_checkpoint(self.directory, step, state, files)
 
     @staticmethod
     def load_state(directory: RunDir) -> dict[str, Any] | None:
         """The checkpoint's state (tensors in place), checked file by file; None if there is none."""
-        loaded = directory.load_checkpoint()
+        loaded = read_checkpoint(directory)
         if loaded is None:
             return None
         plain, paths = loaded
@@ -226,3 +237,214 @@ def _last_check(path: Path) -> str:
     """The checksum of the trajectory's last whole line (a resume continues the chain from it)."""
     records = read_trajectory(path.parent) if path.exists() else []
     return records[-1]["check"] if records else ""
+
+
+# -- the checkpoint folder: safetensors files and their manifest (state.json) -----------------------------
+def write_checkpoint(directory: RunDir, step: int, state: dict[str, Any],
+                     tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    """A whole checkpoint, swapped in by the run directory: each safetensors file (with the run id and step in
+    its metadata), then the manifest with each file's size and SHA-256 and the run id, written last."""
+    from safetensors.torch import save_file
+
+    def write(folder: Path) -> None:
+        files = {}
+        for name, named in tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(folder / name),
+                      metadata=directory.file_metadata(step))
+            files[name] = {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+        atomic_write_text(folder / MANIFEST, json.dumps({"format": CHECKPOINT_FORMAT, "run_id": directory.run_id,
+                                                         "step": step, "files": files, "state": state}) + "\n")
+
+    directory.swap_in_checkpoint(write)
+
+
+def read_checkpoint(directory: RunDir) -> tuple[dict[str, Any], dict[str, Path]] | None:
+    """(state, {file name: path}) of the checkpoint, each file checked against the manifest (size,
+    SHA-256, run id, step); None if there is none."""
+    folder = directory.path / CHECKPOINT
+    if (folder / "state.pt").exists() and not (folder / MANIFEST).exists():
+        raise ZobenchError(f"{folder / 'state.pt'} is a checkpoint of an older zobench (a pickle, which "
+                           f"zobench never loads: it could run code); start a new run")
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists() and not manifest_path.is_symlink():
+        return None
+    step, files, state = check_manifest(read_json(manifest_path), manifest_path, directory.run_id)
+    paths = {}
+    for name, expected in files.items():
+        path = folder / name
+        size = path.stat().st_size if path.exists() else -1
+        if size != expected["bytes"]:
+            raise ZobenchError(f"{path} is {'missing' if size < 0 else 'truncated or replaced'} "
+                               f"(expected {expected['bytes']} bytes): cannot resume")
+        if file_sha256(path) != expected["sha256"]:
+            raise ZobenchError(f"{path} does not match the SHA-256 its checkpoint recorded: the file is "
+                               f"corrupt or was modified; cannot resume")
+        directory.check_own_file(path, step)
+        paths[name] = path
+    directory.saved_fingerprints = state.get("fingerprints")
+    return state, paths
+
+
+# -- the checkpoint manifest's shape: a crafted state.json is one line, not an OverflowError later ---------
+_MAX_COUNT = 10 ** 18  # steps, bytes, passes, tokens: far above any real run, far below float trouble
+_COUNTS = ("steps", "forward_passes", "backward_passes", "tokens", "eval_forward_passes")
+
+
+class _Bad(ValueError):
+    """A manifest value of the wrong shape: (its key, what it should be)."""
+
+
+def check_manifest(manifest: Any, path: Path, run_id: str | None) -> tuple[int, dict[str, dict], dict[str, Any]]:
+    """(step, files, state) of a checkpoint's state.json once every value zobench uses is of its type and
+    range; anything else is refused in one line naming the key."""
+    try:
+        _expect(manifest, dict, "the file")
+        if manifest.get("format") == 1:
+            raise ZobenchError(f"{path} is a checkpoint of an older zobench (no file hashes, no run id): it "
+                               f"cannot be checked; start a new run")
+        if manifest.get("format") != CHECKPOINT_FORMAT or isinstance(manifest.get("format"), bool):
+            raise _Bad("format", f"{CHECKPOINT_FORMAT}")
+        step = _count(manifest.get("step"), "step")
+        files = _expect(manifest.get("files"), dict, "files")
+        if STATE_TENSORS not in files or not set(files) <= {STATE_TENSORS, WEIGHTS}:
+            raise _Bad("files", f"{STATE_TENSORS} and at most {WEIGHTS}")
+        for name, entry in files.items():
+            _file_entry(entry, f"files.{name}")
+        state = _expect(manifest.get("state"), dict, "state")
+        if state.get("step") != step or isinstance(state.get("step"), bool):
+            raise _Bad("state.step", f"the manifest's step {step}")
+        if state.get("mode") not in ("weights", "trajectory"):
+            raise _Bad("state.mode", "'weights' or 'trajectory'")
+        if (state["mode"] == "weights") != (WEIGHTS in files):
+            raise _Bad("files", f"{WEIGHTS} exactly when state.mode is 'weights'")
+        for name, entry in _expect(state.get("records"), dict, "state.records").items():
+            if name not in ("log.jsonl", "trajectory.jsonl"):
+                raise _Bad(f"state.records.{name}", "log.jsonl or trajectory.jsonl")
+            _file_entry(entry, f"state.records.{name}")
+        for name, digest in _expect(state.get("fingerprints"), dict, "state.fingerprints").items():
+            _sha256(digest, f"state.fingerprints.{name}")
+        rng = _expect(state.get("torch_rng"), dict, "state.torch_rng")
+        _expect(rng.get("$tensor"), str, "state.torch_rng")
+        _expect(state.get("optimizer"), dict, "state.optimizer")
+        _check_job(_expect(state.get("job"), dict, "state.job"))
+    except _Bad as bad:
+        key, should = bad.args
+        raise ZobenchError(f"{path} is not a checkpoint zobench wrote: {key} must be {should}; cannot "
+                           f"resume") from None
+    if manifest.get("run_id") != run_id:
+        raise ZobenchError(f"{path} belongs to another run (run id {str(manifest.get('run_id'))[:40]!r}, this run "
+                           f"{run_id}, see {path.parent.parent / MARKER}): zobench does not resume from another "
+                           f"run's checkpoint; remove it or start a new run")
+    return step, files, state
+
+
+def _check_job(job: dict[str, Any]) -> None:
+    metrics = _expect(job.get("metrics"), dict, "state.job.metrics")
+    for key in _COUNTS:
+        _count(metrics.get(key), f"state.job.metrics.{key}")
+    if metrics.get("best_step") is not None:
+        _count(metrics["best_step"], "state.job.metrics.best_step")
+    counter = _expect(job.get("counter"), dict, "state.job.counter")
+    if set(counter) != {"forward_passes", "backward_passes", "tokens"}:  # zobench.objective.PassCounter's
+        raise _Bad("state.job.counter", "an object of forward_passes, backward_passes and tokens")
+    for key, value in counter.items():
+        _count(value, f"state.job.counter.{key}")
+    _count(job.get("eval_tokens"), "state.job.eval_tokens")
+    _number(job.get("best_score"), "state.job.best_score", finite=False)
+    seconds = _expect(job.get("seconds"), dict, "state.job.seconds")
+    for key in ("total", "train"):
+        _number(seconds.get(key), f"state.job.seconds.{key}")
+    for index, loss in enumerate(_expect(job.get("recent_losses"), list, "state.job.recent_losses")):
+        _number(loss, f"state.job.recent_losses[{index}]")
+    if job.get("early_stop"):  # zobench.early_stopping.EarlyStopping.state_dict()
+        stop = _expect(job["early_stop"], dict, "state.job.early_stop")
+        _count(stop.get("bad_evaluations"), "state.job.early_stop.bad_evaluations")
+        for key in ("best_step", "stopped_at"):
+            if stop.get(key) is not None:
+                _count(stop[key], f"state.job.early_stop.{key}")
+        if stop.get("best") is not None:
+            _number(stop["best"], "state.job.early_stop.best", finite=False)
+    best = job.get("best_weights")
+    if best is not None:
+        _expect(best, dict, "state.job.best_weights")
+        _count(best.get("step"), "state.job.best_weights.step")
+        _sha256(best.get("sha256"), "state.job.best_weights.sha256")
+
+
+def _expect(value: Any, kind: type, key: str) -> Any:
+    if not isinstance(value, kind):
+        raise _Bad(key, {dict: "an object", list: "a list", str: "a string"}.get(kind, kind.__name__))
+    return value
+
+
+def _count(value: Any, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_COUNT:
+        raise _Bad(key, f"an integer from 0 to {_MAX_COUNT:.0e}")
+    return value
+
+
+def _number(value: Any, key: str, finite: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or \
+            (finite and not math.isfinite(value)):
+        raise _Bad(key, "a finite number" if finite else "a number")
+
+
+def _sha256(value: Any, key: str) -> None:
+    if not (isinstance(value, str) and len(value) == 64 and set(value) <= HEX_DIGITS):
+        raise _Bad(key, "a SHA-256 (64 hex digits)")
+
+
+def _file_entry(entry: Any, key: str) -> None:
+    _expect(entry, dict, key)
+    _count(entry.get("bytes"), f"{key}.bytes")
+    _sha256(entry.get("sha256"), f"{key}.sha256")
+
+
+# -- state as JSON + tensors: nothing in it can run code when read --------------------------------
+def to_plain(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able form of optimizer/job state; tensors (and numpy arrays, e.g. RandomState's) move into
+    `tensors` and are referred to by key."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"$tensor": key}
+    if isinstance(value, np.ndarray):
+        key = f"t{len(tensors)}"
+        wide = np.int64 if value.dtype.kind in "iub" else np.float64
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(value.astype(wide)))
+        return {"$ndarray": key, "dtype": value.dtype.str}
+    if isinstance(value, tuple):
+        return {"$tuple": [to_plain(v, tensors) for v in value]}
+    if isinstance(value, (list, deque)):
+        return [to_plain(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("$") for k in value):
+            return {k: to_plain(v, tensors) for k, v in value.items()}
+        return {"$items": [[to_plain(k, tensors), to_plain(v, tensors)] for k, v in value.items()]}
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint")
+
+
+def from_plain(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [from_plain(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "$tensor" in value:
+        return tensors[value["$tensor"]]
+    if "$ndarray" in value:
+        return tensors[value["$ndarray"]].numpy().astype(np.dtype(value["dtype"]))
+    if "$tuple" in value:
+        return tuple(from_plain(v, tensors) for v in value["$tuple"])
+    if "$items" in value:
+        return {_hashable(from_plain(k, tensors)): from_plain(v, tensors) for k, v in value["$items"]}
+    return {k: from_plain(v, tensors) for k, v in value.items()}
+
+
+def _hashable(key):
+    return tuple(key) if isinstance(key, list) else key

@@ -9,7 +9,9 @@ failed (bad data found at start-up included: metrics.json says why), or a folder
 (read-only, disk full); 2 bad input refused before any run started (an unknown name, a config value, an
 override Hydra cannot apply); 130 interrupted. In a multirun a failed job is recorded and reported, the
 sweep goes on with the next job, and the sweep exits 1 once all jobs are done if any of them failed.
-Every error is one line on stderr (HYDRA_FULL_ERROR=1 shows Hydra's own traceback instead).
+Every error is one line on stderr (HYDRA_FULL_ERROR=1 shows Hydra's own traceback instead): the mapping from
+an exception to its line and exit status is zobench/failures.py's, shared with the other console commands.
+The command line is this module's (resume=, the run folder's name); the folder's rules are run_dir.py's.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import Interrupted, ZobenchError
+from .errors import ZobenchError
+from .failures import INTERRUPTED, Failure, classify, command, say
+
 
 def _say(message: str) -> None:
-    one_line = " ".join(message.split())  # an exception's message may span lines: the console gets one
-    print(f"zobench: {one_line}", file=sys.stderr, flush=True)
+    say("zobench", message)
 
 
 def _job(cfg) -> str:
@@ -40,35 +43,21 @@ def _job(cfg) -> str:
         check_target(cfg.optimizer.get("_target_"))  # zobench's own classes only, however the config was made
         validate(cfg)  # before anything is written or loaded: a bad value names its key
     except ZobenchError as error:
-        if in_sweep:
-            _say(f"error: {error} [job {hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)}]")
-            return "failed"
-        _say(f"error: {error}")
-        sys.exit(2)
+        where = f" [job {hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)}]" if in_sweep else ""
+        return _job_ended(classify(error, refused=(ZobenchError,)), where, in_sweep)
     if in_sweep and _holds_completed_run(run_dir):
         # a re-run sweep (same hydra.sweep.dir) finishes what a kill left: a job done before is counted, not failed
         print(f"completed before: results in {run_dir} (not run again)", flush=True)
         return "completed"
     try:
         metrics = run(cfg, run_dir, overrides=list(hydra_cfg.overrides.task))
-    except (KeyboardInterrupt, Interrupted):
-        _say(f"interrupted; what was done is recorded in {run_dir}")
-        sys.exit(130)
-    except ZobenchError as error:
-        _say(f"error: {error} [run directory: {run_dir}]")
-        if in_sweep:
-            return "failed"
-        sys.exit(1)
-    except OSError as error:  # a read-only folder, a full disk
-        _say(f"error: {os_error_line(error)} [run directory: {run_dir}]")
-        if in_sweep:
-            return "failed"
-        sys.exit(1)
-    except Exception as error:  # a bug or an environment problem: the traceback is in zobench.log
-        _say(f"failed: {type(error).__name__}: {error} [traceback in {run_dir}/zobench.log]")
-        if in_sweep:
-            return "failed"
-        sys.exit(1)
+    except (KeyboardInterrupt, Exception) as error:
+        failure = classify(error)
+        if failure.status == "interrupted":
+            _say(f"interrupted; what was done is recorded in {run_dir}")
+            sys.exit(INTERRUPTED)
+        where = f"traceback in {run_dir}/zobench.log" if failure.unexpected else f"run directory: {run_dir}"
+        return _job_ended(failure, f" [{where}]", in_sweep)
     value = metrics["test_metric"]
     shown = "n/a" if value is None else f"{value:.4f}"
     if metrics["status"] == "diverged":
@@ -76,6 +65,38 @@ def _job(cfg) -> str:
     else:
         print(f"{metrics['status']}: test {metrics['metric']} = {shown}; results in {run_dir}", flush=True)
     return metrics["status"]
+
+
+def _job_ended(failure: Failure, where: str, in_sweep: bool) -> str:
+    """One line; a sweep records the job as failed and goes on, a single run exits."""
+    _say(f"{failure.line}{where}")
+    if in_sweep:
+        return "failed"
+    sys.exit(failure.exit_code)
+
+
+def claim_named_run_dir(argv: list[str]) -> list[str]:
+    """The claim of a run's folder, before Hydra writes its .hydra/ and zobench.log there: the folder is
+    hydra.run.dir resolved as Hydra resolves it (any form: `++`, quoted, `${…}`, a resume's, the default), and
+    argv comes back with it pinned, so Hydra writes where the lock is. A name Hydra would misread is refused
+    here, the folder's own refusals are RunDir's (claim_for_hydra). The job's own claim reuses this one."""
+    from .configs import pin_run_dir, resolved_run_dir, resolved_sweep_dir, run_dir_override
+    from .run_dir import claim_for_hydra, refuse_odd_sweep_outputs
+
+    if any(arg.split("=")[0] in ("-c", "--cfg", "-h", "--help", "--hydra-help", "--info", "-i") for arg in argv):
+        return argv  # Hydra prints something and runs no job
+    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        sweep_dir = resolved_sweep_dir(overrides)  # each job claims its own folder
+        if sweep_dir is not None:
+            refuse_odd_sweep_outputs(sweep_dir)
+        return argv
+    path = resolved_run_dir(overrides)
+    if path is None:
+        return argv
+    run_dir_override(path)  # a newline in the name: refused before the folder exists
+    claim_for_hydra(path)  # held until the process ends: the job's claim is reentrant
+    return pin_run_dir(argv, path)
 
 
 def _override_value(arg: str) -> str:
@@ -123,24 +144,6 @@ def _expand_resume(argv: list[str]) -> list[str]:
     first = next((i for i, arg in enumerate(argv) if "=" in arg and not arg.startswith("-")), len(argv))
     rest = [arg for arg in argv[first:] if not arg.startswith("resume=")]
     return argv[:first] + original + rest + [run_dir_override(str(run_dir))]
-
-
-def os_error_line(error: OSError) -> str:
-    """'cannot write PATH: No space left on device' rather than a traceback."""
-    where = f" {error.filename}" if error.filename else ""
-    reason = error.strerror or str(error) or type(error).__name__
-    return f"cannot read or write{where}: {reason}"
-
-
-def _os_error_in(error: BaseException) -> OSError | None:
-    """The OSError behind an error (Hydra wraps a log file it cannot open in a ValueError)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
 
 
 class _SweepWatch:
@@ -195,56 +198,36 @@ def _job_status(job) -> str:
 
 
 def main() -> None:
-    import hydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from .configs import check_overrides, register_resolvers, register_tasks
-    from .paths import conf_dir
-    from .run_dir import claim_named_run_dir
-
-    try:
-        sys.argv[1:] = _expand_resume(sys.argv[1:])
-    except ZobenchError as error:
-        _say(f"error: {error}")
-        sys.exit(2)
-    overrides = [arg for arg in sys.argv[1:] if "=" in arg and not arg.startswith("-")]
-    try:
-        check_overrides(overrides)
-        register_resolvers()
-        register_tasks()
-        sys.argv[1:] = claim_named_run_dir(sys.argv[1:])  # the lock before Hydra writes .hydra/ and zobench.log
-    except ZobenchError as error:
-        _say(f"error: {error}")
-        sys.exit(2)
-    except OSError as error:  # a run folder that cannot be made (read-only, a file in the way, disk full)
-        _say(f"error: {os_error_line(error)}")
-        sys.exit(1)
+    """Two stages, each one line on an error: the command line (exit 2 for bad input, 1 for a run folder that
+    cannot be made), then Hydra's run or sweep (HYDRA_FULL_ERROR=1 shows its traceback instead)."""
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing a traceback: we say one line
-    try:
-        with _SweepWatch() as sweep:
-            hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_job)()
-    except KeyboardInterrupt:  # outside a job (a job records and says its own)
-        _say("interrupted")
-        sys.exit(130)
-    except Exception as error:
-        if full_error:
-            raise
-        os_error = _os_error_in(error)
-        if os_error is not None:
-            _say(f"error: {os_error_line(os_error)}")
-            sys.exit(1)
-        if type(error).__name__ == "TerminatedWorkerError":  # joblib's: one call for all jobs, it ends them all
-            _say("failed: a sweep worker died (killed, or out of memory), and joblib stops the whole sweep with it; "
-                 "the jobs that ended have their metrics.json: run the same command with hydra.sweep.dir=<this "
-                 "sweep's folder> to finish the others (completed ones are not run again)")
-            sys.exit(1)
-        if isinstance(error, (HydraException, OmegaConfBaseException, ZobenchError)):
-            _say(f"error: {' '.join(str(error).split()) or type(error).__name__}")  # Hydra's hints on one line
-            sys.exit(2)
-        _say(f"failed: {type(error).__name__}: {' '.join(str(error).split())}")
-        sys.exit(1)
+    code = command("zobench", _prepare_command_line, refused=(ZobenchError,))
+    if code == 0:
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing a traceback: we say one line
+        code = command("zobench", _hydra_main, refused=(ZobenchError,), wrapped=True, traceback=full_error)
+    if code:
+        sys.exit(code)
+
+
+def _prepare_command_line() -> None:
+    """sys.argv as Hydra should see it: a resume expanded, the overrides checked, the run folder claimed."""
+    from .configs import check_overrides, register_resolvers, register_tasks
+
+    sys.argv[1:] = _expand_resume(sys.argv[1:])
+    overrides = [arg for arg in sys.argv[1:] if "=" in arg and not arg.startswith("-")]
+    check_overrides(overrides)
+    register_resolvers()
+    register_tasks()
+    sys.argv[1:] = claim_named_run_dir(sys.argv[1:])  # the lock before Hydra writes .hydra/ and zobench.log
+
+
+def _hydra_main() -> None:
+    import hydra
+
+    from .paths import conf_dir
+
+    with _SweepWatch() as sweep:
+        hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_job)()
     if sweep.failed:
         _say(f"{sweep.failed} of {len(sweep.statuses)} jobs failed "
              f"(their errors are above; a job that started has its metrics.json)")

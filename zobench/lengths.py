@@ -99,28 +99,21 @@ def _split_arguments(args: list[str]) -> tuple[list[str], int | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     from .configs import compose
+    from .failures import command
 
     args = sys.argv[1:] if argv is None else list(argv)
     if any(arg in ("-h", "--help") for arg in args):
         print(__doc__)
         return
-    try:
-        overrides, l_t = _split_arguments(args)
-        report = length_report(compose(overrides), l_t)
-    except (ZobenchError, HydraException, OmegaConfBaseException) as error:
-        message = " ".join(str(error).split()) or type(error).__name__  # one line, Hydra's hints included
-        print(f"zobench-lengths: error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except OSError as error:  # an unreadable file, a tokenizer cache on a full or read-only disk
-        from .cli import os_error_line
 
-        print(f"zobench-lengths: error: {os_error_line(error)}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    print(report, flush=True)
+    def body() -> None:
+        overrides, l_t = _split_arguments(args)
+        print(length_report(compose(overrides), l_t), flush=True)
+
+    code = command("zobench-lengths", body, refused=(ZobenchError,))  # bad input 2, a file it cannot read 1
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

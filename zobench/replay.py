@@ -116,7 +116,7 @@ def write_new_folder(out: Path, write) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import ZobenchError
+    from .failures import command
 
     parser = argparse.ArgumentParser(prog="zobench-replay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,21 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="replay steps 1..STEP (default: the tested step)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/model-step-STEP)")
     args = parser.parse_args(argv)
-    try:
-        out = replay_run(args.run_dir, args.step, args.out)
-    except ZobenchError as error:
-        print(f"zobench-replay: error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # a read-only or full output folder
-        from .cli import os_error_line
 
-        print(f"zobench-replay: error: {os_error_line(error)}", file=sys.stderr)
-        return 1
-    except Exception as error:  # a bug or an environment problem: one line, not a traceback
-        print(f"zobench-replay: failed: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
-    print(f"fine-tuned weights written to {out}")
-    return 0
+    def body() -> None:
+        out = replay_run(args.run_dir, args.step, args.out)
+        print(f"fine-tuned weights written to {out}")
+
+    return command("zobench-replay", body)  # any error: one line, exit 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The run directory: the one object that owns a run's folder and the rules for what is in it.
+"""The run directory: the one object that owns a run's folder and the rules for what is in it: ownership, the
+lock and atomic I/O, an API on paths (the command line is the CLI's; the checkpoint's format is checkpoint.py's).
 
 - Recognised by its marker `.zobench-run`, the first file zobench writes into a folder. zobench writes only
   into a folder that holds its marker, or that is new or empty (Hydra's own `.hydra/` and `zobench.log`
@@ -7,12 +8,13 @@
   whole lifetime; a second process (a second command on the same `hydra.run.dir`, a resume of a live run)
   is refused with one line. The kernel drops the lock when its process dies, so a killed run's directory
   is never blocked.
-- Atomic writes: whole files are written beside their target and renamed over it; appended records
+- Atomic writes: whole files are written beside their target and renamed over it (`atomic_write`, the one
+  writer of whole files); appended records
   (log.jsonl, trajectory.jsonl) are counted and hashed as they are written, so a checkpoint pins the
   exact bytes it goes with; a checkpoint is a folder written in full, then swapped in by renames
   (`checkpoint.next` -> `checkpoint`, the old one kept as `checkpoint.old` until the swap is done).
-- Nothing is loaded in a way that can run code: state is JSON beside safetensors (`to_plain`/`from_plain`),
-  never a pickle.
+- Nothing is loaded in a way that can run code: state is JSON beside safetensors (checkpoint.py's
+  `to_plain`/`from_plain`), never a pickle.
 - Fingerprints of the config and the data sample go into every checkpoint; a resume that does not match
   them, or whose records were edited, truncated or deleted since, is refused.
 - Every file is tied to its run: the marker holds a random run id, written into every checkpoint manifest
@@ -34,12 +36,8 @@ import secrets
 import shutil
 import stat
 import tempfile
-from collections import deque
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import Any, Callable
 
 from . import __version__, safe_files
 from .errors import ZobenchError
@@ -50,11 +48,9 @@ OVERRIDES = "overrides.yaml"  # the command line that started the run, for `zobe
 HYDRA_OUTPUTS = frozenset({".hydra", "zobench.log"})  # written by Hydra before our job starts
 CHECKPOINT, NEXT, OLD = "checkpoint", "checkpoint.next", "checkpoint.old"
 MANIFEST = "state.json"  # written last inside a checkpoint folder: its presence means "complete"
-STATE_TENSORS = "state.safetensors"
-WEIGHTS = "weights.safetensors"
-CHECKPOINT_FORMAT = 2  # 2: every file's SHA-256 and the run id recorded (1 had sizes only)
 ATTEMPTS = "attempts"  # records of earlier attempts that ended before their first checkpoint
 HASH_CHUNK = 16 << 20  # checkpoint files are tens of GB for real models: hashed as a stream
+HEX_DIGITS = frozenset("0123456789abcdef")  # of run ids and SHA-256s
 
 _held: dict[Path, list] = {}  # locks this process holds: resolved path -> [fd, claims, run id]
 
@@ -123,8 +119,6 @@ class RunDir:
     def _clean_partial_writes(self) -> None:
         """What a killed or failed write left: temp files, a half-written model or checkpoint folder. A link
         under one of these names is not zobench's: refused, never followed (rmtree, rename, glob into it)."""
-        from .safe_files import refuse_link
-
         for name in (CHECKPOINT, NEXT, OLD, "model.partial"):
             refuse_link(self.path / name)
         for tmp in list(self.path.glob("*.tmp")) + list(self.path.glob(".*.tmp")):
@@ -177,7 +171,7 @@ class RunDir:
             if (self.path / name).is_file() and not (self.path / name).is_symlink():
                 shutil.copyfile(self.path / name, folder / name)
         (self.path / "best_weights.safetensors").unlink(missing_ok=True)  # the abandoned attempt's
-        _sync_dir(self.path)
+        sync_dir(self.path)
         return f"{ATTEMPTS}/{number}"
 
     def provenance(self) -> dict[str, Any]:
@@ -215,8 +209,6 @@ class RunDir:
     def read_json(self, name: str) -> dict[str, Any] | None:
         """A JSON object of the folder (metrics.json), read by safe_files' rules: a regular file, size and
         depth limits; None if there is none."""
-        from . import safe_files
-
         path = self.path / name
         try:
             data = safe_files.read_json(path)
@@ -231,8 +223,6 @@ class RunDir:
     def save_folder(self, name: str, write) -> Path:
         """A folder written in full as NAME.partial by `write(folder)`, then renamed to NAME. An earlier
         NAME of this same unfinished run (it failed after saving) is replaced."""
-        from .safe_files import refuse_link
-
         target, partial = self.path / name, self.path / f"{name}.partial"
         refuse_link(target)  # rmtree and rename would act on the link's folder, save_pretrained write into it
         refuse_link(partial)
@@ -282,29 +272,20 @@ class RunDir:
                                f"({'the data files were edited' if what == 'data' else 'edited'}): "
                                f"resuming would mix two runs; start a new run")
 
-    # -- the checkpoint ------------------------------------------------------------------------
-    def save_checkpoint(self, step: int, state: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Write a whole checkpoint into checkpoint.next, then swap it in: a kill at any point leaves one
-        complete checkpoint, old or new (see _clean_partial_writes). Each file's size and SHA-256 and the
-        run id go into the manifest (and the run id and step into each file's own metadata)."""
-        from safetensors.torch import save_file
-
+    # -- the checkpoint folder: swapped in whole (its format is checkpoint.py's) ------------------------
+    def swap_in_checkpoint(self, write) -> None:
+        """`write(folder)` fills checkpoint.next (MANIFEST last), which is then swapped in: a kill at any point
+        leaves one complete checkpoint, old or new (see _clean_partial_writes)."""
         current, new, old = self.path / CHECKPOINT, self.path / NEXT, self.path / OLD
         shutil.rmtree(new, ignore_errors=True)
         try:
             new.mkdir()
-            files = {}
-            for name, named in tensors.items():
-                save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(new / name),
-                          metadata=self.file_metadata(step))
-                files[name] = {"bytes": (new / name).stat().st_size, "sha256": file_sha256(new / name)}
-            _write_synced(new / MANIFEST, json.dumps({"format": CHECKPOINT_FORMAT, "run_id": self.run_id,
-                                                      "step": step, "files": files, "state": state}) + "\n")
-            _sync_dir(new)
+            write(new)
+            sync_dir(new)
             if current.exists():
                 current.rename(old)
             new.rename(current)
-            _sync_dir(self.path)
+            sync_dir(self.path)
             shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)
@@ -331,148 +312,6 @@ class RunDir:
                                f"cannot resume from a mixed checkpoint")
         return saved_step
 
-    def load_checkpoint(self) -> tuple[dict[str, Any], dict[str, Path]] | None:
-        """(state, {file name: path}) of the checkpoint, each file checked against the manifest (size,
-        SHA-256, run id, step); None if there is none."""
-        folder = self.path / CHECKPOINT
-        if (folder / "state.pt").exists() and not (folder / MANIFEST).exists():
-            raise ZobenchError(f"{folder / 'state.pt'} is a checkpoint of an older zobench (a pickle, which "
-                               f"zobench never loads: it could run code); start a new run")
-        manifest_path = folder / MANIFEST
-        if not manifest_path.exists() and not manifest_path.is_symlink():
-            return None
-        step, files, state = check_manifest(safe_files.read_json(manifest_path), manifest_path, self.run_id)
-        paths = {}
-        for name, expected in files.items():
-            path = folder / name
-            size = path.stat().st_size if path.exists() else -1
-            if size != expected["bytes"]:
-                raise ZobenchError(f"{path} is {'missing' if size < 0 else 'truncated or replaced'} "
-                                   f"(expected {expected['bytes']} bytes): cannot resume")
-            if file_sha256(path) != expected["sha256"]:
-                raise ZobenchError(f"{path} does not match the SHA-256 its checkpoint recorded: the file is "
-                                   f"corrupt or was modified; cannot resume")
-            self.check_own_file(path, step)
-            paths[name] = path
-        self.saved_fingerprints = state.get("fingerprints")
-        return state, paths
-
-
-# -- the checkpoint manifest's shape: a crafted state.json is one line, not an OverflowError later ---------
-_SHA256 = frozenset("0123456789abcdef")
-_MAX_COUNT = 10 ** 18  # steps, bytes, passes, tokens: far above any real run, far below float trouble
-_COUNTS = ("steps", "forward_passes", "backward_passes", "tokens", "eval_forward_passes")
-
-
-class _Bad(ValueError):
-    """A manifest value of the wrong shape: (its key, what it should be)."""
-
-
-def check_manifest(manifest: Any, path: Path, run_id: str | None) -> tuple[int, dict[str, dict], dict[str, Any]]:
-    """(step, files, state) of a checkpoint's state.json once every value zobench uses is of its type and
-    range; anything else is refused in one line naming the key."""
-    try:
-        _expect(manifest, dict, "the file")
-        if manifest.get("format") == 1:
-            raise ZobenchError(f"{path} is a checkpoint of an older zobench (no file hashes, no run id): it "
-                               f"cannot be checked; start a new run")
-        if manifest.get("format") != CHECKPOINT_FORMAT or isinstance(manifest.get("format"), bool):
-            raise _Bad("format", f"{CHECKPOINT_FORMAT}")
-        step = _count(manifest.get("step"), "step")
-        files = _expect(manifest.get("files"), dict, "files")
-        if STATE_TENSORS not in files or not set(files) <= {STATE_TENSORS, WEIGHTS}:
-            raise _Bad("files", f"{STATE_TENSORS} and at most {WEIGHTS}")
-        for name, entry in files.items():
-            _file_entry(entry, f"files.{name}")
-        state = _expect(manifest.get("state"), dict, "state")
-        if state.get("step") != step or isinstance(state.get("step"), bool):
-            raise _Bad("state.step", f"the manifest's step {step}")
-        if state.get("mode") not in ("weights", "trajectory"):
-            raise _Bad("state.mode", "'weights' or 'trajectory'")
-        if (state["mode"] == "weights") != (WEIGHTS in files):
-            raise _Bad("files", f"{WEIGHTS} exactly when state.mode is 'weights'")
-        for name, entry in _expect(state.get("records"), dict, "state.records").items():
-            if name not in ("log.jsonl", "trajectory.jsonl"):
-                raise _Bad(f"state.records.{name}", "log.jsonl or trajectory.jsonl")
-            _file_entry(entry, f"state.records.{name}")
-        for name, digest in _expect(state.get("fingerprints"), dict, "state.fingerprints").items():
-            _sha256(digest, f"state.fingerprints.{name}")
-        rng = _expect(state.get("torch_rng"), dict, "state.torch_rng")
-        _expect(rng.get("$tensor"), str, "state.torch_rng")
-        _expect(state.get("optimizer"), dict, "state.optimizer")
-        _check_job(_expect(state.get("job"), dict, "state.job"))
-    except _Bad as bad:
-        key, should = bad.args
-        raise ZobenchError(f"{path} is not a checkpoint zobench wrote: {key} must be {should}; cannot "
-                           f"resume") from None
-    if manifest.get("run_id") != run_id:
-        raise ZobenchError(f"{path} belongs to another run (run id {str(manifest.get('run_id'))[:40]!r}, this run "
-                           f"{run_id}, see {path.parent.parent / MARKER}): zobench does not resume from another "
-                           f"run's checkpoint; remove it or start a new run")
-    return step, files, state
-
-
-def _check_job(job: dict[str, Any]) -> None:
-    metrics = _expect(job.get("metrics"), dict, "state.job.metrics")
-    for key in _COUNTS:
-        _count(metrics.get(key), f"state.job.metrics.{key}")
-    if metrics.get("best_step") is not None:
-        _count(metrics["best_step"], "state.job.metrics.best_step")
-    counter = _expect(job.get("counter"), dict, "state.job.counter")
-    if set(counter) != {"forward_passes", "backward_passes", "tokens"}:  # zobench.objective.PassCounter's
-        raise _Bad("state.job.counter", "an object of forward_passes, backward_passes and tokens")
-    for key, value in counter.items():
-        _count(value, f"state.job.counter.{key}")
-    _count(job.get("eval_tokens"), "state.job.eval_tokens")
-    _number(job.get("best_score"), "state.job.best_score", finite=False)
-    seconds = _expect(job.get("seconds"), dict, "state.job.seconds")
-    for key in ("total", "train"):
-        _number(seconds.get(key), f"state.job.seconds.{key}")
-    for index, loss in enumerate(_expect(job.get("recent_losses"), list, "state.job.recent_losses")):
-        _number(loss, f"state.job.recent_losses[{index}]")
-    if job.get("early_stop"):  # zobench.early_stopping.EarlyStopping.state_dict()
-        stop = _expect(job["early_stop"], dict, "state.job.early_stop")
-        _count(stop.get("bad_evaluations"), "state.job.early_stop.bad_evaluations")
-        for key in ("best_step", "stopped_at"):
-            if stop.get(key) is not None:
-                _count(stop[key], f"state.job.early_stop.{key}")
-        if stop.get("best") is not None:
-            _number(stop["best"], "state.job.early_stop.best", finite=False)
-    best = job.get("best_weights")
-    if best is not None:
-        _expect(best, dict, "state.job.best_weights")
-        _count(best.get("step"), "state.job.best_weights.step")
-        _sha256(best.get("sha256"), "state.job.best_weights.sha256")
-
-
-def _expect(value: Any, kind: type, key: str) -> Any:
-    if not isinstance(value, kind):
-        raise _Bad(key, {dict: "an object", list: "a list", str: "a string"}.get(kind, kind.__name__))
-    return value
-
-
-def _count(value: Any, key: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_COUNT:
-        raise _Bad(key, f"an integer from 0 to {_MAX_COUNT:.0e}")
-    return value
-
-
-def _number(value: Any, key: str, finite: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or \
-            (finite and not math.isfinite(value)):
-        raise _Bad(key, "a finite number" if finite else "a number")
-
-
-def _sha256(value: Any, key: str) -> None:
-    if not (isinstance(value, str) and len(value) == 64 and set(value) <= _SHA256):
-        raise _Bad(key, "a SHA-256 (64 hex digits)")
-
-
-def _file_entry(entry: Any, key: str) -> None:
-    _expect(entry, dict, key)
-    _count(entry.get("bytes"), f"{key}.bytes")
-    _sha256(entry.get("sha256"), f"{key}.sha256")
-
 
 def _marker_run_id(fd: int, marker: Path) -> str:
     """The run id in the marker; a new marker (or an older zobench's, without one) gets a random one."""
@@ -486,7 +325,7 @@ def _marker_run_id(fd: int, marker: Path) -> str:
         except (ZobenchError, UnicodeDecodeError):
             note = None
     run_id = note.get("run_id") if isinstance(note, dict) else None
-    if isinstance(run_id, str) and len(run_id) == 32 and set(run_id) <= _SHA256:
+    if isinstance(run_id, str) and len(run_id) == 32 and set(run_id) <= HEX_DIGITS:
         return run_id
     run_id = secrets.token_hex(16)
     created = note.get("created_at") if isinstance(note, dict) and isinstance(note.get("created_at"), str) else now()
@@ -499,50 +338,37 @@ def _marker_run_id(fd: int, marker: Path) -> str:
     return run_id
 
 
-def claim_named_run_dir(argv: list[str]) -> list[str]:
-    """The CLI's claim of a run's folder, before Hydra writes its .hydra/ and zobench.log there: the folder is
-    hydra.run.dir resolved as Hydra resolves it (any form: `++`, quoted, `${…}`, a resume's, the default), and
-    argv comes back with it pinned, so Hydra writes where the lock is. Refused here, before anything is
-    written or created: a name Hydra would misread, a link or odd file where Hydra writes, a foreign or live
-    folder, a completed run. The job's own claim reuses this one."""
-    from .configs import pin_run_dir, resolved_run_dir, resolved_sweep_dir, run_dir_override
-    from .safe_files import read_json, refuse_link
-
-    if any(arg.split("=")[0] in ("-c", "--cfg", "-h", "--help", "--hydra-help", "--info", "-i") for arg in argv):
-        return argv  # Hydra prints something and runs no job
-    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
-    if any(arg in ("-m", "--multirun") for arg in argv):
-        # Each job claims its own folder, but Hydra writes multirun.yaml, a job's .hydra/ and zobench.log before
-        # the job starts: in a sweep run again into its folder, none of them may be a link.
-        sweep_dir = resolved_sweep_dir(overrides)
-        if sweep_dir is not None and sweep_dir.is_dir() and not sweep_dir.is_symlink():
-            refuse_link(sweep_dir / "multirun.yaml")
-            for job_dir in sorted(sweep_dir.iterdir()):
-                refuse_link(job_dir)
-                if job_dir.is_dir():
-                    _refuse_odd_hydra_outputs(job_dir)
-        return argv
-    path = resolved_run_dir(overrides)
-    if path is None:
-        return argv
-    run_dir_override(path)  # a newline in the name: refused before the folder exists
+def claim_for_hydra(path: str | Path) -> RunDir:
+    """Claim a run's folder before Hydra writes its .hydra/ and zobench.log there (the CLI's claim; the
+    job's own reuses it). Refused before anything is written or created: a link or odd file where Hydra
+    writes, a foreign or live folder, a completed run."""
     _refuse_odd_hydra_outputs(Path(path))
     directory = RunDir(path).claim()
     try:
-        metrics = read_json(directory.path / "metrics.json") if (directory.path / "metrics.json").exists() else None
+        metrics_path = directory.path / "metrics.json"
+        metrics = safe_files.read_json(metrics_path) if metrics_path.exists() else None
         if isinstance(metrics, dict) and metrics.get("status") == "completed":
             raise ZobenchError(f"{path} already holds a completed run; zobench never overwrites results "
                                f"(its .hydra/ included): choose a new hydra.run.dir")
     except BaseException:
         directory.release()
         raise
-    return pin_run_dir(argv, path)
+    return directory
+
+
+def refuse_odd_sweep_outputs(sweep_dir: Path) -> None:
+    """Hydra writes multirun.yaml, a job's .hydra/ and zobench.log before the job claims its folder: in a
+    sweep run again into its folder, none of them may be a link."""
+    if sweep_dir.is_dir() and not sweep_dir.is_symlink():
+        refuse_link(sweep_dir / "multirun.yaml")
+        for job_dir in sorted(sweep_dir.iterdir()):
+            refuse_link(job_dir)
+            if job_dir.is_dir():
+                _refuse_odd_hydra_outputs(job_dir)
 
 
 def _refuse_odd_hydra_outputs(path: Path) -> None:
     """Hydra appends to zobench.log and rewrites .hydra/*.yaml following links: each must be what Hydra made."""
-    from .safe_files import refuse_link
-
     hydra_dir = path / ".hydra"
     inside = sorted(hydra_dir.iterdir()) if hydra_dir.is_dir() and not hydra_dir.is_symlink() else []
     for item in [path / "zobench.log", hydra_dir, *inside]:
@@ -559,8 +385,6 @@ class RecordFile:
     FIFO or device; what a resumed run's file already holds is hashed through that same descriptor."""
 
     def __init__(self, path: Path):
-        from . import safe_files
-
         self.path = Path(path)
         self._hash = hashlib.sha256()
         self.bytes = 0
@@ -592,71 +416,31 @@ class RecordFile:
         self._handle.close()
 
 
-# -- state as JSON + tensors: nothing in it can run code when read --------------------------------
-def to_plain(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """JSON-able form of optimizer/job state; tensors (and numpy arrays, e.g. RandomState's) move into
-    `tensors` and are referred to by key."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, (int, float)):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, torch.Tensor):
-        key = f"t{len(tensors)}"
-        tensors[key] = value.detach().cpu().contiguous()
-        return {"$tensor": key}
-    if isinstance(value, np.ndarray):
-        key = f"t{len(tensors)}"
-        wide = np.int64 if value.dtype.kind in "iub" else np.float64
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(value.astype(wide)))
-        return {"$ndarray": key, "dtype": value.dtype.str}
-    if isinstance(value, tuple):
-        return {"$tuple": [to_plain(v, tensors) for v in value]}
-    if isinstance(value, (list, deque)):
-        return [to_plain(v, tensors) for v in value]
-    if isinstance(value, dict):
-        if all(isinstance(k, str) and not k.startswith("$") for k in value):
-            return {k: to_plain(v, tensors) for k, v in value.items()}
-        return {"$items": [[to_plain(k, tensors), to_plain(v, tensors)] for k, v in value.items()]}
-    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint")
-
-
-def from_plain(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(value, list):
-        return [from_plain(v, tensors) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if "$tensor" in value:
-        return tensors[value["$tensor"]]
-    if "$ndarray" in value:
-        return tensors[value["$ndarray"]].numpy().astype(np.dtype(value["dtype"]))
-    if "$tuple" in value:
-        return tuple(from_plain(v, tensors) for v in value["$tuple"])
-    if "$items" in value:
-        return {_hashable(from_plain(k, tensors)): from_plain(v, tensors) for k, v in value["$items"]}
-    return {k: from_plain(v, tensors) for k, v in value.items()}
-
-
-# -- atomic whole-file writes ------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over the target. A target that is a link is
-    refused (the rename would replace the link, but a link there is not zobench's)."""
+# -- atomic whole-file writes: the one writer ------------------------------------------------------
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temp file in the target's folder, which is synced and renamed over the target: a
+    kill leaves the old file or the new one, never half of one. A target that is a link is refused (the rename
+    would replace the link, but a link there is not zobench's)."""
     path = Path(path)
-    from .safe_files import refuse_link
-
     refuse_link(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from colleagues on a shared server
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from colleagues on a shared server
+        _fsync(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+
+    atomic_write(path, write)
 
 
 def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
@@ -676,19 +460,17 @@ def jsonable(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _sync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sync_dir(path: Path) -> None:
+    """A folder's entries (a rename in it) on disk."""
+    _fsync(path)
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
@@ -728,10 +510,6 @@ def file_sha256(path: Path, length: int | None = None) -> str:
 
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _hashable(key):
-    return tuple(key) if isinstance(key, list) else key
 
 
 # Files a run directory's writer creates; none of them may be a link into somewhere else.

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import ZobenchError
+from ..failures import command
 from .build import build_report
 from .references import default_reference_dir
 from .speed import BASELINE
@@ -26,6 +26,11 @@ from .speed import BASELINE
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # an output folder that is a link, read-only or full: 1; a malformed reference CSV (a ValueError): 2
+    return command("zobench-report", lambda: _report(args), refused=(ValueError,))
+
+
+def _report(args: argparse.Namespace) -> int:
     missing = [path for path in args.paths if not Path(path).exists()]
     if missing:
         print(f"zobench-report: no such folder: {', '.join(missing)}", file=sys.stderr)
@@ -34,20 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     reference_dir = Path(args.reference) if args.reference else default_reference_dir()
     if args.no_reference:
         reference_dir = None
-    try:
-        report = build_report(args.paths, out_dir, reference_dir, plots=not args.no_plots,
-                              speed_baseline=args.speed_baseline, speed_target=args.speed_target)
-    except ZobenchError as error:  # an output folder or file that is a link, a FIFO
-        print(f"zobench-report: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
-    except OSError as error:  # a read-only or full output folder
-        from ..cli import os_error_line  # torch-free, as the report must stay
-
-        print(f"zobench-report: error: {os_error_line(error)}", file=sys.stderr)
-        return 1
-    except ValueError as error:  # e.g. a reference CSV without the expected columns
-        print(f"zobench-report: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+    report = build_report(args.paths, out_dir, reference_dir, plots=not args.no_plots,
+                          speed_baseline=args.speed_baseline, speed_target=args.speed_target)
     if report.runs == 0:
         print(f"zobench-report: no runs (metrics.json) under {', '.join(args.paths)}", file=sys.stderr)
         return 1
