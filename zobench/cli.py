@@ -36,6 +36,9 @@ def _job(cfg) -> str:
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    tag = f"[job {hydra_cfg.job.num}] " if in_sweep else ""  # parallel jobs' lines interleave: each says whose
+    if in_sweep:
+        _tag_console(tag)
     try:
         check_target(cfg.optimizer.get("_target_"))  # zobench's own classes only, however the config was made
         validate(cfg)  # before anything is written or loaded: a bad value names its key
@@ -47,35 +50,56 @@ def _job(cfg) -> str:
         sys.exit(2)
     if in_sweep and _holds_completed_run(run_dir):
         # a re-run sweep (same hydra.sweep.dir) finishes what a kill left: a job done before is counted, not failed
-        print(f"completed before: results in {run_dir} (not run again)", flush=True)
+        print(f"{tag}completed before: results in {run_dir} (not run again)", flush=True)
         return "completed"
     try:
         metrics = run(cfg, run_dir, overrides=list(hydra_cfg.overrides.task))
     except (KeyboardInterrupt, Interrupted):
-        _say(f"interrupted; what was done is recorded in {run_dir}")
+        _say(f"{tag}interrupted; what was done is recorded in {run_dir}; to go on from its last checkpoint: "
+             f"{_resume_command(run_dir, in_sweep)}")
         sys.exit(130)
     except ZobenchError as error:
-        _say(f"error: {error} [run directory: {run_dir}]")
+        _say(f"{tag}error: {error} [run directory: {run_dir}]")
         if in_sweep:
             return "failed"
         sys.exit(1)
     except OSError as error:  # a read-only folder, a full disk
-        _say(f"error: {os_error_line(error)} [run directory: {run_dir}]")
+        _say(f"{tag}error: {os_error_line(error)} [run directory: {run_dir}]")
         if in_sweep:
             return "failed"
         sys.exit(1)
     except Exception as error:  # a bug or an environment problem: the traceback is in zobench.log
-        _say(f"failed: {type(error).__name__}: {error} [traceback in {run_dir}/zobench.log]")
+        _say(f"{tag}failed: {type(error).__name__}: {error} [traceback in {run_dir}/zobench.log]")
         if in_sweep:
             return "failed"
         sys.exit(1)
     value = metrics["test_metric"]
     shown = "n/a" if value is None else f"{value:.4f}"
     if metrics["status"] == "diverged":
-        print(f"diverged: {metrics['error']}; results in {run_dir}", flush=True)
+        # metrics.json says "diverged at step 2: ..." (its error field stands alone): not "diverged: diverged at"
+        reason = str(metrics.get("error") or "").removeprefix("diverged").strip()
+        print(f"{tag}diverged{' ' + reason if reason else ''}; results in {run_dir}", flush=True)
     else:
-        print(f"{metrics['status']}: test {metrics['metric']} = {shown}; results in {run_dir}", flush=True)
+        print(f"{tag}{metrics['status']}: test {metrics['metric']} = {shown}; results in {run_dir}", flush=True)
     return metrics["status"]
+
+
+def _tag_console(tag: str) -> None:
+    """Prefix this job's console log lines with its job number (the file log, zobench.log, is the job's own)."""
+    import logging
+
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler and handler.formatter is not None:
+            handler.setFormatter(logging.Formatter(tag.replace("%", "%%") + handler.formatter._fmt))
+
+
+def _resume_command(run_dir: str, in_sweep: bool) -> str:
+    """What to type to go on: one run resumes from its folder, a sweep by running its command again."""
+    import shlex
+
+    if in_sweep:
+        return f"run the same command again with hydra.sweep.dir={shlex.quote(str(Path(run_dir).parent))}"
+    return f"zobench resume={shlex.quote(run_dir)}"
 
 
 def _override_value(arg: str) -> str:
@@ -150,6 +174,7 @@ class _SweepWatch:
 
     def __init__(self):
         self.statuses: list[str] = []
+        self.folders: list[str | None] = []  # each job's sweep folder (the summary names it)
 
     def __enter__(self):
         try:
@@ -157,12 +182,13 @@ class _SweepWatch:
         except ImportError:  # another Hydra: the sweep still runs, its exit status is 0
             self._restore = lambda: None
             return self
-        original, statuses = Hydra.multirun, self.statuses
+        original, statuses, folders = Hydra.multirun, self.statuses, self.folders
 
         def multirun(hydra_self, *args, **kwargs):
             returns = original(hydra_self, *args, **kwargs)
             for job in _flatten(returns):
                 statuses.append(_job_status(job))
+                folders.append(_sweep_dir_of(job))
             return returns
 
         Hydra.multirun = multirun
@@ -172,6 +198,13 @@ class _SweepWatch:
     def __exit__(self, *exc):
         self._restore()
         return False
+
+    @property
+    def folder(self) -> str:
+        import shlex
+
+        folders = [folder for folder in self.folders if folder]
+        return shlex.quote(folders[0]) if folders else "<the sweep's folder>"
 
     @property
     def failed(self) -> int:
@@ -184,6 +217,13 @@ def _flatten(returns):
             yield from _flatten(item)
         else:
             yield item
+
+
+def _sweep_dir_of(job) -> str | None:
+    try:
+        return str(job.hydra_cfg.hydra.sweep.dir)
+    except Exception:  # another Hydra's JobReturn: the summary says "the sweep's folder"
+        return None
 
 
 def _job_status(job) -> str:
@@ -249,6 +289,11 @@ def main() -> None:
         _say(f"{sweep.failed} of {len(sweep.statuses)} jobs failed "
              f"(their errors are above; a job that started has its metrics.json)")
         sys.exit(1)
+    if sweep.statuses:  # a sweep that went well says so once, with what to do next
+        diverged = sweep.statuses.count("diverged")
+        print(f"sweep done: {len(sweep.statuses)} jobs, {len(sweep.statuses) - diverged} completed, "
+              f"{diverged} diverged; "
+              f"next: zobench-report {sweep.folder}", flush=True)
 
 
 if __name__ == "__main__":
