@@ -128,3 +128,20 @@ def test_random_init_without_a_tokenizer_says_how_to_run_offline(tmp_path):
                      f"hydra.run.dir={tmp_path / 'r'}", timeout=120)
     assert result.returncode == 1
     assert "model.tokenizer=byte" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_index_html_holds_every_table_and_plot_escaped(tmp_path):
+    """One page to read in a browser; a task name from a received metrics.json stays text, not markup."""
+    from zobench.report.cli import main
+
+    log = [{"event": "train", "step": 1, "loss": 1.0, "elapsed_s": 1, "forward_passes": 2},
+           {"event": "eval", "split": "dev", "step": 1, "metric": 0.5, "elapsed_s": 2, "train_s": 1,
+            "forward_passes": 2}]
+    _write_run(tmp_path / "runs" / "a", "mezo", log)
+    _write_run(tmp_path / "runs" / "b", "mezo", log, task="<script>x</script>")
+    assert main([str(tmp_path / "runs"), "-o", str(tmp_path / "out")]) == 0
+    page = (tmp_path / "out" / "index.html").read_text()
+    for name in ("accuracy", "selection", "comparison", "speed", "cost", "memory", "failures", "runs"):
+        assert f'id="{name}"' in page
+    assert '<img src="plots/sst2.png"' in page
+    assert "<script>" not in page and "&lt;script&gt;" in page

@@ -80,7 +80,7 @@ def line_style(index: int) -> dict:
 
 
 def plot_task(task: str, lines: dict[str, tuple[pd.DataFrame, pd.DataFrame]], path: Path,
-              subtitle: str = "") -> None:
+              subtitle: str = "", metric: str = "metric") -> None:
     figure = Figure(figsize=(16, 4.6), layout="constrained")
     loss_fp, loss_s, dev_fp = figure.subplots(1, 3)
     for index, (label, (train, dev)) in enumerate(lines.items()):
@@ -94,7 +94,8 @@ def plot_task(task: str, lines: dict[str, tuple[pd.DataFrame, pd.DataFrame]], pa
             dev_fp.plot(dev["forward_passes"], 100 * dev["metric"], **style)
     loss_fp.set(title="training loss", xlabel="forward passes (training)", ylabel="loss")
     loss_s.set(title="training loss", xlabel="training seconds (loading and evaluation excluded)", ylabel="loss")
-    dev_fp.set(title="dev metric", xlabel="forward passes (training)", ylabel="dev metric (%)")
+    metric = plain(metric)
+    dev_fp.set(title=f"dev {metric}", xlabel="forward passes (training)", ylabel=f"dev {metric} (%)")
     for axes in (loss_fp, loss_s, dev_fp):
         axes.grid(alpha=0.3)
     figure.suptitle(plain(task) + (f" — {plain(subtitle)}" if subtitle else ""))
@@ -135,7 +136,8 @@ def plot_all(selected: pd.DataFrame, out_dir: Path) -> list[Path]:
                 label = f"{row['model']} {optimizer}" if several_models else optimizer
                 lines[label] = curves(row["run_dirs"])
         path = output_file(out_dir, task, ".png")
-        plot_task(task, lines, path, subtitle=describe(rows))
+        metrics = rows["metric"].dropna()
+        plot_task(task, lines, path, subtitle=describe(rows), metric=metrics.iloc[0] if len(metrics) else "metric")
         written.append(path)
     return written
 
