@@ -145,3 +145,24 @@ def test_index_html_holds_every_table_and_plot_escaped(tmp_path):
         assert f'id="{name}"' in page
     assert '<img src="plots/sst2.png"' in page
     assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+def test_an_interrupted_run_prints_the_command_that_goes_on(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "zobench.cli", *QUICK, "train.steps=100000",
+                                "train.eval_interval=100000", f"hydra.run.dir={run_dir}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "log.jsonl").exists() or not (run_dir / "log.jsonl").read_text().strip():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    assert f"to go on from its last checkpoint: zobench resume={run_dir}" in process.stderr.read()
