@@ -166,3 +166,19 @@ def test_an_interrupted_run_prints_the_command_that_goes_on(tmp_path):
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == 130
     assert f"to go on from its last checkpoint: zobench resume={run_dir}" in process.stderr.read()
+
+
+def test_a_launcher_without_its_plugin_is_one_line_naming_the_extra(monkeypatch, capsys):
+    """Before: a raw ModuleNotFoundError from the job, or Hydra's "Could not load 'hydra/launcher/submitit_slurm'"
+    said as a file that cannot be read (exit 1)."""
+    import sys
+
+    from zobench.cli import main
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if the cluster extra were not installed
+    monkeypatch.setattr(sys, "argv", ["zobench", "-m", "hydra/launcher=slurm_gpu", *QUICK, "train.steps=1"])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hydra/launcher=slurm_gpu needs submitit" in err and "[cluster]" in err
