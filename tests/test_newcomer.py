@@ -182,3 +182,27 @@ def test_a_launcher_without_its_plugin_is_one_line_naming_the_extra(monkeypatch,
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "hydra/launcher=slurm_gpu needs submitit" in err and "[cluster]" in err
+
+
+def test_hub_warnings_reach_the_console_once():
+    """huggingface_hub's logger has a console handler of its own and propagates to the root logger, which holds
+    Hydra's console handler in a job: each retry warning was printed twice. announce() (before every hub call)
+    leaves the job's console alone to print it."""
+    import io
+    import logging
+
+    from zobench.hub import announce
+
+    root, hub_logger = logging.getLogger(), logging.getLogger("huggingface_hub")
+    job_console, hub_console = io.StringIO(), io.StringIO()
+    job_handler, own_handler = logging.StreamHandler(job_console), logging.StreamHandler(hub_console)
+    saved = list(hub_logger.handlers)
+    root.addHandler(job_handler)
+    hub_logger.addHandler(own_handler)  # as huggingface_hub does at import
+    try:
+        announce("the tokenizer x", "model.path=DIR")
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        assert (job_console.getvalue() + hub_console.getvalue()).count("Retrying in 1s") == 1
+    finally:
+        root.removeHandler(job_handler)
+        hub_logger.handlers[:] = saved
