@@ -3,7 +3,7 @@
     python benchmarks/numerics.py                          # opt-tiny, ZO optimizers, fp16 and bf16, CPU
     python benchmarks/numerics.py --only mezo,sgd,adam --model opt-125m --device cuda
 
-1. MeZO's update on 4M weights drawn N(0, 0.02²) (issue 13's set-up), through the engine itself: the landed
+1. MeZO's update on 4M weights drawn N(0, 0.02²), through the engine itself: the landed
    fraction ⟨Δθ, −lr·g·z⟩ / ‖lr·g·z‖² after +eps, −2eps, restore + update, per lr·g, dtype and mode.
 2. Every optimizer (any registered name) through one generic path: `--steps` steps on the 16-bit model,
    and the same steps on a float64 copy of its starting weights (the intended update). Zeroth-order

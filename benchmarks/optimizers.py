@@ -18,7 +18,7 @@ it by about +-100 MiB from run to run).
 The batch: --batch-size SST-2 sample examples (each with its 2 candidates). Addax gets the same
 examples, split by length: the 40% shortest first-order (k1), the rest zeroth-order (k0). AdaMeZO is
 measured in its adaptive phase (its history is pre-filled).
-Goals (issue 5): Sparse MeZO and AdaMeZO peak <= 1.05 x MeZO; IP-SGD peak well under SGD's.
+Goals (at OPT-125m size and up; on opt-tiny fixed costs dominate): Sparse MeZO and AdaMeZO peak <= 1.05 x MeZO; IP-SGD peak well under SGD's.
 """
 
 from __future__ import annotations
@@ -174,6 +174,8 @@ def report(args, timing, peaks) -> None:
     rows = {n: {**timing["optimizers"][n], "peak": peaks[n]["peak"]} for n in peaks}
     base, forward, method = rows["mezo"], rows["inference"], peaks["mezo"]["method"]
     dtype = timing["dtype"].removeprefix("torch.")
+    if timing['params'] < 50e6:  # a quick look: fixed per-step costs dominate a model this small
+        print("note: the goals below are for OPT-125m size and up; this model is too small to meet them")
     print(f"model {args.model} ({dtype} weights, random init, {timing['params'] / 1e6:.1f}M params) on {timing['device']}, "
           f"{torch.get_num_threads()} threads; batch {args.batch_size} SST-2 examples x 2 candidates "
           f"({timing['tokens']} real tokens); time: fastest of {args.steps} interleaved steps after 1 warm-up; "
@@ -189,7 +191,7 @@ def report(args, timing, peaks) -> None:
               f"{r['peak'] / forward['peak']:>9.3f}{r['setup_s']:>9.1f}")
     if "ip_sgd" in rows and "sgd" in rows:
         print(f"IP-SGD peak / SGD peak: {rows['ip_sgd']['peak'] / rows['sgd']['peak']:.3f}   goal <= 0.6 where "
-              f"weights dominate (issue #8)")
+              f"weights dominate (OPT-125m and up)")
 
 
 if __name__ == "__main__":

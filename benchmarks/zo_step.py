@@ -8,9 +8,9 @@ against a reference-style MeZO step written here as the paper's code does it (to
 torch.normal per parameter, four passes over the weights: +eps, -2eps, +eps, update); then the peak memory
 (VmHWM on CPU, max_memory_allocated on CUDA) of an evaluation-only process and of a MeZO-training
 process, each measured in its own subprocess so one's high-water mark does not hide the other's.
-Goals (issues #3, #8): step <= 1.15 x two forwards; zobench / reference step <= 0.9;
+Goals (at OPT-125m size and up; on opt-tiny fixed per-step costs dominate and the ratios miss them): step <= 1.15 x two forwards; zobench / reference step <= 0.9;
 MeZO peak <= 1.05 x inference peak. Both zo_update modes (precision.zo_update: fused, reference) are timed
-and measured (issue 13).
+and measured.
 """
 
 from __future__ import annotations
@@ -111,6 +111,8 @@ def speed(args) -> None:
         references.append(timed(lambda: reference_step(model, objective, batch, 1e-3, 1e-6, 0), dev))
     f, s, p, r, m = (statistics.median(x) for x in (forwards, steps, perturbs, references, modes))
     tokens = int(batch.attention_mask.sum())
+    if n_params < 50e6:  # a quick look: per-step overheads dominate a model this small
+        print("note: the goals below are for OPT-125m size and up; this model is too small to meet them")
     print(f"model {args.model} (random init, {n_params / 1e6:.1f}M params) on {dev}, "
           f"{torch.get_num_threads()} threads; batch {args.batch_size} examples = "
           f"{batch.input_ids.shape[0]} sequences x {batch.input_ids.shape[1]} tokens ({tokens} real)")

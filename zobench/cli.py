@@ -39,6 +39,9 @@ def _job(cfg) -> str:
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    tag = f"[job {hydra_cfg.job.num}] " if in_sweep else ""  # parallel jobs' lines interleave: each says whose
+    if in_sweep:
+        _tag_console(tag)
     try:
         check_target(cfg.optimizer.get("_target_"))  # zobench's own classes only, however the config was made
         validate(cfg)  # before anything is written or loaded: a bad value names its key
@@ -47,29 +50,32 @@ def _job(cfg) -> str:
         return _job_ended(classify(error, refused=(ZobenchError,)), where, in_sweep)
     if in_sweep and _holds_completed_run(run_dir):
         # a re-run sweep (same hydra.sweep.dir) finishes what a kill left: a job done before is counted, not failed
-        print(f"completed before: results in {run_dir} (not run again)", flush=True)
+        print(f"{tag}completed before: results in {run_dir} (not run again)", flush=True)
         return "completed"
     try:
         metrics = run(cfg, run_dir, overrides=list(hydra_cfg.overrides.task))
     except (KeyboardInterrupt, Exception) as error:
         failure = classify(error)
         if failure.status == "interrupted":
-            _say(f"interrupted; what was done is recorded in {run_dir}")
+            _say(f"{tag}interrupted; what was done is recorded in {run_dir}; to go on from its last checkpoint: "
+                 f"{_resume_command(run_dir, in_sweep)}")
             sys.exit(INTERRUPTED)
         where = f"traceback in {run_dir}/zobench.log" if failure.unexpected else f"run directory: {run_dir}"
-        return _job_ended(failure, f" [{where}]", in_sweep)
+        return _job_ended(failure, f" [{where}]", in_sweep, tag)
     value = metrics["test_metric"]
     shown = "n/a" if value is None else f"{value:.4f}"
     if metrics["status"] == "diverged":
-        print(f"diverged: {metrics['error']}; results in {run_dir}", flush=True)
+        # metrics.json says "diverged at step 2: ..." (its error field stands alone): not "diverged: diverged at"
+        reason = str(metrics.get("error") or "").removeprefix("diverged").strip()
+        print(f"{tag}diverged{' ' + reason if reason else ''}; results in {run_dir}", flush=True)
     else:
-        print(f"{metrics['status']}: test {metrics['metric']} = {shown}; results in {run_dir}", flush=True)
+        print(f"{tag}{metrics['status']}: test {metrics['metric']} = {shown}; results in {run_dir}", flush=True)
     return metrics["status"]
 
 
-def _job_ended(failure: Failure, where: str, in_sweep: bool) -> str:
+def _job_ended(failure: Failure, where: str, in_sweep: bool, tag: str = "") -> str:
     """One line; a sweep records the job as failed and goes on, a single run exits."""
-    _say(f"{failure.line}{where}")
+    _say(f"{tag}{failure.line}{where}")
     if in_sweep:
         return "failed"
     sys.exit(failure.exit_code)
@@ -97,6 +103,24 @@ def claim_named_run_dir(argv: list[str]) -> list[str]:
     run_dir_override(path)  # a newline in the name: refused before the folder exists
     claim_for_hydra(path)  # held until the process ends: the job's claim is reentrant
     return pin_run_dir(argv, path)
+
+
+def _tag_console(tag: str) -> None:
+    """Prefix this job's console log lines with its job number (the file log, zobench.log, is the job's own)."""
+    import logging
+
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler and handler.formatter is not None:
+            handler.setFormatter(logging.Formatter(tag.replace("%", "%%") + handler.formatter._fmt))
+
+
+def _resume_command(run_dir: str, in_sweep: bool) -> str:
+    """What to type to go on: one run resumes from its folder, a sweep by running its command again."""
+    import shlex
+
+    if in_sweep:
+        return f"run the same command again with hydra.sweep.dir={shlex.quote(str(Path(run_dir).parent))}"
+    return f"zobench resume={shlex.quote(run_dir)}"
 
 
 def _override_value(arg: str) -> str:
@@ -153,6 +177,7 @@ class _SweepWatch:
 
     def __init__(self):
         self.statuses: list[str] = []
+        self.folders: list[str | None] = []  # each job's sweep folder (the summary names it)
 
     def __enter__(self):
         try:
@@ -160,12 +185,13 @@ class _SweepWatch:
         except ImportError:  # another Hydra: the sweep still runs, its exit status is 0
             self._restore = lambda: None
             return self
-        original, statuses = Hydra.multirun, self.statuses
+        original, statuses, folders = Hydra.multirun, self.statuses, self.folders
 
         def multirun(hydra_self, *args, **kwargs):
             returns = original(hydra_self, *args, **kwargs)
             for job in _flatten(returns):
                 statuses.append(_job_status(job))
+                folders.append(_sweep_dir_of(job))
             return returns
 
         Hydra.multirun = multirun
@@ -175,6 +201,13 @@ class _SweepWatch:
     def __exit__(self, *exc):
         self._restore()
         return False
+
+    @property
+    def folder(self) -> str:
+        import shlex
+
+        folders = [folder for folder in self.folders if folder]
+        return shlex.quote(folders[0]) if folders else "<the sweep's folder>"
 
     @property
     def failed(self) -> int:
@@ -187,6 +220,13 @@ def _flatten(returns):
             yield from _flatten(item)
         else:
             yield item
+
+
+def _sweep_dir_of(job) -> str | None:
+    try:
+        return str(job.hydra_cfg.hydra.sweep.dir)
+    except Exception:  # another Hydra's JobReturn: the summary says "the sweep's folder"
+        return None
 
 
 def _job_status(job) -> str:
@@ -213,7 +253,11 @@ def _prepare_command_line() -> None:
     """sys.argv as Hydra should see it: a resume expanded, the overrides checked, the run folder claimed."""
     from .configs import check_overrides, register_resolvers, register_tasks
 
-    sys.argv[1:] = _expand_resume(sys.argv[1:])
+    argv = sys.argv[1:]
+    if any(a in ("-m", "--multirun") for a in argv) and any(a.split("=")[0] in ("-c", "--cfg") for a in argv):
+        raise ZobenchError("--cfg prints one run's config, not a sweep's: list a sweep's jobs with "
+                           "`zobench-plan OVERRIDES` (and `zobench-plan --cfg N OVERRIDES` for job N's config)")
+    sys.argv[1:] = _expand_resume(argv)
     overrides = [arg for arg in sys.argv[1:] if "=" in arg and not arg.startswith("-")]
     check_overrides(overrides)
     register_resolvers()
@@ -232,6 +276,11 @@ def _hydra_main() -> None:
         _say(f"{sweep.failed} of {len(sweep.statuses)} jobs failed "
              f"(their errors are above; a job that started has its metrics.json)")
         sys.exit(1)
+    if sweep.statuses:  # a sweep that went well says so once, with what to do next
+        diverged = sweep.statuses.count("diverged")
+        print(f"sweep done: {len(sweep.statuses)} jobs, {len(sweep.statuses) - diverged} completed, "
+              f"{diverged} diverged; "
+              f"next: zobench-report {sweep.folder}", flush=True)
 
 
 if __name__ == "__main__":

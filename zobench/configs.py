@@ -40,6 +40,34 @@ def group_options(group: str) -> list[str]:
     return sorted(path.stem for path in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
+# Launchers from Hydra plugins (the `cluster` extra): the plugin's module and the package it runs jobs with.
+LAUNCHER_NEEDS = {"slurm_gpu": ("hydra_plugins.hydra_submitit_launcher", "submitit"),
+                  "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "submitit"),
+                  "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "submitit"),
+                  "local_parallel": ("hydra_plugins.hydra_joblib_launcher", "joblib"),
+                  "joblib": ("hydra_plugins.hydra_joblib_launcher", "joblib")}
+
+
+def _check_launcher(override) -> None:
+    """`hydra/launcher=slurm_gpu` without its plugin: one line naming the extra (Hydra says "Could not load
+    'hydra/launcher/submitit_slurm'", or the job fails on a missing import)."""
+    import importlib.util
+
+    if override.key_or_group != "hydra/launcher" or override.is_sweep_override() or override.is_delete():
+        return
+    needs = LAUNCHER_NEEDS.get(str(override.value()))
+    if needs is None:
+        return
+    for module in needs:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ZobenchError(f"hydra/launcher={override.value()} needs {module.split('.')[-1]}, which is not "
+                               f"installed: pip install -e '.[cluster]' (or pip install 'zobench[cluster]')")
+
+
 def check_overrides(overrides: list[str]) -> None:
     """Unknown model/task/optimizer/experiment names: one line listing the valid ones. A `_target_` (in a key
     or inside a value) must name one of zobench's own classes: what the user types chooses, never imports."""
@@ -49,6 +77,7 @@ def check_overrides(overrides: list[str]) -> None:
         return  # let Hydra report syntax errors itself
     for override in parsed:
         _refuse_foreign_targets(override)
+        _check_launcher(override)
         group = override.key_or_group
         if group not in GROUPS or override.is_delete():
             continue

@@ -112,6 +112,11 @@ def _load_tokenizer(spec: dict[str, Any]):
     except Interrupted:  # Ctrl-C or SIGTERM while loading: the run's end, not an unreachable model
         raise
     except Exception as error:
+        if spec.get("init") == "random" and not spec.get("tokenizer"):  # random weights need no hub but for this
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ZobenchError(f"model.init=random still loads the tokenizer '{source}' from the hub, which failed "
+                               f"({reason}); offline, add model.tokenizer=byte (zobench's byte-level tokenizer) or "
+                               f"model.tokenizer=/local/tokenizer/dir") from error
         raise _unreachable("tokenizer", source, error) from error
 
 

@@ -66,9 +66,9 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
                                 total_steps=int(cfg.train.steps),
                                 precision=precision_from_config(cfg.get("precision"), dtype))
     if not getattr(optimizer, "trains", True):  # zero-shot, ICL, linear probing
-        raise ZobenchError(f"a {cfg.optimizer.name} run trains nothing: its model is {cfg.model.name} as loaded")
+        raise ZobenchError(f"optimizer={cfg.optimizer.name} trains nothing: its model is {cfg.model.name} as loaded")
     if not optimizer.replayable:
-        raise ZobenchError(f"a {cfg.optimizer.name} run cannot be replayed from its trajectory: it takes real "
+        raise ZobenchError(f"optimizer={cfg.optimizer.name} runs cannot be replayed from a trajectory: it takes real "
                            f"gradients; use its saved model (save_model=true) instead")
     with torch.no_grad():
         replay(optimizer, records[:step])

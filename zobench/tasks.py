@@ -98,7 +98,8 @@ def _printable(value: Any) -> Any:
     if value is None:
         raise BadValue("null where the template prints text")
     if isinstance(value, (list, tuple, dict)):
-        raise BadValue(f"a {type(value).__name__} where the template prints text: {_short(value)}")
+        kind = type(value).__name__
+        raise BadValue(f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} where the template prints text: {_short(value)}")
     return value
 
 

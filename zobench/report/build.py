@@ -9,6 +9,7 @@ What lands in the output folder (each table as .md, .tex and .csv):
   speed        forward passes and seconds to a target dev metric, as ratios to MeZO beside the papers' claims
   runs         every run found; failures: the ones that did not complete, with their message
   plots/<task>.png
+  index.html   all of the above on one page (zobench/report/html.py)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import tables
+from .html import write_index
 from .references import load_references
 from .runs import load_runs
 from .selection import not_completed, select_best
@@ -45,18 +47,25 @@ def build_report(paths: list[str | Path], out_dir: Path, reference_dir: Path | N
     selected = select_best(runs)
     out_dir = Path(out_dir)
     accuracy, accuracy_numbers = tables.accuracy_table(selected)
-    tables.write_table(out_dir, "accuracy", accuracy, accuracy_numbers)
-    tables.write_table(out_dir, "selection", tables.selection_table(selected))
-    tables.write_table(out_dir, "cost", *tables.cost_table(selected))
-    tables.write_table(out_dir, "memory", *tables.memory_table(selected))
+    shown = {}  # each table's display frame, for index.html
+
+    def write(name, display, numbers=None):
+        shown[name] = display
+        tables.write_table(out_dir, name, display, numbers)
+
+    write("accuracy", accuracy, accuracy_numbers)
+    write("selection", tables.selection_table(selected))
+    write("cost", *tables.cost_table(selected))
+    write("memory", *tables.memory_table(selected))
     references = load_references(reference_dir)
-    tables.write_table(out_dir, "comparison", *tables.comparison_table(selected, references))
+    write("comparison", *tables.comparison_table(selected, references))
     speed, speed_numbers = speed_table(selected, references, speed_baseline, speed_target)
-    tables.write_table(out_dir, "speed", speed, speed_numbers)
-    tables.write_table(out_dir, "runs", tables.runs_table(runs), runs)
+    write("speed", speed, speed_numbers)
+    write("runs", tables.runs_table(runs), runs)
     failures = tables.failures_table(runs)
-    tables.write_table(out_dir, "failures", failures)
+    write("failures", failures)
     written = _plots(selected, out_dir) if plots else []
+    write_index(out_dir, shown, written)
     left_out = len(not_completed(runs))
     return Report(out_dir=out_dir, runs=len(runs), completed=len(runs) - left_out, left_out=left_out,
                   main_table=tables.to_markdown(accuracy), failures=tables.to_markdown(failures),

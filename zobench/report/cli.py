@@ -54,7 +54,8 @@ def _report(args: argparse.Namespace) -> int:
         print(report.failures)
     if reference_dir is None and not args.no_reference:
         print("no results/reference folder here: the comparison has no paper numbers (--reference DIR)")
-    print(f"\ntables (.md .tex .csv){' and plots' if report.plots else ''} in {out_dir}")
+    print(f"\ntables (.md .tex .csv){' and plots' if report.plots else ''} in {out_dir}; "
+          f"all on one page: {out_dir / 'index.html'}")
     return 0
 
 

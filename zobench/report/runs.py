@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable
@@ -68,7 +69,12 @@ def _without(message: str, path: Path) -> str:
 def _metrics_files(root: Path) -> list[Path]:
     if (root / "metrics.json").exists():
         return [root / "metrics.json"]
-    return sorted(path for path in root.rglob("metrics.json") if not _earlier_attempt(path))
+    return sorted((path for path in root.rglob("metrics.json") if not _earlier_attempt(path)), key=natural_key)
+
+
+def natural_key(path: Path) -> list:
+    """Numbers in a path compare as numbers: a sweep's jobs 2_… before 10_… before 100_… (not as text)."""
+    return [[int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)] for name in path.parts]
 
 
 def _earlier_attempt(path: Path) -> bool:
