@@ -6,10 +6,7 @@ Every run, whatever happens, leaves config.yaml, metrics.json and log.jsonl in i
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +26,10 @@ from .loggers import open_trackers
 from .models import input_device, parameter_count, resolve_device, resolve_dtype, trained_parameters
 from .objective import Objective
 from .optim.base import EVALUATION_ONLY
-from .run_dir import RunDir, text_sha256
+from .resume import resumable_state
+from .run_dir import RunDir
 from .run_record import RunRecord, device_name, scores
-from .safe_files import YAML_LIMIT, read_text
+from .stop_signals import signals_stop
 from .validate import validate
 
 log = logging.getLogger(__name__)
@@ -42,12 +40,12 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     content. Raises after recording a failure. `overrides`: the command line, kept for `zobench resume=`."""
     directory = RunDir(run_dir).claim()  # the lock, for the job's lifetime; refuses foreign and live folders
     try:
-        resume_state = _resumable_state(directory, cfg)
+        resume_state = resumable_state(directory, cfg)
         if resume_state is None:
             directory.start(OmegaConf.to_yaml(cfg, resolve=True), overrides)
         job = Job(cfg, directory, resume_state)
         try:
-            with _signals_stop(job):
+            with signals_stop(job):
                 job.execute()
             job.record.note(status="completed")
         except Diverged as error:
@@ -75,37 +73,6 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     finally:
         directory.release()
     return job.record.metrics
-
-
-def _resumable_state(directory: RunDir, cfg: DictConfig) -> dict[str, Any] | None:
-    """None for a fresh directory, or for an unfinished run that left no checkpoint (it starts again from
-    step 0, what it recorded moved to attempts/N); else the checkpoint of an unfinished run made with the
-    same config, its records rewound to it."""
-    metrics = directory.read_json("metrics.json")
-    if metrics is None:
-        directory.refuse_leftovers()
-        return None
-    run_dir, status = directory.path, metrics.get("status")
-    if status == "completed":
-        raise ZobenchError(f"{run_dir} already holds a completed run; zobench never overwrites results")
-    state = Checkpointer.load_state(directory)
-    if state is None and status == "diverged":  # a result, as a completed run is
-        raise ZobenchError(f"{run_dir} holds a diverged run that left no checkpoint; zobench never overwrites "
-                           f"results: start a new run")
-    saved = read_text(run_dir / "config.yaml", YAML_LIMIT) if (run_dir / "config.yaml").exists() else None
-    if saved != OmegaConf.to_yaml(cfg, resolve=True):
-        raise ZobenchError(f"{run_dir} was started with another config; resume it as it was with "
-                           f"`zobench resume={run_dir}`")
-    if state is None:  # killed or failed before its first checkpoint: nothing to resume, nothing lost
-        attempt = directory.set_aside_attempt()
-        log.warning("the %s run in %s left no checkpoint: it starts again from step 0 (its records are kept "
-                    "in %s)", status, run_dir, attempt)
-        return None
-    directory.fingerprint("config", saved)  # config.yaml edited to match another command line: refused
-    directory.config_sha256 = text_sha256(saved)
-    directory.rewind(state["records"], state["step"])
-    log.info("resuming the %s run in %s from step %d", status, run_dir, state["step"])
-    return state
 
 
 class Job:
@@ -298,44 +265,3 @@ def _collate_indices(indices, examples, pad_id, classification, device):
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-@contextmanager
-def _signals_stop(job: Job):
-    """SIGTERM (SLURM pre-emption, `kill`) and Ctrl-C end the run as `interrupted`, files written.
-
-    During training the run stops after the current step, with a checkpoint to resume from; a
-    second Ctrl-C, or a signal outside the training loop, stops it at once. Once a signal has stopped
-    the run, later ones are logged and ignored for the rest of the process: it is on its way out, and
-    the default action would kill it (exit 143) before its records are written and it exits 130.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stopping = False
-
-    def handler(signum, frame):
-        nonlocal stopping
-        if stopping:
-            _already_stopping(signum, frame)
-            return
-        if job.in_training_loop and not job.stop_requested:
-            job.stop_requested = True
-            log.warning("signal %d: stopping after this step (again to stop at once)", signum)
-            return
-        stopping = True
-        raise Interrupted(f"signal {signum}")
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    except (KeyboardInterrupt, Interrupted):  # also a stop requested in training, raised after its step
-        stopping = True
-        raise
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, _already_stopping if stopping else old)
-
-
-def _already_stopping(signum, frame) -> None:
-    log.warning("signal %d: already stopping", signum)
