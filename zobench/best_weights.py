@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from .models import trained_parameters
 
 MODES = ("disk", "host", "none")
+log = logging.getLogger(__name__)
 
 
 class BestWeights:
@@ -143,9 +145,17 @@ class BestOnDev:
         self.record.save()
         return True
 
-    def forget(self) -> None:
-        """The kept weights are lost (a resume found them gone): the next evaluation becomes the best."""
-        self.score = math.inf
+    def resume(self, checkpointer, state: dict) -> int:
+        """Model and method back to the checkpoint `state` (checkpoint.Checkpointer), the best on dev with
+        them; returns the checkpoint's step. Best weights lost in the stop: the next evaluation becomes the best."""
+        best_step = self.record.metrics["best_step"]
+        self.load_state_dict(state["job"])
+        if not checkpointer.restore(state, self.weights, best_step):
+            log.warning("the best-on-dev weights (step %s) did not survive the stop (train.keep_best=%s); "
+                        "the test uses the best of the evaluations from now on", best_step, self.mode)
+            self.score = math.inf
+        log.info("resumed at step %d (%s checkpoint)", state["step"], state["mode"])
+        return state["step"]
 
     def restore(self) -> None:
         """The best weights back into the model, for the test."""

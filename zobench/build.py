@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .data import sample_task
 from .encoding import EncodedExample, Encoder
 from .errors import ZobenchError
 from .evaluate import MAX_NEW_TOKENS, evaluate
 from .icl import demonstration_blocks
-from .models import bos_override, load_model
+from .models import bos_override, load_model, resolve_device, resolve_dtype
 from .optim import build_optimizer, optimizer_class
 from .peft_adapters import apply_peft
 from .precision import Precision
@@ -34,6 +35,19 @@ def check_method(cfg: DictConfig, task: dict[str, Any]) -> type:
         raise ZobenchError(f"icl.k must be an integer >= 0, got {k!r}")
     method.check_run(cfg.optimizer.get("name"), task, k, OmegaConf.select(cfg, "peft.name", default="none"))
     return method
+
+
+def sample_splits(task: dict[str, Any], cfg: DictConfig):
+    """The run's train/dev/test examples (zobench/data.py), drawn from the task's pools by data.seed."""
+    splits = sample_task(task, cfg.data)
+    log.info("data: %d train / %d dev / %d test from %s", len(splits.train), len(splits.dev), len(splits.test),
+             splits.source)
+    return splits
+
+
+def device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
+    device = resolve_device(str(cfg.device))
+    return device, resolve_dtype(str(cfg.dtype), device)
 
 
 def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype, max_length: int | None = None):
@@ -72,6 +86,10 @@ class EncodedSplits:
     test: list[EncodedExample]
     truncated: dict[str, int] = field(default_factory=dict)  # examples cut from the left, per split
     icl_pool: int | None = None  # how many examples the demonstrations were drawn from (icl.k > 0)
+
+    def record(self) -> dict[str, Any]:
+        """metrics.json's fields (icl_pool only with demonstrations)."""
+        return {"truncated": self.truncated, **({"icl_pool": self.icl_pool} if self.icl_pool is not None else {})}
 
 
 def encode_splits(cfg: DictConfig, task: dict[str, Any], splits, tokenizer) -> EncodedSplits:

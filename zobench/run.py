@@ -15,15 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .best_weights import BestOnDev
-from .build import Evaluator, build_method, build_model, check_method, encode_splits, precision_of
+from .build import (Evaluator, build_method, build_model, check_method, device_and_dtype, encode_splits, precision_of,
+                    sample_splits)
 from .checkpoint import Checkpointer, RecordingLoss
-from .data import sample_task
 from .early_stopping import EarlyStopping
 from .encoding import collate
 from .epochs import resolve_epochs
 from .errors import Diverged, Interrupted, ZobenchError
 from .loggers import open_trackers
-from .models import input_device, parameter_count, resolve_device, resolve_dtype, trained_parameters
+from .models import input_device, parameter_count, trained_parameters
 from .objective import Objective
 from .optim.base import EVALUATION_ONLY
 from .resume import resumable_state
@@ -51,8 +51,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
         except Diverged as error:
             job.record.fail("diverged", f"diverged at step {job.diverged_step()}: {error}")
         except (torch.cuda.OutOfMemoryError, MemoryError) as error:
-            log.debug("out of memory: %r", error)
-            message = job.record.out_of_memory()
+            message = job.record.out_of_memory(error)
             raise ZobenchError(message) from error
         except (KeyboardInterrupt, Interrupted):
             job.record.fail("interrupted", f"interrupted at step {job.record.metrics['steps']}")
@@ -81,14 +80,11 @@ class Job:
 
     def __init__(self, cfg: DictConfig, directory: RunDir, resume_state: dict[str, Any] | None = None):
         self.cfg, self.directory, self.resume_state = cfg, directory, resume_state
-        self.record = RunRecord(cfg, directory)
-        if resume_state is not None:
-            self.record.load_state_dict(resume_state["job"], resume_state["step"])
-        self.record.note(**directory.provenance())  # run id, config.yaml's SHA-256, earlier attempts
-        self.record.save()
-        self.best: BestOnDev | None = None
+        resumed = resume_state or {}
+        self.record = RunRecord(cfg, directory, resumed.get("job"), resumed.get("step", 0))
+        self.best: BestOnDev | None = None  # built with the model
+        self.checkpointer: Checkpointer | None = None  # a method that trains has one
         self.stopper = EarlyStopping()  # train.early_stop, set up in _train
-        self.checkpointer: Checkpointer | None = None
         self.stop_requested = False  # set by SIGTERM/SIGINT during training: stop after the step
         self.in_training_loop = False
 
@@ -96,8 +92,7 @@ class Job:
         cfg, record = self.cfg, self.record
         validate(cfg)
         record.log.attach(open_trackers(cfg, self.directory.path, resumed=self.resume_state is not None))
-        device = resolve_device(str(cfg.device))
-        dtype = resolve_dtype(str(cfg.dtype), device)
+        device, dtype = device_and_dtype(cfg)
         record.start_clocks(device)
         torch.manual_seed(int(cfg.seed))
         task = OmegaConf.to_container(cfg.task, resolve=True)
@@ -109,10 +104,10 @@ class Job:
             record.note(steps_planned=int(cfg.train.steps))
         model, tokenizer, saveable = build_model(cfg, device, dtype, max_length=int(cfg.max_length))
         record.device = device = input_device(model)  # batches go where the (first shard of the) model is
-        record.note(device=device_name(device), dtype=str(dtype).removeprefix("torch."), n_params=parameter_count(model))
+        record.note(device=device_name(device), dtype=str(dtype).removeprefix("torch."),
+                    n_params=parameter_count(model))
         encoded = encode_splits(cfg, task, splits, tokenizer)
-        record.note(**({"icl_pool": encoded.icl_pool} if encoded.icl_pool is not None else {}),
-                    truncated=encoded.truncated)
+        record.note(**encoded.record())
         precision = precision_of(cfg, dtype)
         record.note(precision=precision.record())
         objective = Objective(model, record.counter, loss_dtype=precision.dtype_of(precision.loss_dtype))
@@ -126,15 +121,15 @@ class Job:
                               select_by=str(cfg.train.select_by))
         if trains:
             self.checkpointer = Checkpointer(self.directory, model, method, bool(cfg.checkpoint.weights))
-            start = self._resume() if self.resume_state is not None else 0
+            start = 0 if self.resume_state is None else self.best.resume(self.checkpointer, self.resume_state)
             self._train(method, recording, encoded, tokenizer.pad_token_id, evaluator, start)
             self.best.restore()
         else:
             evaluator = self._evaluate_only(method, objective, encoded, tokenizer.pad_token_id, evaluator)
         test = record.log_eval("test", record.metrics["steps"], evaluator, encoded.test)
         record.note(test_metric=test["metric"], test_scores=scores(test))
-        log.info("test %s = %s (dev %s = %s, best step %s)", task["metric"], _fmt(test["metric"]),
-                 task["metric"], _fmt(record.metrics["dev_metric"]), record.metrics["best_step"])
+        log.info("test %s = %s (dev %s = %s, best step %s)", task["metric"], _fmt(test["metric"]), task["metric"],
+                 _fmt(record.metrics["dev_metric"]), record.metrics["best_step"])
         if cfg.save_model:  # the tested weights (with PEFT: the adapter alone), moved into place once complete
             record.note(saved_model=str(self.directory.save_folder(
                 "model", lambda partial: (saveable.save_pretrained(partial), tokenizer.save_pretrained(partial)))))
@@ -142,12 +137,10 @@ class Job:
             self.checkpointer.finish()
 
     def _data(self, task: dict[str, Any]):
-        splits = sample_task(task, self.cfg.data)
+        splits = sample_splits(task, self.cfg)
         self.directory.fingerprint("data", [splits.train, splits.dev, splits.test])  # a resume refuses other data
         self.record.note(data_source=splits.source, n_train=len(splits.train), n_dev=len(splits.dev),
                          n_test=len(splits.test))
-        log.info("data: %d train / %d dev / %d test from %s", len(splits.train), len(splits.dev),
-                 len(splits.test), splits.source)
         return splits
 
     def _evaluate_only(self, method, objective, encoded, pad_id: int, evaluator):
@@ -164,17 +157,6 @@ class Job:
             evaluator = fitted
         self._dev_eval(evaluator, encoded.dev, 0)
         return evaluator
-
-    def _resume(self) -> int:
-        """Bring model and method to the checkpoint's step; returns that step."""
-        state, best_step = self.resume_state, self.record.metrics["best_step"]
-        self.best.load_state_dict(state["job"])
-        if not self.checkpointer.restore(state, self.best.weights, best_step):
-            log.warning("the best-on-dev weights (step %s) did not survive the stop (train.keep_best=%s); "
-                        "the test uses the best of the evaluations from now on", best_step, self.best.mode)
-            self.best.forget()
-        log.info("resumed at step %d (%s checkpoint)", state["step"], state["mode"])
-        return state["step"]
 
     def _train(self, method, recording, encoded, pad_id: int, evaluator, start: int) -> None:
         cfg, record, train = self.cfg, self.record, encoded.train

@@ -79,7 +79,8 @@ class RunRecord:
     `training()` and stops for evaluations. A resumed run goes on from the checkpoint's `state_dict()`.
     """
 
-    def __init__(self, cfg, directory: RunDir):
+    def __init__(self, cfg, directory: RunDir, state: dict[str, Any] | None = None, step: int = 0):
+        """A new record, or (`state`: a checkpoint's) a resumed run's from `step`; metrics.json written."""
         self.directory = directory
         self.device = torch.device("cpu")
         self.counter = PassCounter()  # every forward/backward/token, training and evaluation
@@ -91,6 +92,10 @@ class RunRecord:
         self.clock = Stopwatch(self.device)
         self.log = JsonlLog(directory.records("log.jsonl"))
         self.metrics: dict[str, Any] = initial_metrics(cfg, directory.path)
+        if state is not None:
+            self.load_state_dict(state, step)
+        self.note(**directory.provenance())  # run id, config.yaml's SHA-256, earlier attempts
+        self.save()
 
     # -- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -192,11 +197,13 @@ class RunRecord:
         self.metrics.update(status=status, error=message)
         logging.getLogger(__name__).debug("%s: %s", status, message)  # the CLI prints it as one line
 
-    def out_of_memory(self) -> str:
+    def out_of_memory(self, error: BaseException) -> str:
+        """Records the failure; returns its one line, with the peak and what to change."""
         memory, method = peak_memory(self.device)
         message = (f"out of memory at step {self.metrics['steps']} (peak {memory / 2**30:.2f} GiB, {method}): "
                    f"lower train.batch_size or eval.batch_size, shorten max_length, use dtype=float16/bfloat16 "
                    f"on GPU, shard with model.device_map=auto, or pick a zeroth-order optimizer")
+        logging.getLogger(__name__).debug("out of memory: %r", error)
         self.fail("failed", message)
         return message
 
