@@ -16,15 +16,15 @@ def benchmark_setup(model_name: str, batch_size: int, device: str, overrides=())
     """Returns (cfg, model, tokenizer, encoded examples, device)."""
     from omegaconf import OmegaConf
 
+    from zobench.build import build_model
     from zobench.data import load_split_pools
     from zobench.encoding import Encoder
-    from zobench.models import load_model, resolve_device, resolve_dtype
+    from zobench.models import resolve_device, resolve_dtype
     from zobench.tasks import PromptTemplate
 
     cfg = benchmark_config(model_name, device, overrides)
     dev = resolve_device(cfg.device)
-    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), dev,
-                                  resolve_dtype(cfg.dtype, dev))
+    model, tokenizer, _ = build_model(cfg, dev, resolve_dtype(cfg.dtype, dev))
     task = OmegaConf.to_container(cfg.task, resolve=True)
     pools, _ = load_split_pools(task)
     template, encoder = PromptTemplate(task), Encoder(tokenizer, 512)

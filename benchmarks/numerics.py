@@ -84,6 +84,7 @@ def run_optimizer(name, dtype, policy, args, base_model, tokenizer, examples, de
     from zobench.encoding import collate
     from zobench.objective import Objective
     from zobench.optim import build_optimizer
+    from zobench.optim.base import ZEROTH_ORDER
     from zobench.precision import Precision
     from common import benchmark_config
 
@@ -101,7 +102,7 @@ def run_optimizer(name, dtype, policy, args, base_model, tokenizer, examples, de
     model16, opt16, objective16 = build(dtype, policy)
     start = {n: p.detach().double().clone() for n, p in model16.named_parameters()}
     seen = []
-    if getattr(opt16, "zeroth_order", False):
+    if opt16.kind == ZEROTH_ORDER:
         opt16.loss_fn = lambda b: seen.append(float(objective16(b))) or torch.tensor(seen[-1])
     # the step's batch as the optimizer asks for it (Addax: a (short, long) pair), the same in both runs
     first = next(opt16.batches([max(map(len, e.sequences)) for e in examples], len(examples), 0))
@@ -113,7 +114,7 @@ def run_optimizer(name, dtype, policy, args, base_model, tokenizer, examples, de
 
     exact = Precision(weights=torch.float64, loss_dtype="weights", state_dtype="weights")
     replayed = list(seen)
-    zo = getattr(opt16, "zeroth_order", False)
+    zo = opt16.kind == ZEROTH_ORDER
     model64, opt64, _ = build(torch.float64, exact,
                               (lambda b: torch.tensor(replayed.pop(0), dtype=torch.float64)) if zo else None)
     with torch.no_grad():

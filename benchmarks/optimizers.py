@@ -103,7 +103,7 @@ def work(args, name: str, model, objective, batch, pair, shared: bool = False):
 
 def probe_time(args, names) -> None:
     from zobench.models import parameter_count
-    from zobench.records import synchronize
+    from zobench.run_record import synchronize
 
     model, objective, batch, pair, device = load(args)
     weights_dtype = next(model.parameters()).dtype  # as loaded (master weights convert a copy)
@@ -122,7 +122,7 @@ def probe_time(args, names) -> None:
 
 
 def probe_memory(args, name: str) -> None:
-    from zobench.records import peak_memory, reset_peak_memory
+    from zobench.run_record import peak_memory, reset_peak_memory
 
     model, objective, batch, pair, device = load(args)
     reset_peak_memory(device)  # CUDA: the steps' peak over the loaded weights; CPU: VmHWM is the process's

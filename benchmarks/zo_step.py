@@ -130,7 +130,7 @@ def speed(args) -> None:
 
 def memory_probe(args) -> None:
     """Child process: build, run `mode` a few times, print the peak as JSON."""
-    from zobench.records import peak_memory, reset_peak_memory
+    from zobench.run_record import peak_memory, reset_peak_memory
 
     try:  # no transparent huge pages: a partly touched 2 MiB page would count whole, as the system's fragmentation allows
         ctypes.CDLL("libc.so.6").prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE

@@ -90,12 +90,13 @@ def test_text_labels_that_name_a_candidate_are_accepted(tmp_path):
 
 def test_a_label_that_names_no_candidate_fails_the_run_before_the_model(quick_cfg, tmp_path, monkeypatch):
     """The whole run: refused with the file named, no model loaded, metrics.json says failed."""
+    from zobench import build
     from zobench import run as run_module
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(run_module, "load_model", no_model)
+    monkeypatch.setattr(build, "load_model", no_model)
     data = tmp_path / "data"
     data.mkdir()
     _folder(data, validation=GOOD[:2] + [{"sentence": "fine", "label": "positive"}])

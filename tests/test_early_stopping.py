@@ -10,7 +10,8 @@ import pytest
 from conftest import fail_once_at
 from zobench.early_stopping import EarlyStopping
 from zobench.errors import ZobenchError
-from zobench.run import Job, run
+from zobench.run import run
+from zobench.run_record import RunRecord
 
 
 def _feed(stopper, losses, interval=1):
@@ -78,15 +79,15 @@ def test_bad_config_gets_one_line(spec, message):
 
 # -- end to end: a tiny run whose dev losses are crafted per step --------------------------------------------------
 def _craft_dev_losses(monkeypatch, losses_by_step):
-    original = Job._timed_eval
+    original = RunRecord.log_eval
 
-    def timed_eval(self, evaluator, examples, split, step):
-        result = original(self, evaluator, examples, split, step)
+    def log_eval(self, split, step, evaluate, examples):
+        result = original(self, split, step, evaluate, examples)
         if split == "dev":
             result["loss"] = losses_by_step[step]
         return result
 
-    monkeypatch.setattr(Job, "_timed_eval", timed_eval)
+    monkeypatch.setattr(RunRecord, "log_eval", log_eval)
 
 
 OWN_INTERVAL = ["optimizer=mezo", "train.steps=20", "train.eval_interval=0", "train.early_stop.patience=3",

@@ -8,7 +8,8 @@ import json
 
 import numpy as np
 
-import zobench.run as runner
+import zobench.build as build
+from zobench.run import run
 from zobench.data import sample_task
 from zobench.icl import demonstration, demonstration_blocks
 from zobench.tasks import PromptTemplate, load_task_definition
@@ -66,10 +67,10 @@ def test_a_run_draws_from_the_whole_train_split(quick_cfg, tmp_path, monkeypatch
         seen.update(pool=[row["sentence"] for row in pool], blocks=blocks, count=count)
         return blocks
 
-    monkeypatch.setattr(runner, "demonstration_blocks", spy)
+    monkeypatch.setattr(build, "demonstration_blocks", spy)
     cfg = quick_cfg("optimizer=zero_shot", "icl.k=3", f"task.data_dir={folder}", "task.samples=false",
                     "data.n_train=4", "data.n_dev=2", "data.n_test=6", "max_length=512")
-    metrics = runner.run(cfg, tmp_path / "run")
+    metrics = run(cfg, tmp_path / "run")
     assert metrics["status"] == "completed" and metrics["icl_pool"] == 40
     rows = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
     assert seen["pool"] == [row["sentence"] for row in rows]  # the whole split, in its own order

@@ -9,7 +9,7 @@ import pytest
 
 from zobench.errors import ZobenchError
 from zobench.loggers import scalars
-from zobench.records import JsonlLog
+from zobench.run_record import JsonlLog
 from zobench.run import run
 
 TRAIN = ["optimizer=mezo", "train.steps=2", "train.log_interval=1"]

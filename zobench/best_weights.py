@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 
 import torch
@@ -14,6 +16,7 @@ import torch
 from .models import trained_parameters
 
 MODES = ("disk", "host", "none")
+log = logging.getLogger(__name__)
 
 
 class BestWeights:
@@ -111,3 +114,59 @@ class BestWeights:
         self._host = None
         if self.mode == "disk":
             self.path.unlink(missing_ok=True)
+
+
+class BestOnDev:
+    """The best dev evaluation so far and its weights (kept by BestWeights), which the test scores.
+
+    The first evaluation offered always becomes the best. keep_best=none tests the final weights: the dev
+    figures are the latest evaluation's (the last step, or the early stop's, is always evaluated), so they
+    describe the weights the test scores.
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: str, directory, record, select_by: str = "loss"):
+        """`record`: the RunRecord that notes the best's dev figures in metrics.json."""
+        self.record, self.select_by = record, select_by
+        self.weights = BestWeights(model, mode, directory, step=lambda: record.metrics["steps"])
+        self.score = math.inf
+
+    @property
+    def mode(self) -> str:
+        return self.weights.mode
+
+    def offer(self, result: dict, step: int) -> bool:
+        """Keep the weights of `step` if its dev `result` is the best so far; returns whether it was."""
+        score = result["loss"] if self.select_by == "loss" else -result["metric"]
+        if not (score < self.score or self.mode == "none"):
+            return False
+        self.score = score
+        self.weights.save()
+        self.record.note(dev_metric=result["metric"], dev_loss=result["loss"], best_step=step)
+        self.record.save()
+        return True
+
+    def resume(self, checkpointer, state: dict) -> int:
+        """Model and method back to the checkpoint `state` (checkpoint.Checkpointer), the best on dev with
+        them; returns the checkpoint's step. Best weights lost in the stop: the next evaluation becomes the best."""
+        best_step = self.record.metrics["best_step"]
+        self.load_state_dict(state["job"])
+        if not checkpointer.restore(state, self.weights, best_step):
+            log.warning("the best-on-dev weights (step %s) did not survive the stop (train.keep_best=%s); "
+                        "the test uses the best of the evaluations from now on", best_step, self.mode)
+            self.score = math.inf
+        log.info("resumed at step %d (%s checkpoint)", state["step"], state["mode"])
+        return state["step"]
+
+    def restore(self) -> None:
+        """The best weights back into the model, for the test."""
+        self.weights.restore()
+
+    def discard(self) -> None:
+        self.weights.discard()
+
+    def state_dict(self) -> dict:
+        """The checkpoint's job state keeps the score and the file's step and SHA-256."""
+        return {"best_score": self.score, "best_weights": self.weights.record()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.score = state["best_score"]

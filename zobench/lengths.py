@@ -65,20 +65,17 @@ def length_report(cfg, l_t: int | None = None) -> LengthReport:
     """Sample the training set as the runner does, tokenize it with the model preset's tokenizer."""
     from omegaconf import OmegaConf
 
+    from .build import answer_room, encoder
     from .data import sample_task
-    from .encoding import Encoder
-    from .evaluate import MAX_NEW_TOKENS
-    from .models import bos_override, load_tokenizer
+    from .models import load_tokenizer
     from .tasks import PromptTemplate
 
     task = OmegaConf.to_container(cfg.task, resolve=True)
     splits = sample_task(task, cfg.data)
     train, source = splits.train, splits.source
-    spec = OmegaConf.to_container(cfg.model, resolve=True)
-    tokenizer = load_tokenizer(spec)
-    template, encoder = PromptTemplate(task), Encoder(tokenizer, int(cfg.max_length), bos_override(spec))
-    room = MAX_NEW_TOKENS if task["kind"] == "generation" else 0
-    encoded = [encoder.encode(template.render(row), room) for row in train]
+    tokenizer = load_tokenizer(OmegaConf.to_container(cfg.model, resolve=True))
+    template, encode, room = PromptTemplate(task), encoder(cfg, tokenizer), answer_room(task)
+    encoded = [encode.encode(template.render(row), room) for row in train]
     return LengthReport(task=task["name"], model=str(cfg.model.name), source=source, max_length=int(cfg.max_length),
                         lengths=[max(map(len, e.sequences)) for e in encoded],
                         truncated=sum(e.truncated for e in encoded), l_t=l_t)

@@ -44,6 +44,7 @@ import torch
 from .encoding import EncodedExample
 from .errors import ZobenchError
 from .metrics import accuracy
+from .optim.base import Optimizer
 from .optim.zero_shot import ZeroShot
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,6 @@ log = logging.getLogger(__name__)
 
 # LogisticRegressionCV's default grid (Cs=10), the one MeZO searched
 MEZO_CS = np.logspace(-4, 4, 10)
-
-
-def check_task(task: dict[str, Any]) -> None:
-    if task["kind"] != "classification":
-        raise ZobenchError(f"optimizer=lp probes classification tasks only; task '{task['name']}' is of kind "
-                           f"{task['kind']} (MeZO tuned the LM head for those: optimizer=head_tuning)")
 
 
 class LinearProbe(ZeroShot):
@@ -71,6 +66,19 @@ class LinearProbe(ZeroShot):
         self.fit_intercept = bool(cfg.get("fit_intercept", False))
         self.classifier = None
         self.C = None  # the chosen inverse regularisation, in MeZO's (multinomial) units
+
+    @classmethod
+    def check_run(cls, name: str, task: dict[str, Any], icl_k: int, peft: str) -> None:
+        Optimizer.check_run(name, task, icl_k, peft)  # no demonstrations, as after training
+        super().check_run(name, task, icl_k, peft)  # no adapter
+        if task["kind"] != "classification":
+            raise ZobenchError(f"optimizer=lp probes classification tasks only; task '{task['name']}' is of kind "
+                               f"{task['kind']} (MeZO tuned the LM head for those: optimizer=head_tuning)")
+
+    def fit_evaluator(self, objective, train, pad_id: int, batch_size: int, device) -> "ProbeEvaluator":
+        """The probe fitted on the training examples' features: those passes and seconds are the run's
+        training cost."""
+        return ProbeEvaluator(self, objective, pad_id, batch_size, device).fit(train)
 
     def training_order(self, n: int) -> list[int]:
         """The order the training rows are fitted in. MeZO (trainer.py ~246) extracts them by iterating HF

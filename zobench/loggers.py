@@ -1,7 +1,7 @@
 """Experiment trackers, `logger=tensorboard|mlflow|wandb` (conf/logger/; off by default).
 
 A tracker is a sink of the run's log: it gets the resolved config once as parameters, then every record
-written to log.jsonl (records.JsonlLog forwards them: one logging path), then the final metrics.json.
+written to log.jsonl (run_record.JsonlLog forwards them: one logging path), then the final metrics.json.
 Each works without a network: TensorBoard event files and an MLflow file store under the run directory,
 wandb in offline mode (`wandb sync` uploads later).
 """
@@ -25,7 +25,7 @@ PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
 
 class Sink:
-    """What a tracker implements (zobench/records.py JsonlLog calls it)."""
+    """What a tracker implements (zobench/run_record.py JsonlLog calls it)."""
 
     def record(self, record: dict[str, Any]) -> None:
         """One log.jsonl line."""

@@ -21,11 +21,9 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
 
     from .checkpoint import TRAJECTORY, ReplayLoss, read_trajectory, replay
     from .errors import ZobenchError
-    from .models import load_model, resolve_device, resolve_dtype
-    from .optim import build_optimizer
-    from .precision import from_config as precision_from_config
-    from .peft_adapters import apply_peft
-
+    from .build import build_method, build_model, precision_of
+    from .models import resolve_device, resolve_dtype
+    from .optim.base import EVALUATION_ONLY
     from .run_dir import RunDir
     from .safe_files import read_yaml
 
@@ -58,14 +56,9 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     _check_out(out)  # before the base model is loaded
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.dtype), device)
-    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), device, dtype)
-    # The run's adapter, initialised from the run's seed as the run did (peft=none: the model itself).
-    peft_spec = OmegaConf.to_container(cfg.peft, resolve=True) if "peft" in cfg else None
-    model, saveable = apply_peft(model, peft_spec, seed=int(cfg.seed))
-    optimizer = build_optimizer(cfg.optimizer, model, ReplayLoss(), seed=int(cfg.seed),
-                                total_steps=int(cfg.train.steps),
-                                precision=precision_from_config(cfg.get("precision"), dtype))
-    if not getattr(optimizer, "trains", True):  # zero-shot, ICL, linear probing
+    model, tokenizer, saveable = build_model(cfg, device, dtype)  # with the run's adapter, as the run built it
+    optimizer = build_method(cfg, model, ReplayLoss(), precision_of(cfg, dtype))
+    if optimizer.kind == EVALUATION_ONLY:  # zero-shot, ICL, linear probing
         raise ZobenchError(f"optimizer={cfg.optimizer.name} trains nothing: its model is {cfg.model.name} as loaded")
     if not optimizer.replayable:
         raise ZobenchError(f"optimizer={cfg.optimizer.name} runs cannot be replayed from a trajectory: it takes real "

@@ -259,12 +259,12 @@ def _check_task(cfg: DictConfig) -> None:
     can run it (the runner's own check: icl.k with a training optimizer, an adapter without training, ...)."""
     if "task" not in cfg or "prompt" not in cfg.task:
         return
-    from .run import _check_method
+    from .build import check_method
     from .tasks import TASK_DEFAULTS, PromptTemplate
 
     task = {**TASK_DEFAULTS, **OmegaConf.to_container(cfg.task, resolve=True)}
     PromptTemplate(task).check_budget()
-    _check_method(cfg, task)
+    check_method(cfg, task)
 
 
 def _check_model(cfg: DictConfig) -> None:

@@ -18,10 +18,15 @@ from ..precision import Precision
 
 LossFn = Callable[[Any], torch.Tensor]
 SCHEDULES = ("constant", "linear")
+# What a method is, which decides how the runner drives it and how its run is checkpointed.
+ZEROTH_ORDER = "zeroth-order"  # steps from loss values alone: a run replays from its trajectory
+FIRST_ORDER = "first-order"  # takes real gradients (on some or all examples): checkpoints its weights
+EVALUATION_ONLY = "evaluation-only"  # takes no step: the runner evaluates the model as the method leaves it
+KINDS = (ZEROTH_ORDER, FIRST_ORDER, EVALUATION_ONLY)
 
 
 class Optimizer:
-    zeroth_order = False
+    kind = FIRST_ORDER
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, cfg, *, seed: int, total_steps: int,
                  precision: Precision | None = None):
@@ -39,6 +44,13 @@ class Optimizer:
             raise ZobenchError(f"optimizer.lr must be >= 0, got {self.base_lr}")
         if self.schedule not in SCHEDULES:
             raise ZobenchError(f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule}")
+
+    @classmethod
+    def check_run(cls, name: str, task: dict[str, Any], icl_k: int, peft: str) -> None:
+        """Refuses, before anything is loaded, what this method cannot do in a run (`name`: optimizer=NAME)."""
+        if icl_k:
+            raise ZobenchError(f"icl.k={icl_k} is for optimizer=zero_shot (MeZO's ICL row); optimizer={name} "
+                               f"evaluates without demonstrations, as MeZO does after training")
 
     @property
     def lr(self) -> float:
@@ -72,7 +84,7 @@ class Optimizer:
     def replayable(self) -> bool:
         """Can the run be rebuilt from the loss values each step saw (checkpoint.ReplayLoss)? Yes for
         purely zeroth-order methods; one that takes real gradients checkpoints its weights instead."""
-        return self.zeroth_order
+        return self.kind == ZEROTH_ORDER
 
     def state_dict(self) -> dict[str, Any]:
         """What a resume from saved weights needs besides them; optimizers with more state extend it."""

@@ -12,12 +12,12 @@ import math
 import torch
 
 from ..errors import Diverged, ZobenchError
-from .base import Optimizer
+from .base import ZEROTH_ORDER, Optimizer
 from .engine import PerturbationEngine
 
 
 class MeZO(Optimizer):
-    zeroth_order = True
+    kind = ZEROTH_ORDER
 
     def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
         super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)

@@ -1,19 +1,32 @@
 """optimizer=zero_shot: the model as loaded, no training (MeZO's zero-shot row; with icl.k > 0 its ICL row).
 
-The runner skips the training loop for an optimizer whose `trains` is False and evaluates on dev and
-test; evaluation's forward passes are counted as in any run, training's are 0.
+An evaluation-only method: the runner skips the training loop and evaluates on dev and test; evaluation's
+forward passes are counted as in any run, training's are 0.
 """
 
 from __future__ import annotations
 
+from ..errors import ZobenchError
+from .base import EVALUATION_ONLY
+
 
 class ZeroShot:
-    trains = False  # the runner's cue: evaluate only
-    zeroth_order = False
+    kind = EVALUATION_ONLY
     replayable = False
 
     def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
         self.model, self.loss_fn, self.cfg = model, loss_fn, cfg
+
+    @classmethod
+    def check_run(cls, name: str, task: dict, icl_k: int, peft: str) -> None:
+        """Refuses, before anything is loaded, what this method cannot do in a run (Optimizer.check_run)."""
+        if peft != "none":
+            raise ZobenchError(f"optimizer={name} trains no adapter: use peft=none")
+
+    def fit_evaluator(self, objective, train, pad_id: int, batch_size: int, device):
+        """An evaluator fitted on the training examples, or None: the run's evaluator scores the model as
+        loaded, and the run has no training cost."""
+        return None
 
     def step(self, batch) -> float:
         raise RuntimeError("optimizer=zero_shot takes no training step")

@@ -1,0 +1,53 @@
+"""How a signal stops a run: after the current training step when it can, at once otherwise."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from contextlib import contextmanager
+
+from .errors import Interrupted
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def signals_stop(job):
+    """SIGTERM (SLURM pre-emption, `kill`) and Ctrl-C end the run as `interrupted`, files written.
+
+    During training the run stops after the current step, with a checkpoint to resume from; a
+    second Ctrl-C, or a signal outside the training loop, stops it at once. Once a signal has stopped
+    the run, later ones are logged and ignored for the rest of the process: it is on its way out, and
+    the default action would kill it (exit 143) before its records are written and it exits 130.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = False
+
+    def handler(signum, frame):
+        nonlocal stopping
+        if stopping:
+            _already_stopping(signum, frame)
+            return
+        if job.in_training_loop and not job.stop_requested:
+            job.stop_requested = True
+            log.warning("signal %d: stopping after this step (again to stop at once)", signum)
+            return
+        stopping = True
+        raise Interrupted(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    except (KeyboardInterrupt, Interrupted):  # also a stop requested in training, raised after its step
+        stopping = True
+        raise
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, _already_stopping if stopping else old)
+
+
+def _already_stopping(signum, frame) -> None:
+    log.warning("signal %d: already stopping", signum)
