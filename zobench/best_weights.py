@@ -47,18 +47,18 @@ class BestWeights:
         elif self.mode == "disk":
             from safetensors.torch import save_file
 
-            from .run_dir import file_sha256
+            from .run_dir import atomic_write, file_sha256
 
-            tmp = self.path.with_suffix(".tmp")
             metadata = self.directory.file_metadata(step) if self.directory is not None else {"step": str(step)}
-            try:
+            digest = {}
+
+            def write(tmp):
                 save_file({n: p.detach().contiguous().cpu() for n, p in self._parameters().items()}, str(tmp),
                           metadata=metadata)
-                self.sha256, self.saved_step = file_sha256(tmp), step
-                tmp.replace(self.path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+                digest["sha256"] = file_sha256(tmp)
+
+            atomic_write(self.path, write)  # run_dir's one writer of whole files
+            self.sha256, self.saved_step = digest["sha256"], step
         self.saved = self.mode != "none"
 
     def record(self) -> dict | None:

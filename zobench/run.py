@@ -22,6 +22,7 @@ from .early_stopping import EarlyStopping
 from .encoding import collate
 from .epochs import resolve_epochs
 from .errors import Diverged, Interrupted, ZobenchError
+from .failures import run_failure
 from .loggers import open_trackers
 from .models import input_device, parameter_count, trained_parameters
 from .objective import Objective
@@ -53,20 +54,12 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
         except (torch.cuda.OutOfMemoryError, MemoryError) as error:
             message = job.record.out_of_memory(error)
             raise ZobenchError(message) from error
-        except (KeyboardInterrupt, Interrupted):
-            job.record.fail("interrupted", f"interrupted at step {job.record.metrics['steps']}")
-            raise
-        except ZobenchError as error:
-            job.record.fail("failed", str(error))
-            raise
-        except OSError as error:  # a full disk, a folder made read-only: recorded if it still can be
-            log.debug("traceback:\n%s", traceback.format_exc())
-            job.record.fail("failed", f"could not write to {directory.path}: {error}")
-            raise ZobenchError(job.record.metrics["error"]) from error
-        except Exception as error:
-            log.debug("traceback:\n%s", traceback.format_exc())
-            job.record.fail("failed", f"{type(error).__name__}: {error}")
-            raise
+        except (KeyboardInterrupt, Exception) as error:  # failures.py: the one mapping of an error to a status
+            failure = run_failure(error, job.record.metrics["steps"], directory.path)
+            if failure.traceback:
+                log.debug("traceback:\n%s", traceback.format_exc())
+            job.record.fail(failure.status, failure.message)
+            raise failure.raised
         finally:
             job.close()
     finally:
