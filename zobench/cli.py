@@ -59,6 +59,7 @@ def _job(cfg) -> str:
         if failure.status == "interrupted":
             _say(f"{tag}interrupted; what was done is recorded in {run_dir}; to go on from its last checkpoint: "
                  f"{_resume_command(run_dir, in_sweep)}")
+            _hold_stop_signals()
             sys.exit(INTERRUPTED)
         where = f"traceback in {run_dir}/zobench.log" if failure.unexpected else f"run directory: {run_dir}"
         return _job_ended(failure, f" [{where}]", in_sweep, tag)
@@ -71,6 +72,15 @@ def _job(cfg) -> str:
     else:
         print(f"{tag}{metrics['status']}: test {metrics['metric']} = {shown}; results in {run_dir}", flush=True)
     return metrics["status"]
+
+
+def _hold_stop_signals() -> None:
+    """The run is recorded as interrupted and the process is leaving: another SIGTERM or Ctrl-C now (SLURM sends
+    several) stays pending until exit instead of killing it with 143 while Python shuts down (which puts the
+    default handlers back)."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
 def _job_ended(failure: Failure, where: str, in_sweep: bool, tag: str = "") -> str:
