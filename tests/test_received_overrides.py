@@ -124,11 +124,14 @@ def test_rerunning_a_sweep_counts_the_jobs_done_before_as_completed(tmp_path):
     """A killed sweep is finished by its command again: the job that had completed is not a failure."""
     sweep = [*QUICK, "optimizer=zero_shot", "data.n_dev=0", "data.n_test=2", f"hydra.sweep.dir={tmp_path}"]
     assert run_cli("-m", *sweep, "seed=0").returncode == 0  # job 0 completed, then the sweep was killed
+    hydra_files = sorted(next(tmp_path.glob("0_*")).joinpath(".hydra").iterdir())
+    before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in hydra_files]
     result = run_cli("-m", *sweep, "seed=0,1,2")
     assert result.returncode == 0, result.stderr
     assert "completed before" in result.stdout and "failed" not in result.stderr
     statuses = [json.loads(p.read_text())["status"] for p in tmp_path.rglob("metrics.json")]
     assert statuses == ["completed"] * 3
+    assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in hydra_files] == before  # the completed job's, untouched
 
 
 @pytest.mark.parametrize("place", ["logger.dir={outside}", "logger.dir=../../outside", "logger.dir=${{oc.env:HOME}}",

@@ -143,6 +143,27 @@ def _override_value(arg: str) -> str:
         return arg.split("=", 1)[1]
 
 
+def _keep_completed_runs_hydra_files() -> None:
+    """A sweep run again into its folder (to finish what a kill left) makes Hydra save each job's .hydra/*.yaml
+    before the job starts, a completed job's too: its files stay as that run wrote them. Installed when this
+    module is imported, so the launchers' worker processes (joblib, submitit), which import it to run `_job`,
+    have it too. Hydra has no public hook before it saves them."""
+    try:
+        from hydra.core import utils
+    except ImportError:
+        return
+    original = getattr(utils, "_save_config", None)
+    if original is None or getattr(original, "keeps_completed_runs", False):
+        return
+
+    def save_config(cfg, filename, output_dir):
+        if not _holds_completed_run(str(Path(output_dir).parent)):
+            original(cfg, filename, output_dir)
+
+    save_config.keeps_completed_runs = True
+    utils._save_config = save_config
+
+
 def _holds_completed_run(run_dir: str) -> bool:
     from .safe_files import read_json
 
@@ -292,6 +313,8 @@ def _hydra_main() -> None:
               f"{diverged} diverged; "
               f"next: zobench-report {sweep.folder}", flush=True)
 
+
+_keep_completed_runs_hydra_files()
 
 if __name__ == "__main__":
     main()
