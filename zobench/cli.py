@@ -299,8 +299,10 @@ def _prepare_command_line() -> None:
 def _hydra_main() -> None:
     import hydra
 
+    from .launchers import survive_dead_workers
     from .paths import conf_dir
 
+    survive_dead_workers()  # a joblib sweep goes on when one of its workers is killed
     with _SweepWatch() as sweep:
         hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_job)()
     if sweep.failed:

@@ -46,9 +46,9 @@ def classify(error: BaseException, refused: tuple[type, ...] = (), wrapped: bool
     os_error = os_error_in(error) if wrapped else error if isinstance(error, OSError) else None
     if os_error is not None:
         return Failure("failed", os_error_line(os_error), FAILED)
-    if type(error).__name__ == "TerminatedWorkerError":  # joblib's: one call for all jobs, it ends them all
-        return Failure("failed", "a sweep worker died (killed, or out of memory), and joblib stops the whole sweep "
-                       "with it; the jobs that ended have their metrics.json: run the same command with "
+    if type(error).__name__ == "TerminatedWorkerError":  # joblib's, where launchers.py could not go on
+        return Failure("failed", "a sweep worker died (killed, or out of memory) and the sweep could not go on; "
+                       "the jobs that ended have their metrics.json: run the same command with "
                        "hydra.sweep.dir=<this sweep's folder> to finish the others (completed ones are not run "
                        "again)", FAILED, unexpected=True)
     if isinstance(error, refused) or _config_error(error):
