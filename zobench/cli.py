@@ -75,12 +75,14 @@ def _job(cfg) -> str:
 
 
 def _hold_stop_signals() -> None:
-    """The run is recorded as interrupted and the process is leaving: another SIGTERM or Ctrl-C now (SLURM sends
+    """The run is recorded as interrupted and the process is leaving: another SIGTERM, SIGUSR2 or Ctrl-C now (SLURM sends
     several) stays pending until exit instead of killing it with 143 while Python shuts down (which puts the
     default handlers back)."""
     import signal
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    from .stop_signals import STOP_SIGNALS
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
 
 
 def _job_ended(failure: Failure, where: str, in_sweep: bool, tag: str = "") -> str:

@@ -11,10 +11,14 @@ from .errors import Interrupted
 
 log = logging.getLogger(__name__)
 
+# SIGUSR2 is submitit's timeout warning (signal_delay_s before SLURM's limit), SIGTERM SLURM's pre-emption
+# and `kill`: both stop the run after the current step, as Ctrl-C does.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
 
 @contextmanager
 def signals_stop(job):
-    """SIGTERM (SLURM pre-emption, `kill`) and Ctrl-C end the run as `interrupted`, files written.
+    """SIGTERM (SLURM pre-emption, `kill`), SIGUSR2 (submitit's timeout warning) and Ctrl-C end the run as `interrupted`, files written.
 
     During training the run stops after the current step, with a checkpoint to resume from; a
     second Ctrl-C, or a signal outside the training loop, stops it at once. Once a signal has stopped
@@ -38,7 +42,7 @@ def signals_stop(job):
         stopping = True
         raise Interrupted(f"signal {signum}")
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     except (KeyboardInterrupt, Interrupted):  # also a stop requested in training, raised after its step

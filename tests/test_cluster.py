@@ -1,0 +1,28 @@
+"""On a cluster: submitit's timeout signal, file systems without flock, progress lines in a log, sharded norms."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+from test_resume import SETTINGS, _log_without_clock, _start, _wait_for_steps
+
+
+def test_sigusr2_checkpoints_and_the_same_command_resumes_to_the_one_go_result(tmp_path):
+    """submitit warns of SLURM's time limit with SIGUSR2: the run stops after its step with a checkpoint,
+    and the requeued command (the same one) ends where an uninterrupted run ends."""
+    whole, run_dir = tmp_path / "whole", tmp_path / "run"
+    process = _start(run_dir)
+    _wait_for_steps(run_dir, 50, process)
+    process.send_signal(signal.SIGUSR2)
+    assert process.wait(timeout=120) == 130, process.stderr.read()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and 50 <= metrics["steps"] < 240
+    assert (run_dir / "checkpoint" / "state.json").exists()
+    assert _start(run_dir).wait(timeout=600) == 0
+    assert _start(whole).wait(timeout=600) == 0
+    resumed, expected = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, whole))
+    assert resumed["status"] == "completed"
+    for key in ("test_metric", "dev_metric", "best_step", "steps", "forward_passes"):
+        assert resumed[key] == expected[key], key
+    assert _log_without_clock(run_dir) == _log_without_clock(whole)
