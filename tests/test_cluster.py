@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+
+import pytest
+
+from zobench.errors import Interrupted
+from zobench.run_dir import RunDir
 
 from test_resume import SETTINGS, _log_without_clock, _start, _wait_for_steps
 
@@ -26,3 +32,34 @@ def test_sigusr2_checkpoints_and_the_same_command_resumes_to_the_one_go_result(t
     for key in ("test_metric", "dev_metric", "best_step", "steps", "forward_passes"):
         assert resumed[key] == expected[key], key
     assert _log_without_clock(run_dir) == _log_without_clock(whole)
+
+
+def test_submitits_own_sigusr2_handler_is_called_once_the_run_is_recorded(quick_cfg, tmp_path, monkeypatch):
+    """submitit requeues the job from its SIGUSR2 handler: zobench hands the signal on to it after the
+    run is recorded `interrupted` with its checkpoint and the folder unlocked, not before, not never."""
+    from zobench.objective import Objective
+    from zobench.run import run
+
+    seen = []
+
+    def submitit_handler(signum, frame):
+        seen.append((signum, json.loads((tmp_path / "metrics.json").read_text())["status"]))
+        RunDir(tmp_path).claim().release()  # unlocked: the requeued job can take the folder
+
+    original, calls = Objective.option_logprobs, []
+
+    def signalled(self, batch):
+        calls.append(1)
+        if len(calls) == 5:  # during the third MeZO step
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return original(self, batch)
+
+    monkeypatch.setattr(Objective, "option_logprobs", signalled)
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with pytest.raises(Interrupted):
+            run(quick_cfg("train.steps=20", "train.eval_interval=0", "checkpoint.every=100"), tmp_path)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == [(signal.SIGUSR2, "interrupted")]
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 3

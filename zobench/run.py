@@ -40,6 +40,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     """Run one job into `run_dir`, or resume the interrupted/failed one there; returns metrics.json's
     content. Raises after recording a failure. `overrides`: the command line, kept for `zobench resume=`."""
     directory = RunDir(run_dir).claim()  # the lock, for the job's lifetime; refuses foreign and live folders
+    job = None
     try:
         resume_state = resumable_state(directory, cfg)
         if resume_state is None:
@@ -64,6 +65,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
             job.close()
     finally:
         directory.release()
+        if job is not None and job.hand_on is not None:
+            job.hand_on()  # submitit's SIGUSR2 handler: requeues the job, now that the run is recorded
     return job.record.metrics
 
 
@@ -78,7 +81,8 @@ class Job:
         self.best: BestOnDev | None = None  # built with the model
         self.checkpointer: Checkpointer | None = None  # a method that trains has one
         self.stopper = EarlyStopping()  # train.early_stop, set up in _train
-        self.stop_requested = False  # set by SIGTERM/SIGINT during training: stop after the step
+        self.stop_requested = False  # set by SIGTERM/SIGINT/SIGUSR2 during training: stop after the step
+        self.hand_on = None  # the stop signal's previous handler (submitit's requeue), called once recorded
         self.in_training_loop = False
 
     def execute(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -24,6 +25,8 @@ def signals_stop(job):
     second Ctrl-C, or a signal outside the training loop, stops it at once. Once a signal has stopped
     the run, later ones are logged and ignored for the rest of the process: it is on its way out, and
     the default action would kill it (exit 143) before its records are written and it exits 130.
+    A handler that was there before for SIGUSR2 (submitit's: it requeues the job) is kept in
+    `job.hand_on`, for run() to call once the run's records are written and its folder unlocked.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -35,6 +38,8 @@ def signals_stop(job):
         if stopping:
             _already_stopping(signum, frame)
             return
+        if signum == signal.SIGUSR2 and callable(previous.get(signum)) and job.hand_on is None:
+            job.hand_on = functools.partial(previous[signum], signum, None)
         if job.in_training_loop and not job.stop_requested:
             job.stop_requested = True
             log.warning("signal %d: stopping after this step (again to stop at once)", signum)
