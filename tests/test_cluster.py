@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 
 import pytest
 
-from zobench.errors import Interrupted
+from zobench.errors import Interrupted, ZobenchError
 from zobench.run_dir import RunDir
 
 from test_resume import SETTINGS, _log_without_clock, _start, _wait_for_steps
@@ -63,3 +64,18 @@ def test_submitits_own_sigusr2_handler_is_called_once_the_run_is_recorded(quick_
         signal.signal(signal.SIGUSR2, previous)
     assert seen == [(signal.SIGUSR2, "interrupted")]
     assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 3
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_a_file_system_without_flock_is_named_in_one_line_with_the_way_out(tmp_path, monkeypatch, code):
+    import fcntl
+
+    def refuses(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", refuses)
+    with pytest.raises(ZobenchError) as refused:
+        RunDir(tmp_path / "run").claim()
+    message = str(refused.value)
+    assert "\n" not in message and "refuses the lock" in message and os.strerror(code) in message
+    assert "hydra.run.dir" in message and "nolock" in message

@@ -97,6 +97,12 @@ class RunDir:
             os.close(fd)
             raise ZobenchError(f"{self.path} is in use by another zobench process (it holds the lock on {MARKER}): "
                                f"wait for it to end, or stop it, then resume") from None
+        except OSError as error:  # ENOLCK, ENOSYS, EOPNOTSUPP: NFS mounted `nolock`, some FUSE file systems
+            os.close(fd)
+            raise ZobenchError(f"{self.path}: this file system refuses the lock on {MARKER} ({error.strerror}); "
+                               f"zobench locks every run folder so two runs never write into one: put "
+                               f"hydra.run.dir (hydra.sweep.dir) on a local or lock-capable disk, or mount "
+                               f"the NFS share with locking (without `nolock`)") from None
         try:
             self.run_id = _marker_run_id(fd, marker)
         except BaseException:
