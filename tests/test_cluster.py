@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import re
 import signal
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from zobench.errors import Interrupted, ZobenchError
 from zobench.run_dir import RunDir
 
+from conftest import QUICK, run_cli
 from test_resume import SETTINGS, _log_without_clock, _start, _wait_for_steps
 
 
@@ -79,3 +82,29 @@ def test_a_file_system_without_flock_is_named_in_one_line_with_the_way_out(tmp_p
     message = str(refused.value)
     assert "\n" not in message and "refuses the lock" in message and os.strerror(code) in message
     assert "hydra.run.dir" in message and "nolock" in message
+
+
+def test_without_a_terminal_the_log_shows_progress_and_dev_results_but_is_not_flooded(tmp_path):
+    """A SLURM job's output: the last step's line with loss, speed and ETA, and each dev result with
+    whether it is the new best; a run of under 30 s writes no line per log_interval."""
+    done = run_cli(*QUICK, "train.steps=40", "train.log_interval=5", "train.eval_interval=20",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr
+    for shown in (done.stdout + done.stderr, (tmp_path / "run" / "zobench.log").read_text()):
+        steps = re.findall(r"step (\d+)/40  loss [\d.]+  [\d.]+ steps/s  ETA \d+:\d\d:\d\d", shown)
+        assert steps == ["40"]
+        assert re.search(r"dev at step 20: metric [\d.]+  loss [\d.]+  \(new best\)", shown)
+        assert re.search(r"dev at step 40: metric [\d.]+  loss [\d.]+", shown)
+
+
+def test_a_progress_line_every_log_interval_once_30_seconds_have_passed(quick_cfg, tmp_path, monkeypatch, caplog):
+    from zobench import run_record
+    from zobench.run import run
+
+    monkeypatch.setattr(run_record, "PROGRESS_EVERY_S", 0.0)  # a slow run: every train line is 30 s later
+    with caplog.at_level(logging.INFO, logger="zobench"):
+        run(quick_cfg("train.steps=12", "train.log_interval=4", "train.eval_interval=0"), tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "zobench.run_record"]
+    progress = [line for line in lines if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == ["4/12", "8/12", "12/12"]
+    assert progress[-1].endswith("ETA 0:00:00") and not progress[0].endswith("ETA ?")

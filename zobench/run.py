@@ -172,6 +172,7 @@ class Job:
         bar = tqdm(total=steps, initial=start, desc=f"{cfg.optimizer.name} {cfg.task.name}", unit="step",
                    dynamic_ncols=True, disable=None)
         self.in_training_loop = True
+        record.start_progress(steps, start)  # lines for a log without a terminal; the bar stays for terminals
         try:
             with record.training():
                 for step in range(start + 1, steps + 1):
@@ -204,8 +205,7 @@ class Job:
         if not dev:
             return None
         result = self.record.log_eval("dev", step, evaluator, dev)
-        if select:
-            self.best.offer(result, step)
+        self.record.echo_dev(step, result, best=select and self.best.offer(result, step))
         return result
 
     def _stop_early(self, result: dict[str, Any], step: int, selected: bool) -> None:

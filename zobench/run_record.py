@@ -27,6 +27,8 @@ from .run_dir import RecordFile, RunDir, jsonable, now
 from .safe_files import read_jsonl
 
 STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
+PROGRESS_EVERY_S = 30.0  # the least wall-clock between two progress lines: a fast run does not flood a log
+log = logging.getLogger(__name__)  # under `zobench`: Hydra's zobench.log and a SLURM job's output show it
 
 
 class JsonlLog:
@@ -72,6 +74,32 @@ class JsonlLog:
                 self.sinks.remove(sink)
 
 
+class Progress:
+    """The lines a log without a terminal shows (SLURM output, zobench.log): step/steps, mean loss, steps/s
+    and ETA at a train line at most every PROGRESS_EVERY_S seconds, and always at the last step."""
+
+    def __init__(self, steps: int, start: int):
+        self.steps = steps
+        self.since_step, self.since = start, time.monotonic()  # the rate is measured from the last line
+
+    def train_line(self, step: int, loss: float) -> None:
+        now = time.monotonic()
+        if step < self.steps and now - self.since < PROGRESS_EVERY_S:
+            return
+        rate = (step - self.since_step) / max(now - self.since, 1e-9)
+        eta = (self.steps - step) / rate if rate > 0 else math.inf
+        log.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %s", step, self.steps, loss, rate, _duration(eta))
+        self.since_step, self.since = step, now
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
 class RunRecord:
     """The run's counters and clocks, and what it records of them: log.jsonl's lines and metrics.json.
 
@@ -89,6 +117,7 @@ class RunRecord:
         self.earlier_s = 0.0  # spent before a resume
         self.train_s = 0.0  # the training clock's seconds so far (paused segments)
         self._segment: Stopwatch | None = None  # the training clock, while it runs
+        self.progress: Progress | None = None  # the training loop's progress lines, set by start_progress
         self.clock = Stopwatch(self.device)
         self.log = JsonlLog(directory.records("log.jsonl"))
         self.metrics: dict[str, Any] = initial_metrics(cfg, directory.path)
@@ -164,7 +193,17 @@ class RunRecord:
         self.log.write({"event": "train", "step": step, "loss": mean, "lr": lr, "elapsed_s": self.elapsed(),
                         "forward_passes": self.metrics["forward_passes"]})
         self.recent_losses.clear()
+        if self.progress is not None:
+            self.progress.train_line(step, mean)
         return mean
+
+    def start_progress(self, steps: int, start: int) -> None:
+        self.progress = Progress(steps, start)
+
+    def echo_dev(self, step: int, result: dict[str, Any], best: bool) -> None:
+        """A dev result in the log, and whether its weights are the new best."""
+        log.info("dev at step %d: metric %.4f  loss %.4f%s", step, result["metric"], result["loss"],
+                 "  (new best)" if best else "")
 
     # -- evaluation -----------------------------------------------------------------------------
     def log_eval(self, split: str, step: int, evaluate, examples) -> dict[str, Any]:
