@@ -10,6 +10,7 @@ import re
 import signal
 
 import pytest
+import torch
 
 from zobench.errors import Interrupted, ZobenchError
 from zobench.run_dir import RunDir
@@ -108,3 +109,16 @@ def test_a_progress_line_every_log_interval_once_30_seconds_have_passed(quick_cf
     progress = [line for line in lines if line.startswith("step ")]
     assert [line.split()[1] for line in progress] == ["4/12", "8/12", "12/12"]
     assert progress[-1].endswith("ETA 0:00:00") and not progress[0].endswith("ETA ?")
+
+
+def test_per_parameter_norms_on_different_devices_are_summed_on_the_first_ones():
+    """A model split over GPUs has its gradients' norms on several devices; "meta" and "cpu" are two
+    devices on any machine, and torch.stack refuses them together as it refuses cuda:0 with cuda:1."""
+    from zobench.optim.ip_sgd import sum_on_one_device
+
+    squares = [torch.tensor(1.0, device="meta"), torch.tensor(4.0), torch.tensor(9.0)]
+    with pytest.raises(RuntimeError, match="device"):
+        torch.stack(squares)  # the failure on a sharded model
+    total = sum_on_one_device(squares)
+    assert total.device == torch.device("meta") and total.shape == ()
+    assert float(sum_on_one_device([torch.tensor(1.0), torch.tensor(4.0), torch.tensor(9.0)])) == 14.0

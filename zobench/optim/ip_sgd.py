@@ -87,7 +87,7 @@ class InPlaceSGDStep:
             param.grad = None
 
         self._backward(named, lambda name: measure, scaled, retain_graph=True)
-        return math.sqrt(float(torch.stack(squares).sum())) / scale
+        return math.sqrt(float(sum_on_one_device(squares))) / scale
 
     def _update_pass(self, named, scaled: torch.Tensor, lr: float, weight_decay: float, factor: float) -> None:
         def hook_for(name: str):
@@ -125,6 +125,13 @@ class InPlaceSGDStep:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and "loss_scaler" in state:
             self.scaler.load_state_dict(state["loss_scaler"])
+
+
+def sum_on_one_device(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of per-parameter figures, on the first one's device: a model split over GPUs (device_map)
+    has them on several, which torch.stack refuses. One scalar copied per chunk."""
+    first = parts[0].device
+    return torch.stack([part.to(first) for part in parts]).sum()
 
 
 def _sgd_update(theta: torch.Tensor, grad: torch.Tensor, lr: float, wd: float, factor: float) -> None:
