@@ -75,14 +75,16 @@ def _job(cfg) -> str:
 
 
 def _hold_stop_signals() -> None:
-    """The run is recorded as interrupted and the process is leaving: another SIGTERM, SIGUSR2 or Ctrl-C now (SLURM sends
-    several) stays pending until exit instead of killing it with 143 while Python shuts down (which puts the
-    default handlers back)."""
+    """The run is recorded as interrupted and the process is leaving: another SIGTERM, SIGUSR2 or Ctrl-C now
+    (SLURM sends several) is ignored. Python's shutdown puts the default action back for every signal that has a
+    Python handler, and any thread may receive the signal, so a handler or a mask of this thread is not enough;
+    an ignored signal stays ignored."""
     import signal
 
     from .stop_signals import STOP_SIGNALS
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _job_ended(failure: Failure, where: str, in_sweep: bool, tag: str = "") -> str:
