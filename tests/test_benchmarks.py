@@ -43,3 +43,12 @@ def test_profile_splits_a_mezo_step():
               if (m := re.search(rf"{label}\s+[0-9.]+\s+([0-9.]+)%", text))}
     assert len(shares) == 2 and 50 < sum(shares.values()) <= 100.5, text
     assert "z generation (aten::normal_)" in text
+
+
+def test_received_files_prints_the_costs_of_the_checks():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "received_files.py"), "--repeats", "1", "--hash-mib", "4",
+                          "--log-lines", "500"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"rendering \d+ sample rows: .* ratio [0-9.]+", out.stdout), out.stdout
+    assert re.search(r"SHA-256 of a 4 MiB file: [0-9.]+ CPU s per GiB", out.stdout), out.stdout
+    assert re.search(r"read_jsonl .* ratio [0-9.]+", out.stdout), out.stdout
