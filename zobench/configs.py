@@ -10,6 +10,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ZobenchError
+from .failures import one_line
 from .optim import REGISTERED
 from .paths import conf_dir
 from .tasks import load_task_definition, task_names
@@ -107,8 +108,7 @@ def received_overrides(items, where: Path) -> list[str]:
         try:
             override = parser.parse_override(item)
         except Exception as error:
-            reason = " ".join(str(error).split())
-            raise ZobenchError(f"{where}: {item!r} is not an override Hydra can parse ({reason})") from None
+            raise ZobenchError(f"{where}: {item!r} is not an override Hydra can parse ({one_line(error)})") from None
         key = override.key_or_group
         refuse = None
         if _path_parts(key)[0] == "hydra":
@@ -190,22 +190,29 @@ def _targets(key: str, value):
             yield from _targets("", inner)
 
 
+def hydra_config(overrides: list[str]) -> DictConfig:
+    """The config Hydra composes for these overrides with its own `hydra` node (run and sweep folders, mode,
+    the sweeper's params), nothing run: what the CLI must know before Hydra writes anything."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
 def resolved_run_dir(overrides: list[str]) -> str | None:
     """hydra.run.dir exactly as Hydra will resolve it for these overrides (`++`, quotes and `${…}` read as Hydra
     reads them: composed with Hydra's own API), absolute; None when the overrides make it a multirun."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
-            if "MULTIRUN" in str(OmegaConf.select(cfg, "hydra.mode")):
-                return None
-            value = OmegaConf.select(cfg, "hydra.run.dir", throw_on_missing=True)
+        cfg = hydra_config(overrides)
+        if "MULTIRUN" in str(OmegaConf.select(cfg, "hydra.mode")):
+            return None
+        value = OmegaConf.select(cfg, "hydra.run.dir", throw_on_missing=True)
     except (HydraException, OmegaConfBaseException) as error:
-        raise ZobenchError(" ".join(str(error).split()) or type(error).__name__) from None
+        raise ZobenchError(one_line(error) or type(error).__name__) from None
     if not isinstance(value, str) or not value:
         raise ZobenchError(f"hydra.run.dir={value!r}: a run needs a folder name")
     return os.path.abspath(value)
@@ -214,18 +221,17 @@ def resolved_run_dir(overrides: list[str]) -> str | None:
 def resolved_sweep_dir(overrides: list[str]) -> Path | None:
     """hydra.sweep.dir as Hydra will resolve it (the sweep's own overrides left out: compose takes one value
     per key); None where it cannot be told before Hydra runs (Hydra then reports what is wrong)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    parser = OverridesParser.create()
     try:
-        single = [item for item in overrides if not parser.parse_override(item).is_sweep_override()]
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=single, return_hydra_config=True)
-            value = OmegaConf.select(cfg, "hydra.sweep.dir", throw_on_missing=True)
+        value = OmegaConf.select(hydra_config(single_valued(overrides)), "hydra.sweep.dir", throw_on_missing=True)
     except Exception:
         return None
     return Path(os.path.abspath(value)) if isinstance(value, str) and value else None
+
+
+def single_valued(overrides: list[str]) -> list[str]:
+    """The overrides that are not sweeps (`key=a,b`): what one composition can take."""
+    parser = OverridesParser.create()
+    return [item for item in overrides if not parser.parse_override(item).is_sweep_override()]
 
 
 def run_dir_override(path: str) -> str:

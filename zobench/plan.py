@@ -21,54 +21,46 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from .configs import check_overrides, register_resolvers, register_tasks
-    from .paths import conf_dir
-    from hydra import compose, initialize_config_dir
+    from .configs import check_overrides, hydra_config, register_resolvers, register_tasks, single_valued
 
     check_overrides(overrides)
     register_resolvers()
     register_tasks()
-    parser = OverridesParser.create()
-    typed = parser.parse_overrides(overrides)
     # As Hydra's basic sweeper: the preset's sweep (hydra.sweeper.params), then what was typed; a key keeps the
     # place of its first mention and takes its last value.
-    fixed = [o.input_line for o in typed if not o.is_sweep_override()]
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        hydra_cfg = compose(config_name="config", overrides=fixed, return_hydra_config=True).hydra
-    params_node = hydra_cfg.sweeper.get("params")
+    params_node = hydra_config(single_valued(overrides)).hydra.sweeper.get("params")
     params = OmegaConf.to_container(params_node, resolve=False) if params_node is not None else {}
     preset = [f"{key}={value}" for key, value in params.items()]
-    merged = preset + [o.input_line for o in typed]
-    batches = BasicSweeper.split_arguments(parser.parse_overrides(merged), max_batch_size=None)
+    parser = OverridesParser.create()
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(preset + list(overrides)), max_batch_size=None)
     return [list(job) for batch in batches for job in batch]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .failures import command
+
     parser = argparse.ArgumentParser(prog="zobench-plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="what you would give `zobench -m` (experiment=…, key=a,b)")
     parser.add_argument("--cfg", type=int, metavar="N", help="print job N's composed config instead of the list")
     args = parser.parse_args(argv)
-    try:
-        jobs = sweep_jobs(args.overrides)
-        if args.cfg is not None:
-            if not 0 <= args.cfg < len(jobs):
-                raise ZobenchError(f"--cfg {args.cfg}: this sweep has jobs 0 to {len(jobs) - 1}")
-            from .configs import compose, resolved_yaml
+    # the one failure policy (failures.py): a bad name or value, Hydra's or OmegaConf's refusals exit 2
+    return command("zobench-plan", lambda: _plan(args), refused=(ZobenchError,))
 
-            print(resolved_yaml(compose(jobs[args.cfg])), end="")
-            return 0
-    except ZobenchError as error:
-        print(f"zobench-plan: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
-    except Exception as error:  # Hydra's or OmegaConf's: an override it cannot apply
-        print(f"zobench-plan: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
-        return 2
+
+def _plan(args) -> None:
+    jobs = sweep_jobs(args.overrides)
+    if args.cfg is not None:
+        if not 0 <= args.cfg < len(jobs):
+            raise ZobenchError(f"--cfg {args.cfg}: this sweep has jobs 0 to {len(jobs) - 1}")
+        from .configs import compose, resolved_yaml
+
+        print(resolved_yaml(compose(jobs[args.cfg])), end="")
+        return
     width = len(str(len(jobs) - 1))
     for number, job in enumerate(jobs):
         print(f"{number:>{width}}  {' '.join(job)}")
     print(f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}: run them with zobench -m {' '.join(args.overrides)}")
-    return 0
 
 
 if __name__ == "__main__":
