@@ -105,7 +105,7 @@ def claim_named_run_dir(argv: list[str]) -> list[str]:
 
     if any(arg.split("=")[0] in ("-c", "--cfg", "-h", "--help", "--hydra-help", "--info", "-i") for arg in argv):
         return argv  # Hydra prints something and runs no job
-    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
+    overrides = [arg for arg in argv if _is_override(arg)]
     if any(arg in ("-m", "--multirun") for arg in argv):
         sweep_dir = resolved_sweep_dir(overrides)  # each job claims its own folder
         if sweep_dir is not None:
@@ -168,14 +168,18 @@ def _keep_completed_runs_hydra_files() -> None:
     utils._save_config = save_config
 
 
+def _is_override(arg: str) -> bool:
+    """`key=value` on the command line, as against an option (`-m`, `--cfg=job`)."""
+    return "=" in arg and not arg.startswith("-")
+
+
 def _holds_completed_run(run_dir: str) -> bool:
-    from .safe_files import read_json
+    from .run_dir import RunDir
 
     try:
-        metrics = read_json(Path(run_dir) / "metrics.json")
-    except (OSError, ZobenchError):  # none, or unreadable: the run itself says why
+        return RunDir(run_dir).holds_completed_run()
+    except (OSError, ZobenchError):  # unreadable: the run itself says why
         return False
-    return isinstance(metrics, dict) and metrics.get("status") == "completed"
 
 
 def _expand_resume(argv: list[str]) -> list[str]:
@@ -200,7 +204,7 @@ def _expand_resume(argv: list[str]) -> list[str]:
     except FileNotFoundError:
         raise ZobenchError(f"resume={run_dir}: no zobench run there (looked for {overrides_file})") from None
     # Hydra's parser takes options first, then all overrides: the received ones go before the typed ones.
-    first = next((i for i, arg in enumerate(argv) if "=" in arg and not arg.startswith("-")), len(argv))
+    first = next((i for i, arg in enumerate(argv) if _is_override(arg)), len(argv))
     rest = [arg for arg in argv[first:] if not arg.startswith("resume=")]
     return argv[:first] + original + rest + [run_dir_override(str(run_dir))]
 
@@ -293,7 +297,7 @@ def _prepare_command_line() -> None:
         raise ZobenchError("--cfg prints one run's config, not a sweep's: list a sweep's jobs with "
                            "`zobench-plan OVERRIDES` (and `zobench-plan --cfg N OVERRIDES` for job N's config)")
     sys.argv[1:] = _expand_resume(argv)
-    overrides = [arg for arg in sys.argv[1:] if "=" in arg and not arg.startswith("-")]
+    overrides = [arg for arg in sys.argv[1:] if _is_override(arg)]
     check_overrides(overrides)
     register_resolvers()
     register_tasks()

@@ -226,6 +226,11 @@ class RunDir:
             raise ZobenchError(f"{path} does not hold a JSON object")
         return data
 
+    def holds_completed_run(self) -> bool:
+        """Whether metrics.json says `completed`: a result, never resumed, re-run or written over."""
+        metrics = self.read_json("metrics.json")
+        return metrics is not None and metrics.get("status") == "completed"
+
     def save_folder(self, name: str, write) -> Path:
         """A folder written in full as NAME.partial by `write(folder)`, then renamed to NAME. An earlier
         NAME of this same unfinished run (it failed after saving) is replaced."""
@@ -351,9 +356,7 @@ def claim_for_hydra(path: str | Path) -> RunDir:
     _refuse_odd_hydra_outputs(Path(path))
     directory = RunDir(path).claim()
     try:
-        metrics_path = directory.path / "metrics.json"
-        metrics = safe_files.read_json(metrics_path) if metrics_path.exists() else None
-        if isinstance(metrics, dict) and metrics.get("status") == "completed":
+        if directory.holds_completed_run():
             raise ZobenchError(f"{path} already holds a completed run; zobench never overwrites results "
                                f"(its .hydra/ included): choose a new hydra.run.dir")
     except BaseException:
@@ -502,10 +505,8 @@ def safetensors_step(path: Path) -> int | None:
 def file_sha256(path: Path, length: int | None = None) -> str:
     """SHA-256 of a regular file (of its first `length` bytes), read in chunks: never the whole file in memory."""
     digest, left = hashlib.sha256(), math.inf if length is None else length
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fd = safe_files.open_regular(path)  # never waits on a FIFO, refuses a device
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ZobenchError(f"{path} is not a regular file: zobench reads only regular files from a run folder")
         while left > 0 and (chunk := os.read(fd, int(min(HASH_CHUNK, left)))):
             digest.update(chunk)
             left -= len(chunk)

@@ -69,7 +69,7 @@ class JsonlLog:
             try:
                 getattr(sink, method)(payload)
             except Exception as error:  # a tracker's failure is not the run's
-                logging.getLogger(__name__).warning("logger %s failed (%s: %s); it is switched off",
+                log.warning("logger %s failed (%s: %s); it is switched off",
                                                     type(sink).__name__, type(error).__name__, error)
                 self.sinks.remove(sink)
 

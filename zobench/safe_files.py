@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ZobenchError
+from .failures import one_line
 
 MiB = 1 << 20
 # Limits generous for any run zobench writes, small enough that a hostile file cannot exhaust memory.
@@ -46,7 +47,7 @@ MAX_INT_DIGITS = 40  # enough for any seed, count or byte size (a float's repr h
 def read_bytes(path: str | Path, limit: int) -> bytes:
     """The bytes of a regular file of at most `limit` bytes; anything else is refused in one line."""
     path = Path(path)
-    fd = _open_regular(path, limit)
+    fd = open_regular(path, limit)
     try:
         chunks, total = [], 0
         while True:
@@ -62,7 +63,7 @@ def read_bytes(path: str | Path, limit: int) -> bytes:
         os.close(fd)
 
 
-def _open_regular(path: Path, limit: int) -> int:
+def open_regular(path: str | Path, limit: float = math.inf) -> int:
     """A read-only descriptor of a regular file of at most `limit` bytes (FileNotFoundError passes through).
     O_NONBLOCK: opening a FIFO returns at once (and is then refused) instead of waiting for a writer."""
     try:
@@ -122,7 +123,7 @@ def read_jsonl(path: str | Path, limit: int = RECORDS_LIMIT, line_limit: int = L
 
 def _jsonl(path: Path, limit: int, line_limit: int):
     """(line number, the line's bytes, whether a number may overflow), each line's shape checked."""
-    fd = _open_regular(path, limit)
+    fd = open_regular(path, limit)
     total = 0
     try:
         with os.fdopen(fd, "rb", closefd=False) as handle:
@@ -189,11 +190,8 @@ def loads_yaml(text: str, where: str | Path) -> Any:
 
     try:
         return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as error:
-        reason = " ".join(str(error).split())  # YAML errors span lines
-        raise ZobenchError(f"{where} is not YAML zobench can read ({reason})") from None
-    except ValueError as error:  # an int of more digits than Python converts
-        raise ZobenchError(f"{where} is not YAML zobench can read ({' '.join(str(error).split())})") from None
+    except (yaml.YAMLError, ValueError) as error:  # ValueError: an int of more digits than Python converts
+        raise ZobenchError(f"{where} is not YAML zobench can read ({one_line(error)})") from None  # YAML's span lines
 
 
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
