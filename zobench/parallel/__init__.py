@@ -1,0 +1,1 @@
+"""More than one process on torch.distributed (torchrun): the world a run belongs to and how models are sharded."""
