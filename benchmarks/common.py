@@ -19,12 +19,13 @@ def benchmark_setup(model_name: str, batch_size: int, device: str, overrides=())
     from zobench.build import build_model
     from zobench.data import load_split_pools
     from zobench.encoding import Encoder
-    from zobench.models import resolve_device, resolve_dtype
+    from zobench.spec import RunSpec
     from zobench.tasks import PromptTemplate
 
     cfg = benchmark_config(model_name, device, overrides)
-    dev = resolve_device(cfg.device)
-    model, tokenizer, _ = build_model(cfg, dev, resolve_dtype(cfg.dtype, dev))
+    spec = RunSpec.from_cfg(cfg)
+    dev = spec.device
+    model, tokenizer, _ = build_model(spec)
     task = OmegaConf.to_container(cfg.task, resolve=True)
     pools, _ = load_split_pools(task)
     template, encoder = PromptTemplate(task), Encoder(tokenizer, 512)

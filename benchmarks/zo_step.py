@@ -87,11 +87,10 @@ def reference_step(model, objective, batch, eps: float, lr: float, seed: int) ->
 def speed(args) -> None:
     model, objective, optimizer, batch, n_params, dev = build(args.model, args.batch_size, args.device)
     model.eval()
-    from zobench.optim import build_optimizer
     from zobench.precision import Precision
 
     # the same MeZO with precision.zo_update=reference (MeZO trainer.py's rounding), on the same model
-    as_reference = build_optimizer(optimizer.cfg, model, objective, seed=0, total_steps=10**6,
+    as_reference = type(optimizer)(model, objective, optimizer.settings, seed=0, total_steps=10**6,
                                    precision=Precision(weights=next(model.parameters()).dtype, zo_update="reference"))
 
     def forward():

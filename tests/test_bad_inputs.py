@@ -11,7 +11,7 @@ from zobench.configs import compose
 from zobench.data import load_split_pools
 from zobench.errors import ZobenchError
 from zobench.tasks import PromptTemplate, load_task_definition
-from zobench.validate import validate
+from zobench.spec import RunSpec
 
 GOOD = [{"sentence": f"a fine sentence {i}", "label": i % 2} for i in range(6)]
 
@@ -198,12 +198,12 @@ def test_a_file_rewritten_with_the_same_size_and_mtime_is_read_again(tmp_path):
 ])
 def test_a_bad_config_value_names_its_key(override, message):
     with pytest.raises(ZobenchError) as error:
-        validate(compose([override]))
+        RunSpec.from_cfg(compose([override]))
     assert message in _one_line(error)
 
 
 def test_whole_floats_are_accepted():
-    validate(compose(["train.steps=1e3"]))
+    RunSpec.from_cfg(compose(["train.steps=1e3"]))
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):

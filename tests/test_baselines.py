@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from zobench.encoding import Encoder
 from zobench.errors import ZobenchError
 from zobench.icl import demonstration, demonstration_blocks
-from zobench.linear_probe import LinearProbe
+from zobench.optim.linear_probe import LinearProbe
 from zobench.models import load_model
 from zobench.replay import replay_run
 from zobench.run import run
@@ -84,8 +84,8 @@ def test_probe_separates_separable_features():
     rng = np.random.RandomState(0)
     labels = np.repeat([0, 1, 2], 12)
     features = 5 * np.eye(8)[labels] + 0.3 * rng.randn(36, 8)  # one direction per class, through the origin
-    probe = LinearProbe(None, None, OmegaConf.create({"cv": 5, "max_iter": 5000, "tol": 1e-4,
-                                                      "fit_intercept": False}), seed=0, total_steps=0)
+    probe = LinearProbe(None, None, LinearProbe.Settings(cv=5, max_iter=5000, tol=1e-4, fit_intercept=False),
+                        seed=0, total_steps=0)
     result = probe.fit(features, labels).score(features, [[int(c)] for c in labels])
     assert result["accuracy"] == 1.0 and result["predictions"] == labels.tolist() and np.isfinite(result["loss"])
     with pytest.raises(ZobenchError, match="at least two classes"):

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from conftest import QUICK, run_cli
+from zobench.spec import RunSpec
 from zobench.configs import compose
 from zobench.data import sample_splits
 from zobench.encoding import EncodedExample, Encoder, collate
-from zobench.epochs import resolve_epochs
-from zobench.linear_probe import LinearProbe, ProbeEvaluator
+from zobench.optim.linear_probe import LinearProbe, ProbeEvaluator
 from zobench.models import load_model
 from zobench.objective import Objective
 from zobench.optim.hf_adamw import HFAdamW
@@ -169,8 +169,8 @@ def test_ft_preset_resolves_5_epochs_per_task(task, train_rows, steps):
              for key in ("n_train", "n_dev", "n_test")}  # as data.sample_task caps them
     splits = sample_splits({"train": [{"i": i} for i in range(train_rows)], "test": [{"i": 0}]}, seed=0,
                            source="synthetic", **sizes)
-    assert resolve_epochs(cfg.train, len(splits.train))
-    assert (cfg.train.steps, cfg.train.eval_interval) == (steps, steps // 5)
+    train = RunSpec.from_cfg(cfg).train.for_training_size(len(splits.train))
+    assert (train.steps, train.eval_interval) == (steps, steps // 5)
     assert cfg.optimizer.torch_class == "HFAdamW"  # HF Trainer's adamw_hf, as finetune.sh ran
 
 
@@ -191,7 +191,8 @@ def test_probe_fits_the_rows_in_the_shuffled_training_order(monkeypatch):
     """MeZO extracts the probe's rows from HF's shuffled train dataloader, and LogisticRegressionCV's folds
     follow row order: the rows reach the fit in the run seed's first-epoch order, not in sample order."""
     train = [EncodedExample([[0, i]], [1], [i % 3], [i], False) for i in range(30)]
-    probe = LinearProbe(None, None, OmegaConf.create({}), seed=7, total_steps=0)
+    probe = LinearProbe(None, None, LinearProbe.Settings(cv=5, max_iter=5000, tol=1e-4, fit_intercept=False), seed=7,
+                        total_steps=0)
     evaluator = ProbeEvaluator(probe, objective=None, pad_id=1, batch_size=8)
     monkeypatch.setattr(evaluator, "features", lambda examples: np.array([[float(e.prompt_ids[0])] for e in examples]))
     seen = {}

@@ -9,7 +9,7 @@ import torch
 
 from test_mezo import _setup
 from zobench.errors import ZobenchError
-from zobench.head_tuning import train_head_only
+from zobench.optim.head_tuning import train_head_only
 from zobench.run import run
 
 

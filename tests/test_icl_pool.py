@@ -9,6 +9,7 @@ import json
 import numpy as np
 
 import zobench.build as build
+from zobench.spec import RunSpec
 from zobench.run import run
 from zobench.data import sample_task
 from zobench.icl import demonstration, demonstration_blocks
@@ -78,6 +79,6 @@ def test_a_run_draws_from_the_whole_train_split(quick_cfg, tmp_path, monkeypatch
     assert seen["blocks"] == ["\n\n".join(demonstration(template.render(rows[i])) for i in draw)
                               for draw in _mezo_draw(40, seen["count"], 3)]
     task = load_task_definition("sst2") | {"data_dir": str(folder)}
-    sample = {row["sentence"] for row in sample_task(task, cfg.data).train}
+    sample = {row["sentence"] for row in sample_task(task, RunSpec.from_cfg(cfg).data).train}
     drawn = {rows[i]["sentence"] for draw in _mezo_draw(40, seen["count"], 3) for i in draw}
     assert drawn - sample  # demonstrations reach rows outside the run's training sample

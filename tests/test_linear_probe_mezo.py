@@ -13,7 +13,7 @@ from scipy.optimize import minimize
 from scipy.special import logsumexp
 from sklearn.model_selection import StratifiedKFold
 
-from zobench.linear_probe import MEZO_CS, LinearProbe
+from zobench.optim.linear_probe import MEZO_CS, LinearProbe
 
 
 def _multinomial_fit(x: np.ndarray, y: np.ndarray, n_classes: int, C: float) -> np.ndarray:
@@ -60,8 +60,8 @@ def _mezo_probe(x: np.ndarray, y: np.ndarray, folds: int = 5) -> tuple[float, np
 
 
 def _probe() -> LinearProbe:
-    cfg = OmegaConf.create({"cv": 5, "max_iter": 20000, "tol": 1e-7, "fit_intercept": False})
-    return LinearProbe(None, None, cfg, seed=0, total_steps=0)
+    settings = LinearProbe.Settings(cv=5, max_iter=20000, tol=1e-7, fit_intercept=False)
+    return LinearProbe(None, None, settings, seed=0, total_steps=0)
 
 
 def _overlapping(n_classes: int, seed: int, n: int = 40, d: int = 4, spread: float = 1.5):

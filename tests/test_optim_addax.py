@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from test_mezo import SAMPLE_ROWS, _setup, _snapshot
+from zobench.optim.addax import zo_half
 from zobench.encoding import Encoder, collate
 from zobench.errors import ZobenchError
 from zobench.models import load_model
@@ -70,7 +71,7 @@ def test_any_zo_method_can_be_the_zeroth_order_half(quick_cfg, zo, option):
     model, _, addax, batches = _addax(quick_cfg, "optimizer.alpha=0.5", f"optimizer.zo={zo}",
                                       f"+optimizer.zo_options.{option}")
     key, value = option.split("=")
-    assert addax.zo.cfg.name == zo and str(addax.zo.cfg[key]) == value
+    assert zo_half(addax.settings).name == zo and str(getattr(addax.zo.settings, key)) == value
     start = _snapshot(model)
     for _ in range(4):  # AdaMeZO with h = 2: 3 MeZO steps, then an adaptive one
         addax.step(batches)

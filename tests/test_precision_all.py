@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import QUICK
+from zobench.spec import RunSpec
 from zobench.configs import compose
 from zobench.data import sample_task
 from zobench.encoding import Encoder, collate
@@ -44,7 +45,7 @@ def fp32_training_loss(cfg, weights: dict[str, torch.Tensor] | None) -> float:
         assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     task = OmegaConf.to_container(cfg.task, resolve=True)
     template, encoder = PromptTemplate(task), Encoder(tokenizer, int(cfg.max_length))
-    examples = [encoder.encode(template.render(row)) for row in sample_task(task, cfg.data).train]
+    examples = [encoder.encode(template.render(row)) for row in sample_task(task, RunSpec.from_cfg(cfg).data).train]
     with torch.no_grad():
         return float(Objective(model)(collate(examples, tokenizer.pad_token_id, classification=True)))
 

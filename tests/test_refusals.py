@@ -19,7 +19,7 @@ from zobench.data import load_split_pools
 from zobench.data_checks import check_pool, read_split_file
 from zobench.errors import Interrupted, ZobenchError
 from zobench.tasks import PromptTemplate, load_task_definition
-from zobench.validate import validate
+from zobench.spec import RunSpec
 
 NESTED_LOOPS = "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}"
 HUGE_TEXT = '{{ "x" * 2000000000 }}'
@@ -116,9 +116,9 @@ def test_bundled_templates_pass_their_budget():
     (["optimizer=lp", "task=copa"], "optimizer=lp"),
     (["max_length=4096"], "max_length"),
 ])
-def test_each_bad_key_is_refused_by_validate_naming_it(overrides, key):
+def test_each_bad_key_is_refused_by_the_run_spec_naming_it(overrides, key):
     with pytest.raises(ZobenchError) as refused:
-        validate(compose([*QUICK, *overrides]))
+        RunSpec.from_cfg(compose([*QUICK, *overrides]))
     assert key in str(refused.value), str(refused.value)
     assert "\n" not in str(refused.value)
 
@@ -145,7 +145,7 @@ def test_max_length_beyond_a_local_model_config_positions_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "opt", "max_position_embeddings": 64}))
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ZobenchError, match=r"max_length=256 .* 64 positions .*config\.json"):
-        validate(compose([*QUICK, "model=opt-125m", f"model.path={tmp_path}", "model.tokenizer=byte"]))
+        RunSpec.from_cfg(compose([*QUICK, "model=opt-125m", f"model.path={tmp_path}", "model.tokenizer=byte"]))
 
 
 def test_a_pretrained_model_with_fewer_positions_is_refused_once_its_config_is_read(tmp_path, monkeypatch):

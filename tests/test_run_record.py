@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from zobench.spec import RunSpec
 from zobench.best_weights import BestOnDev
 from zobench.errors import Diverged, ZobenchError
 from zobench.optim import REGISTERED, optimizer_class
@@ -24,7 +25,7 @@ def opened(quick_cfg, tmp_path):
     cfg = quick_cfg()
     directory = RunDir(tmp_path / "run").claim()
     directory.start(OmegaConf.to_yaml(cfg, resolve=True), [])
-    yield cfg, directory, RunRecord(cfg, directory)
+    yield cfg, directory, RunRecord(RunSpec.from_cfg(cfg), directory)
     directory.release()
 
 
@@ -62,7 +63,7 @@ def test_a_resumed_record_goes_on_from_its_state(opened):
         record.counter.forward_passes = 4
         record.log_train(1, 0.5, 0.1, line=False)  # a loss kept for the next train line
         state = record.state_dict()
-    resumed = RunRecord(cfg, directory, json.loads(json.dumps(state)), step=1)  # as a checkpoint keeps it
+    resumed = RunRecord(RunSpec.from_cfg(cfg), directory, json.loads(json.dumps(state)), step=1)  # as a checkpoint keeps it
     assert resumed.metrics["resumed_at_step"] == 1 and resumed.metrics["status"] == "running"
     assert resumed.recent_losses == [0.5] and resumed.counter.forward_passes == 4
     assert _metrics(directory)["resumed_at_step"] == 1  # written as it opens
@@ -145,6 +146,6 @@ def test_zobench_lengths_encodes_the_training_split_as_the_runner_does(quick_cfg
     from zobench.models import load_tokenizer
 
     cfg = quick_cfg("task=squad", "data.n_train=6", "max_length=64")  # generation: room for the answer
-    task = OmegaConf.to_container(cfg.task, resolve=True)
-    encoded = encode_splits(cfg, task, sample_splits(task, cfg), load_tokenizer(OmegaConf.to_container(cfg.model)))
+    spec = RunSpec.from_cfg(cfg)
+    encoded = encode_splits(spec, sample_splits(spec), load_tokenizer(dict(spec.model)))
     assert length_report(cfg).lengths == [max(map(len, e.sequences)) for e in encoded.train]

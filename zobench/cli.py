@@ -32,9 +32,8 @@ def _job(cfg) -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .optim import check_target
     from .run import run
-    from .validate import validate
+    from .spec import RunSpec
 
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
@@ -43,8 +42,7 @@ def _job(cfg) -> str:
     if in_sweep:
         _tag_console(tag)
     try:
-        check_target(cfg.optimizer.get("_target_"))  # zobench's own classes only, however the config was made
-        validate(cfg)  # before anything is written or loaded: a bad value names its key
+        spec = RunSpec.from_cfg(cfg)  # before anything is written or loaded: a bad value names its key
     except ZobenchError as error:
         where = f" [job {hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)}]" if in_sweep else ""
         return _job_ended(classify(error, refused=(ZobenchError,)), where, in_sweep)
@@ -53,7 +51,7 @@ def _job(cfg) -> str:
         print(f"{tag}completed before: results in {run_dir} (not run again)", flush=True)
         return "completed"
     try:
-        metrics = run(cfg, run_dir, overrides=list(hydra_cfg.overrides.task))
+        metrics = run(spec, run_dir, overrides=list(hydra_cfg.overrides.task))
     except (KeyboardInterrupt, Exception) as error:
         failure = classify(error)
         if failure.status == "interrupted":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -102,12 +102,13 @@ def _read_hub(task: dict[str, Any], split: str):
         ) from error
 
 
-def sample_task(task: dict[str, Any], data_cfg) -> Splits:
-    """A task's splits as a run samples them: data.n_train/n_dev/n_test capped by the task's `sizes`."""
+def sample_task(task: Mapping[str, Any], data) -> Splits:
+    """A task's splits as a run samples them: data.n_train/n_dev/n_test (spec.DataSpec) capped by the
+    task's `sizes`."""
     pools, source = load_split_pools(task)
-    sizes = {key: min(int(data_cfg[key]), int(task["sizes"].get(key, 10**12)))
+    sizes = {key: min(getattr(data, key), int(task["sizes"].get(key, 10**12)))
              for key in ("n_train", "n_dev", "n_test")}
-    splits = sample_splits(pools, seed=int(data_cfg["seed"]), source=source, **sizes)
+    splits = sample_splits(pools, seed=data.seed, source=source, **sizes)
     splits.train_pool = pools["train"]
     if not splits.train:
         raise ZobenchError(f"task '{task['name']}': no training examples left: the train split has "

@@ -50,6 +50,11 @@ class EarlyStopping:
                                "or train.early_stop.patience=null train.early_stop.interval=null")
         return cls(patience, interval, metric)
 
+    @classmethod
+    def from_spec(cls, spec, has_dev: bool) -> "EarlyStopping":
+        """From the run spec's train.early_stop (spec.EarlyStopSpec): no dev examples, no early stop."""
+        return cls.from_config(vars(spec), has_dev)
+
     @property
     def enabled(self) -> bool:
         return self.patience is not None

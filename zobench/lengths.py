@@ -63,20 +63,19 @@ class LengthReport:
 
 def length_report(cfg, l_t: int | None = None) -> LengthReport:
     """Sample the training set as the runner does, tokenize it with the model preset's tokenizer."""
-    from omegaconf import OmegaConf
-
-    from .build import answer_room, encoder
-    from .data import sample_task
+    from .build import answer_room, encoder, sample_splits
     from .models import load_tokenizer
+    from .spec import RunSpec
     from .tasks import PromptTemplate
 
-    task = OmegaConf.to_container(cfg.task, resolve=True)
-    splits = sample_task(task, cfg.data)
+    spec = RunSpec.from_cfg(cfg)
+    task = spec.task
+    splits = sample_splits(spec)
     train, source = splits.train, splits.source
-    tokenizer = load_tokenizer(OmegaConf.to_container(cfg.model, resolve=True))
-    template, encode, room = PromptTemplate(task), encoder(cfg, tokenizer), answer_room(task)
+    tokenizer = load_tokenizer(dict(spec.model))
+    template, encode, room = PromptTemplate(task), encoder(spec, tokenizer), answer_room(task)
     encoded = [encode.encode(template.render(row), room) for row in train]
-    return LengthReport(task=task["name"], model=str(cfg.model.name), source=source, max_length=int(cfg.max_length),
+    return LengthReport(task=task["name"], model=spec.model["name"], source=source, max_length=spec.max_length,
                         lengths=[max(map(len, e.sequences)) for e in encoded],
                         truncated=sum(e.truncated for e in encoded), l_t=l_t)
 

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from .errors import ZobenchError
 
@@ -34,9 +34,10 @@ class Sink:
         """The run's metrics.json; the tracker's run ends."""
 
 
-def open_trackers(cfg: DictConfig, run_dir: Path, resumed: bool = False) -> list[Sink]:
-    settings = OmegaConf.to_container(cfg.logger, resolve=True) if "logger" in cfg else {"name": "none"}
-    name = str(settings.get("name", "none"))
+def open_trackers(spec, run_dir: Path, resumed: bool = False) -> list[Sink]:
+    """The trackers of `spec.logger` (zobench/spec.RunSpec), each sent the run's whole resolved config."""
+    settings = dict(spec.logger)
+    name = settings.get("name")
     if name == "none":
         return []
     if name not in TRACKERS:
@@ -47,7 +48,7 @@ def open_trackers(cfg: DictConfig, run_dir: Path, resumed: bool = False) -> list
         raise ZobenchError(f"logger={name} needs the {PACKAGES[name]} package: "
                            f"pip install 'zobench[{name}]'") from error
     sink = {"tensorboard": TensorBoardSink, "mlflow": MlflowSink, "wandb": WandbSink}[name]
-    return [sink(settings, Path(run_dir), OmegaConf.to_container(cfg, resolve=True), resumed)]
+    return [sink(settings, Path(run_dir), dict(spec.config), resumed)]
 
 
 # -- what every tracker logs, named the same way ------------------------------------------------------

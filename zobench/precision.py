@@ -29,6 +29,7 @@ from .errors import ZobenchError
 ZO_UPDATES = ("reference", "fused")
 DTYPE_CHOICES = ("weights", "float32")
 SCALINGS = ("auto", "dynamic", "none")
+KEYS = ("name", "zo_update", "loss_dtype", "state_dtype", "master_weights", "update_dtype", "loss_scaling", "grad_clip")
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,18 @@ class Precision:
 
 
 def from_config(node, weights: torch.dtype) -> Precision:
-    """The policy of `node` (cfg.precision; None: zobench's defaults) for weights of dtype `weights`."""
+    """The policy of `node` (the config's `precision:`, every key set there: its defaults live in
+    conf/config.yaml) for weights of dtype `weights`; None: the dataclass's own (an optimizer built alone)."""
     if node is None:
         return Precision(weights=weights)
-    get = node.get
+    missing = [key for key in KEYS if key not in node]
+    if missing:
+        raise ZobenchError(f"precision.{missing[0]} is missing (conf/config.yaml sets every precision key)")
     policy = Precision(
-        weights=weights, name=str(get("name", "zobench")), zo_update=str(get("zo_update", "fused")),
-        loss_dtype=str(get("loss_dtype", "float32")), state_dtype=str(get("state_dtype", "float32")),
-        master_weights=bool(get("master_weights", True)), update_dtype=str(get("update_dtype", "float32")),
-        loss_scaling=str(get("loss_scaling", "auto")),
-        grad_clip=None if get("grad_clip") is None else float(get("grad_clip")))
+        weights=weights, name=str(node["name"]), zo_update=str(node["zo_update"]), loss_dtype=str(node["loss_dtype"]),
+        state_dtype=str(node["state_dtype"]), master_weights=bool(node["master_weights"]),
+        update_dtype=str(node["update_dtype"]), loss_scaling=str(node["loss_scaling"]),
+        grad_clip=None if node["grad_clip"] is None else float(node["grad_clip"]))
     _check(policy)
     if policy.loss_scaling == "auto":  # dynamic scaling where fp16 gradients can underflow, as AMP/LOMO do
         policy = replace(policy, loss_scaling="dynamic" if weights == torch.float16 else "none")

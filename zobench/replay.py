@@ -21,18 +21,18 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
 
     from .checkpoint import TRAJECTORY, ReplayLoss, read_trajectory, replay
     from .errors import ZobenchError
-    from .build import build_method, build_model, precision_of
-    from .models import resolve_device, resolve_dtype
+    from .build import build_method, build_model
     from .optim.base import EVALUATION_ONLY
     from .run_dir import RunDir
     from .safe_files import read_yaml
+    from .spec import RunSpec
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise ZobenchError(f"{run_dir}: not a zobench run directory (no config.yaml)")
     try:
         cfg = OmegaConf.create(read_yaml(run_dir / "config.yaml"))  # a received file: regular, small, no aliases
-        keep_best = str(cfg.train.keep_best)
+        spec = RunSpec.from_cfg(cfg)  # read and checked as a run's: a received config is data like any other
     except ZobenchError as error:  # refused by safe_files (a FIFO, too large, aliases) or not YAML
         reason = str(error).replace(str(run_dir / "config.yaml"), "it")
         raise ZobenchError(f"{run_dir / 'config.yaml'} is not a zobench run's config ({reason})") from None
@@ -45,7 +45,7 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     done = metrics.get("steps") if isinstance(metrics.get("steps"), int) else 0
     if step is None:  # what the run tested: its best-on-dev step, else its last
         best = metrics.get("best_step")
-        step = best if keep_best != "none" and isinstance(best, int) and best else max(done, len(records))
+        step = best if spec.train.keep_best != "none" and isinstance(best, int) and best else max(done, len(records))
     if step < 0 or step > len(records):
         path = run_dir / TRAJECTORY
         raise ZobenchError(f"{path} is missing: zobench-replay rebuilds the weights of step {step} from it"
@@ -54,14 +54,13 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
                            + (f": it is short (the run recorded {done} steps)" if len(records) < done else ""))
     out = Path(out) if out else run_dir / f"model-step-{step}"
     _check_out(out)  # before the base model is loaded
-    device = resolve_device(str(cfg.device))
-    dtype = resolve_dtype(str(cfg.dtype), device)
-    model, tokenizer, saveable = build_model(cfg, device, dtype)  # with the run's adapter, as the run built it
-    optimizer = build_method(cfg, model, ReplayLoss(), precision_of(cfg, dtype))
+    model, tokenizer, saveable = build_model(spec)  # with the run's adapter, as the run built it
+    optimizer = build_method(spec, model, ReplayLoss())
+    name = spec.method.name
     if optimizer.kind == EVALUATION_ONLY:  # zero-shot, ICL, linear probing
-        raise ZobenchError(f"optimizer={cfg.optimizer.name} trains nothing: its model is {cfg.model.name} as loaded")
+        raise ZobenchError(f"optimizer={name} trains nothing: its model is {spec.model['name']} as loaded")
     if not optimizer.replayable:
-        raise ZobenchError(f"optimizer={cfg.optimizer.name} runs cannot be replayed from a trajectory: it takes real "
+        raise ZobenchError(f"optimizer={name} runs cannot be replayed from a trajectory: it takes real "
                            f"gradients; use its saved model (save_model=true) instead")
     with torch.no_grad():
         replay(optimizer, records[:step])

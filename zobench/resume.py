@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from .checkpoint import Checkpointer
 from .errors import ZobenchError
 from .run_dir import RunDir, text_sha256
@@ -15,8 +13,8 @@ from .safe_files import YAML_LIMIT, read_text
 log = logging.getLogger(__name__)
 
 
-def resumable_state(directory: RunDir, cfg: DictConfig) -> dict[str, Any] | None:
-    """None for a fresh directory, or for an unfinished run that left no checkpoint (it starts again from
+def resumable_state(directory: RunDir, config_yaml: str) -> dict[str, Any] | None:
+    """`config_yaml`: the run's config.yaml text (RunSpec.config_yaml). None for a fresh directory, or for an unfinished run that left no checkpoint (it starts again from
     step 0, what it recorded moved to attempts/N); else the checkpoint of an unfinished run made with the
     same config, its records rewound to it."""
     metrics = directory.read_json("metrics.json")
@@ -31,7 +29,7 @@ def resumable_state(directory: RunDir, cfg: DictConfig) -> dict[str, Any] | None
         raise ZobenchError(f"{run_dir} holds a diverged run that left no checkpoint; zobench never overwrites "
                            f"results: start a new run")
     saved = read_text(run_dir / "config.yaml", YAML_LIMIT) if (run_dir / "config.yaml").exists() else None
-    if saved != OmegaConf.to_yaml(cfg, resolve=True):
+    if saved != config_yaml:
         raise ZobenchError(f"{run_dir} was started with another config; resume it as it was with "
                            f"`zobench resume={run_dir}`")
     if state is None:  # killed or failed before its first checkpoint: nothing to resume, nothing lost

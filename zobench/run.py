@@ -15,12 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .best_weights import BestOnDev
-from .build import (Evaluator, build_method, build_model, check_method, device_and_dtype, encode_splits, precision_of,
-                    sample_splits)
+from .build import Evaluator, build_method, build_model, encode_splits, sample_splits
 from .checkpoint import Checkpointer, RecordingLoss
 from .early_stopping import EarlyStopping
 from .encoding import collate
-from .epochs import resolve_epochs
 from .errors import Diverged, Interrupted, ZobenchError
 from .failures import run_failure
 from .loggers import open_trackers
@@ -30,22 +28,23 @@ from .optim.base import EVALUATION_ONLY
 from .resume import resumable_state
 from .run_dir import RunDir
 from .run_record import RunRecord, device_name, scores
+from .spec import RunSpec
 from .stop_signals import signals_stop
-from .validate import validate
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+def run(cfg: DictConfig | RunSpec, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run one job into `run_dir`, or resume the interrupted/failed one there; returns metrics.json's
     content. Raises after recording a failure. `overrides`: the command line, kept for `zobench resume=`."""
     directory = RunDir(run_dir).claim()  # the lock, for the job's lifetime; refuses foreign and live folders
     job = None
     try:
-        resume_state = resumable_state(directory, cfg)
+        spec = _spec(cfg, directory, overrides)
+        resume_state = resumable_state(directory, spec.config_yaml)
         if resume_state is None:
-            directory.start(OmegaConf.to_yaml(cfg, resolve=True), overrides)
-        job = Job(cfg, directory, resume_state)
+            directory.start(spec.config_yaml, overrides)
+        job = Job(spec, directory, resume_state)
         try:
             with signals_stop(job):
                 job.execute()
@@ -70,14 +69,27 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     return job.record.metrics
 
 
+def _spec(cfg: DictConfig | RunSpec, directory: RunDir, overrides: list[str] | None) -> RunSpec:
+    """The run's spec: every check before any data or model is read. The CLI refuses a bad config before it
+    calls run() (exit 2); a caller of run() itself finds the refusal recorded in the folder too."""
+    if isinstance(cfg, RunSpec):
+        return cfg
+    try:
+        return RunSpec.from_cfg(cfg)
+    except ZobenchError as error:
+        directory.start(OmegaConf.to_yaml(cfg), overrides)
+        directory.write_metrics({"status": "failed", "error": str(error), "steps": 0}, final=True)
+        raise
+
+
 class Job:
     """One run: `execute()` builds its parts and runs the recipe; the record, the best on dev and the
     checkpointer are what run() reads when it ends, however it ends."""
 
-    def __init__(self, cfg: DictConfig, directory: RunDir, resume_state: dict[str, Any] | None = None):
-        self.cfg, self.directory, self.resume_state = cfg, directory, resume_state
+    def __init__(self, spec: RunSpec, directory: RunDir, resume_state: dict[str, Any] | None = None):
+        self.spec, self.directory, self.resume_state = spec, directory, resume_state
         resumed = resume_state or {}
-        self.record = RunRecord(cfg, directory, resumed.get("job"), resumed.get("step", 0))
+        self.record = RunRecord(spec, directory, resumed.get("job"), resumed.get("step", 0))
         self.best: BestOnDev | None = None  # built with the model
         self.checkpointer: Checkpointer | None = None  # a method that trains has one
         self.stopper = EarlyStopping()  # train.early_stop, set up in _train
@@ -86,38 +98,33 @@ class Job:
         self.in_training_loop = False
 
     def execute(self) -> None:
-        cfg, record = self.cfg, self.record
-        validate(cfg)
-        record.log.attach(open_trackers(cfg, self.directory.path, resumed=self.resume_state is not None))
-        device, dtype = device_and_dtype(cfg)
-        record.start_clocks(device)
-        torch.manual_seed(int(cfg.seed))
-        task = OmegaConf.to_container(cfg.task, resolve=True)
-        if task["train_as_classification"] and task["kind"] == "generation":
-            raise ZobenchError(f"task '{task['name']}' is a generation task: train_as_classification must be false")
-        check_method(cfg, task)
-        splits = self._data(task)
-        if resolve_epochs(cfg.train, len(splits.train)):  # train.epochs: steps from this task's training size
-            record.note(steps_planned=int(cfg.train.steps))
-        model, tokenizer, saveable = build_model(cfg, device, dtype, max_length=int(cfg.max_length))
+        record = self.record
+        record.log.attach(open_trackers(self.spec, self.directory.path, resumed=self.resume_state is not None))
+        record.start_clocks(self.spec.device)
+        torch.manual_seed(self.spec.seed)
+        splits = self._data()
+        spec = self.spec = self.spec.for_training_size(len(splits.train))  # train.epochs: steps from this size
+        if spec.train.epochs is not None:
+            record.note(steps_planned=spec.train.steps)
+        model, tokenizer, saveable = build_model(spec, max_length=spec.max_length)
         record.device = device = input_device(model)  # batches go where the (first shard of the) model is
-        record.note(device=device_name(device), dtype=str(dtype).removeprefix("torch."),
+        record.note(device=device_name(device), dtype=str(spec.dtype).removeprefix("torch."),
                     n_params=parameter_count(model))
-        encoded = encode_splits(cfg, task, splits, tokenizer)
+        encoded = encode_splits(spec, splits, tokenizer)
         record.note(**encoded.record())
-        precision = precision_of(cfg, dtype)
+        precision = spec.precision
         record.note(precision=precision.record())
         objective = Objective(model, record.counter, loss_dtype=precision.dtype_of(precision.loss_dtype))
         recording = RecordingLoss(objective)  # the loss values of each step: the ZO trajectory
-        method = build_method(cfg, model, recording, precision)
+        method = build_method(spec, model, recording)
         trains = method.kind != EVALUATION_ONLY
         # counted once the method is built: head-tuning chooses its trained parameters there
         record.note(n_trainable_params=sum(p.numel() for p in trained_parameters(model).values()) if trains else 0)
-        evaluator = Evaluator(objective, task, tokenizer, cfg, device)
-        self.best = BestOnDev(model, str(cfg.train.keep_best) if trains else "none", self.directory, record,
-                              select_by=str(cfg.train.select_by))
+        evaluator = Evaluator(objective, spec, tokenizer, device)
+        self.best = BestOnDev(model, spec.train.keep_best if trains else "none", self.directory, record,
+                              select_by=spec.train.select_by)
         if trains:
-            self.checkpointer = Checkpointer(self.directory, model, method, bool(cfg.checkpoint.weights))
+            self.checkpointer = Checkpointer(self.directory, model, method, spec.checkpoint.weights)
             start = 0 if self.resume_state is None else self.best.resume(self.checkpointer, self.resume_state)
             self._train(method, recording, encoded, tokenizer.pad_token_id, evaluator, start)
             self.best.restore()
@@ -125,16 +132,17 @@ class Job:
             evaluator = self._evaluate_only(method, objective, encoded, tokenizer.pad_token_id, evaluator)
         test = record.log_eval("test", record.metrics["steps"], evaluator, encoded.test)
         record.note(test_metric=test["metric"], test_scores=scores(test))
-        log.info("test %s = %s (dev %s = %s, best step %s)", task["metric"], _fmt(test["metric"]), task["metric"],
+        metric = spec.task["metric"]
+        log.info("test %s = %s (dev %s = %s, best step %s)", metric, _fmt(test["metric"]), metric,
                  _fmt(record.metrics["dev_metric"]), record.metrics["best_step"])
-        if cfg.save_model:  # the tested weights (with PEFT: the adapter alone), moved into place once complete
+        if spec.save_model:  # the tested weights (with PEFT: the adapter alone), moved into place once complete
             record.note(saved_model=str(self.directory.save_folder(
                 "model", lambda partial: (saveable.save_pretrained(partial), tokenizer.save_pretrained(partial)))))
         if self.checkpointer is not None:
             self.checkpointer.finish()
 
-    def _data(self, task: dict[str, Any]):
-        splits = sample_splits(task, self.cfg)
+    def _data(self):
+        splits = sample_splits(self.spec)
         self.directory.fingerprint("data", [splits.train, splits.dev, splits.test])  # a resume refuses other data
         self.record.note(data_source=splits.source, n_train=len(splits.train), n_dev=len(splits.dev),
                          n_test=len(splits.test))
@@ -145,7 +153,7 @@ class Job:
         the training sample's features) has those forward passes and seconds as the run's training cost."""
         self.record.note(steps_planned=0)
         with self.record.training():
-            fitted = method.fit_evaluator(objective, encoded.train, pad_id, int(self.cfg.eval.batch_size),
+            fitted = method.fit_evaluator(objective, encoded.train, pad_id, self.spec.eval.batch_size,
                                           self.record.device)
         if fitted is None:  # nothing was trained: no training seconds either
             self.record.note(train_wall_clock_s=0.0)
@@ -156,20 +164,20 @@ class Job:
         return evaluator
 
     def _train(self, method, recording, encoded, pad_id: int, evaluator, start: int) -> None:
-        cfg, record, train = self.cfg, self.record, encoded.train
-        steps, log_every, eval_every = int(cfg.train.steps), int(cfg.train.log_interval), int(cfg.train.eval_interval)
-        batches = method.batches([max(map(len, e.sequences)) for e in train], int(cfg.train.batch_size), int(cfg.seed))
+        spec, record, train = self.spec, self.record, encoded.train
+        steps, log_every, eval_every = spec.train.steps, spec.train.log_interval, spec.train.eval_interval
+        batches = method.batches([max(map(len, e.sequences)) for e in train], spec.train.batch_size, spec.seed)
         for _ in range(start):  # the data order of the steps already done
             next(batches)
-        stopper = self.stopper = EarlyStopping.from_config(cfg.train.get("early_stop"), bool(encoded.dev))
+        stopper = self.stopper = EarlyStopping.from_spec(spec.train.early_stop, bool(encoded.dev))
         if self.resume_state is not None:
             stopper.load_state_dict(self.resume_state["job"].get("early_stop"))
         if stopper.stopped:  # resumed after an early stop: training is over
             return
         if start == 0 and stopper.due(0, regular=False):  # AdaMeZO evaluates the initial weights too
             stopper.observe(0, self._dev_eval(evaluator, encoded.dev, 0, select=False))
-        classification = bool(cfg.task.train_as_classification)
-        bar = tqdm(total=steps, initial=start, desc=f"{cfg.optimizer.name} {cfg.task.name}", unit="step",
+        classification = spec.task["train_as_classification"]
+        bar = tqdm(total=steps, initial=start, desc=f"{spec.method.name} {spec.task['name']}", unit="step",
                    dynamic_ncols=True, disable=None)
         self.in_training_loop = True
         record.start_progress(steps, start)  # lines for a log without a terminal; the bar stays for terminals
@@ -190,7 +198,7 @@ class Job:
                         result = self._dev_eval(evaluator, encoded.dev, step, select=regular)
                         if early and stopper.observe(step, result):
                             self._stop_early(result, step, selected=regular)
-                    if regular or early or step % int(cfg.checkpoint.every) == 0 or self.stop_requested:
+                    if regular or early or step % spec.checkpoint.every == 0 or self.stop_requested:
                         self.checkpointer.save(step, self._job_state())
                     if self.stop_requested:
                         raise Interrupted("stop requested")

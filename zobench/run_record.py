@@ -107,7 +107,7 @@ class RunRecord:
     `training()` and stops for evaluations. A resumed run goes on from the checkpoint's `state_dict()`.
     """
 
-    def __init__(self, cfg, directory: RunDir, state: dict[str, Any] | None = None, step: int = 0):
+    def __init__(self, spec, directory: RunDir, state: dict[str, Any] | None = None, step: int = 0):
         """A new record, or (`state`: a checkpoint's) a resumed run's from `step`; metrics.json written."""
         self.directory = directory
         self.device = torch.device("cpu")
@@ -120,7 +120,7 @@ class RunRecord:
         self.progress: Progress | None = None  # the training loop's progress lines, set by start_progress
         self.clock = Stopwatch(self.device)
         self.log = JsonlLog(directory.records("log.jsonl"))
-        self.metrics: dict[str, Any] = initial_metrics(cfg, directory.path)
+        self.metrics: dict[str, Any] = initial_metrics(spec, directory.path)
         if state is not None:
             self.load_state_dict(state, step)
         self.note(**directory.provenance())  # run id, config.yaml's SHA-256, earlier attempts
@@ -264,19 +264,17 @@ def scores(result: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in result.items() if k in ("accuracy", "f1", "em")}
 
 
-def initial_metrics(cfg, run_dir: Path) -> dict[str, Any]:
-    """metrics.json as a job starts: every key of the run contract (DESIGN.md), filled in as the run goes."""
-    from omegaconf import OmegaConf
-
+def initial_metrics(spec, run_dir: Path) -> dict[str, Any]:
+    """metrics.json as a job starts (`spec`: zobench/spec.RunSpec): every key of the run contract (DESIGN.md),
+    filled in as the run goes."""
     from . import __version__
 
     return {
-        "task": cfg.task.name, "model": cfg.model.name, "optimizer": cfg.optimizer.name,
-        "seed": int(cfg.seed), "data_seed": int(cfg.data.seed), "status": "running", "error": None,
-        "peft": OmegaConf.select(cfg, "peft.name", default="none"),
-        "icl_k": int(OmegaConf.select(cfg, "icl.k", default=0)),
-        "metric": cfg.task.metric, "test_metric": None, "dev_metric": None, "dev_loss": None,
-        "test_scores": None, "best_step": None, "steps": 0, "steps_planned": int(cfg.train.steps),
+        "task": spec.task["name"], "model": spec.model["name"], "optimizer": spec.method.name,
+        "seed": spec.seed, "data_seed": spec.data.seed, "status": "running", "error": None,
+        "peft": spec.peft_name, "icl_k": spec.icl_k,
+        "metric": spec.task["metric"], "test_metric": None, "dev_metric": None, "dev_loss": None,
+        "test_scores": None, "best_step": None, "steps": 0, "steps_planned": spec.train.steps,
         "forward_passes": 0, "backward_passes": 0, "tokens": 0, "eval_forward_passes": 0,
         "wall_clock_s": None, "train_wall_clock_s": None, "peak_memory_bytes": None,
         "peak_memory_method": None, "device": None, "dtype": None, "precision": None, "n_params": None,

@@ -28,13 +28,19 @@ REGISTERED = frozenset({
     "zobench.optim.zo_sgd_momentum.ZOSGDMomentum",
     "zobench.optim.zo_sgd_sign.ZOSGDSign",
     "zobench.optim.zo_sign_adamw.ZOSignAdamW",
-    "zobench.head_tuning.HeadTuning",
-    "zobench.linear_probe.LinearProbe",
+    "zobench.optim.head_tuning.HeadTuning",
+    "zobench.optim.linear_probe.LinearProbe",
 })
+
+
+# Classes that moved: a run folder written before names them by their old path (its resume and replay)
+MOVED = {"zobench.head_tuning.HeadTuning": "zobench.optim.head_tuning.HeadTuning",
+         "zobench.linear_probe.LinearProbe": "zobench.optim.linear_probe.LinearProbe"}
 
 
 def check_target(target) -> str:
     """`target` if it is one of zobench's optimizer classes; else one line naming the key and the fix."""
+    target = MOVED.get(target, target) if isinstance(target, str) else target
     if not isinstance(target, str) or target not in REGISTERED:
         raise ZobenchError(f"optimizer._target_={target!r} is not one of zobench's optimizer classes: zobench "
                            f"builds only its own ({', '.join(sorted(REGISTERED))}); choose one with optimizer=NAME")
@@ -47,6 +53,11 @@ def optimizer_class(target) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def build_optimizer(cfg, model, loss_fn, *, seed: int, total_steps: int, precision: Precision | None = None) -> Optimizer:
-    cls = optimizer_class(cfg.get("_target_"))
-    return cls(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
+def build_optimizer(method, model, loss_fn, *, seed: int, total_steps: int, precision: Precision | None = None) -> Optimizer:
+    """The method over `model`: `method` is a MethodSpec (settings.py), or an optimizer config node, read
+    (and checked) into one first."""
+    from .settings import MethodSpec, read_method
+
+    if not isinstance(method, MethodSpec):
+        method = read_method(method)
+    return method.cls(model, loss_fn, method.settings, seed=seed, total_steps=total_steps, precision=precision)

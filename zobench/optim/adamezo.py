@@ -18,6 +18,7 @@ rounds as precision.zo_update says (numerics.py: reference = trainer.py's param.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
@@ -26,16 +27,26 @@ from .mezo import MeZO
 
 
 class AdaMeZO(MeZO):
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
-        if self.q != 1:
-            raise ZobenchError(f"adamezo keeps one direction per step (q=1, as its reference code), got q={self.q}")
-        self.horizon = int(cfg.horizon)
-        self.beta1, self.beta2 = float(cfg.beta1), float(cfg.beta2)
-        self.scale, self.delta = float(cfg.scale), float(cfg.delta)
-        if self.horizon < 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.delta <= 0:
-            raise ZobenchError("adamezo needs horizon >= 0, beta1 and beta2 in [0, 1) and delta > 0, got "
-                               f"{self.horizon}, {self.beta1}, {self.beta2}, {self.delta}")
+    @dataclass(frozen=True)
+    class Settings(MeZO.Settings):
+        horizon: int  # h: directions the moments look back over (the reference's HESS_WINDOW)
+        beta1: float
+        beta2: float
+        scale: float  # the fixed factor on m / (sqrt(v) + delta)
+        delta: float
+
+    @classmethod
+    def check_settings(cls, settings, prefix: str) -> None:
+        super().check_settings(settings, prefix)
+        if settings.q != 1:
+            raise ZobenchError(f"{prefix}.q must be 1: adamezo keeps one direction per step (as its reference "
+                               f"code), got {settings.q}")
+
+    def __init__(self, model, loss_fn, settings, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, settings, seed=seed, total_steps=total_steps, precision=precision)
+        self.horizon = settings.horizon
+        self.beta1, self.beta2 = settings.beta1, settings.beta2
+        self.scale, self.delta = settings.scale, settings.delta
         self.history: deque[tuple[int, float]] = deque(maxlen=max(self.horizon, 1))  # (seed, c), oldest first
         self.updates = 0
 

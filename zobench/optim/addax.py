@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import statistics
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Mapping
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -36,17 +37,27 @@ ZO_METHODS = ("mezo", "sparse_mezo", "adamezo")
 
 
 class Addax(Optimizer):
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
-        self.alpha, self.k0, self.k1 = float(cfg.alpha), int(cfg.k0), int(cfg.k1)
-        self.l_t = None if cfg.get("l_t") is None else int(cfg.l_t)
-        self.weight_decay = float(cfg.get("weight_decay", 0.0))
-        if not 0.0 <= self.alpha <= 1.0 or self.k0 < 1 or self.k1 < 1:
-            raise ZobenchError(f"addax needs alpha in [0, 1] and k0, k1 >= 1, got alpha={self.alpha}, "
-                               f"k0={self.k0}, k1={self.k1}")
+    @dataclass(frozen=True)
+    class Settings(Optimizer.Settings):
+        eps: float  # the ZO half's perturbation (MeZO's)
+        alpha: float  # weight of the ZO estimate
+        k0: int  # long examples per step, zeroth-order
+        k1: int  # short examples per step, first-order
+        l_t: int | None  # length threshold in tokens; None: the median training length
+        zo: str  # the ZO half: one of ZO_METHODS
+        zo_options: Mapping  # overrides of the ZO half's settings
+
+    @classmethod
+    def check_settings(cls, settings, prefix: str) -> None:
+        super().check_settings(settings, prefix)
+        zo_half(settings, prefix)  # the ZO half's settings, checked as its own optimizer's
+
+    def __init__(self, model, loss_fn, settings, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, settings, seed=seed, total_steps=total_steps, precision=precision)
+        self.alpha, self.k0, self.k1, self.l_t = settings.alpha, settings.k0, settings.k1, settings.l_t
         from . import build_optimizer  # the package's builder; imported here to avoid a cycle
 
-        self.zo = build_optimizer(zo_config(cfg), model, loss_fn, seed=seed, total_steps=total_steps,
+        self.zo = build_optimizer(zo_half(settings), model, loss_fn, seed=seed, total_steps=total_steps,
                                   precision=precision)
         self.fo = InPlaceSGDStep(model, self.precision)  # the FO half: IP-SGD's numerics and loss scaler
 
@@ -104,14 +115,20 @@ class Addax(Optimizer):
         self.fo.load_state_dict(state)
 
 
-def zo_config(cfg):
-    """The ZO half's config: conf/optimizer/<zo>.yaml, Addax's lr and eps, then `zo_options`."""
-    name = str(cfg.get("zo", "mezo"))
-    if name not in ZO_METHODS:
-        raise ZobenchError(f"optimizer.zo '{name}' is not a ZO method addax can use; valid: {', '.join(ZO_METHODS)}")
-    base = OmegaConf.load(conf_dir() / "optimizer" / f"{name}.yaml")
-    own = {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": 0.0, "schedule": "constant"}  # Addax applies lr and wd
-    return OmegaConf.merge(base, own, cfg.get("zo_options") or {})
+def zo_half(settings, prefix: str = "optimizer"):
+    """The ZO half's method (optim/settings.MethodSpec): conf/optimizer/<zo>.yaml, Addax's lr and eps, then
+    `zo_options`, read and checked as that optimizer's own settings."""
+    from .settings import read_method
+
+    if settings.zo not in ZO_METHODS:
+        raise ZobenchError(f"{prefix}.zo {settings.zo!r:.60} is not a ZO method addax can use; valid: "
+                           f"{', '.join(ZO_METHODS)}")
+    base = OmegaConf.to_container(OmegaConf.load(conf_dir() / "optimizer" / f"{settings.zo}.yaml"))
+    own = {"lr": settings.lr, "eps": settings.eps, "weight_decay": 0.0, "schedule": "constant"}  # Addax applies both
+    options = dict(settings.zo_options)
+    if "_target_" in options or "name" in options:
+        raise ZobenchError(f"{prefix}.zo_options sets the ZO half's settings; its method is {prefix}.zo")
+    return read_method({**base, **own, **options}, f"{prefix}.zo_options")
 
 
 def _shuffled_forever(indices: list[int], rng: np.random.RandomState) -> Iterator[int]:

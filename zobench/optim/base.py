@@ -1,13 +1,15 @@
 """The interface every optimizer offers the runner; optimizers know nothing of tasks or data.
 
-An optimizer gets the model, a loss closure (batch -> scalar loss tensor) and its config node
-(conf/optimizer/<name>.yaml); `step(batch)` does one update and returns the loss it logs.
+An optimizer gets the model, a loss closure (batch -> scalar loss tensor) and its typed settings (its
+`Settings` dataclass, read from conf/optimizer/<name>.yaml by optim/settings.py, where they are checked);
+`step(batch)` does one update and returns the loss it logs.
 Which examples make up each step's batch is the optimizer's choice too (`batches`), made from the
 examples' token lengths only: Addax, say, sends short and long examples different ways.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -28,22 +30,31 @@ KINDS = (ZEROTH_ORDER, FIRST_ORDER, EVALUATION_ONLY)
 class Optimizer:
     kind = FIRST_ORDER
 
-    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, cfg, *, seed: int, total_steps: int,
+    @dataclass(frozen=True)
+    class Settings:
+        lr: float
+        schedule: str  # constant | linear (decay to 0 over train.steps)
+        weight_decay: float
+
+    @classmethod
+    def check_settings(cls, settings, prefix: str) -> None:
+        """Rules between settings, or on a choice (optim/settings.py checks types and ranges by name)."""
+        if settings.schedule not in SCHEDULES:
+            raise ZobenchError(f"{prefix}.schedule must be one of {', '.join(SCHEDULES)}, got {settings.schedule!r:.60}")
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, settings, *, seed: int, total_steps: int,
                  precision: Precision | None = None):
         self.model = model
         # the run's precision policy (zobench/precision.py); without one, zobench's defaults for the weights' dtype
         self.precision = precision or Precision(weights=_weights_dtype(model))
         self.loss_fn = loss_fn
-        self.cfg = cfg
+        self.settings = settings
         self.seed = int(seed)
         self.total_steps = int(total_steps)
         self.steps_done = 0
-        self.base_lr = float(cfg.lr)
-        self.schedule = str(cfg.get("schedule", "constant"))
-        if self.base_lr < 0:
-            raise ZobenchError(f"optimizer.lr must be >= 0, got {self.base_lr}")
-        if self.schedule not in SCHEDULES:
-            raise ZobenchError(f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule}")
+        self.base_lr = settings.lr
+        self.schedule = settings.schedule
+        self.weight_decay = settings.weight_decay
 
     @classmethod
     def check_run(cls, name: str, task: dict[str, Any], icl_k: int, peft: str) -> None:

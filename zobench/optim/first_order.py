@@ -18,8 +18,11 @@ zero in fp16 (one step left 180,267 weights non-finite, issue 13), and no refere
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
@@ -36,11 +39,33 @@ TORCH_OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": t
 
 
 class TorchOptimizer(Optimizer):
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
-        name = str(cfg.torch_class)
+    @dataclass(frozen=True)
+    class Settings(Optimizer.Settings):
+        torch_class: str  # one of TORCH_OPTIMIZERS
+        kwargs: Mapping  # the torch optimizer's other arguments (betas, eps, momentum, ...)
+
+    @classmethod
+    def check_settings(cls, settings, prefix: str) -> None:
+        super().check_settings(settings, prefix)
+        from .settings import check_numbers
+
+        name = settings.torch_class
         if name not in TORCH_OPTIMIZERS:
-            raise ZobenchError(f"optimizer.torch_class must be one of {', '.join(TORCH_OPTIMIZERS)}, got {name}")
+            raise ZobenchError(f"{prefix}.torch_class must be one of {', '.join(TORCH_OPTIMIZERS)}, got {name!r:.60}")
+        accepted = set(inspect.signature(TORCH_OPTIMIZERS[name]).parameters) - {"params", "lr", "weight_decay"}
+        unknown = sorted(set(settings.kwargs) - accepted)
+        if unknown:
+            raise ZobenchError(f"{prefix}.kwargs.{unknown[0]} is not an argument of {name} (lr and weight_decay "
+                               f"are {prefix}.lr, {prefix}.weight_decay); it takes: {', '.join(sorted(accepted))}")
+        check_numbers(settings.kwargs, f"{prefix}.kwargs")
+
+    def clip_of(self, settings) -> float | None:
+        """The method's own gradient clipping (precision.grad_clip, when set, wins): none for torch.optim's."""
+        return None
+
+    def __init__(self, model, loss_fn, settings, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, settings, seed=seed, total_steps=total_steps, precision=precision)
+        name = settings.torch_class
         policy = self.precision
         named = list(trained_parameters(model).items())
         self.autocast_dtype = policy.weights if policy.half and policy.master_weights else None
@@ -48,7 +73,7 @@ class TorchOptimizer(Optimizer):
             _to_fp32(named)
         elif policy.weights == torch.float16:
             raise ZobenchError(
-                f"optimizer={cfg.get('name', name.lower())} on float16 weights needs fp32 master weights: add "
+                f"optimizer.torch_class={name} on float16 weights needs fp32 master weights: add "
                 f"precision.master_weights=true (HF Trainer --fp16: fp32 weights, fp16 autocast, loss scaling; "
                 f"MeZO's FT row), or use dtype=float32, or optimizer=ip_sgd (in-place, fp32 update arithmetic)")
         elif policy.half:
@@ -56,16 +81,14 @@ class TorchOptimizer(Optimizer):
                         "step are lost; precision.master_weights=true keeps fp32 weights", name,
                         str(policy.weights).removeprefix("torch."))
         self.scaler = scaler_for(policy)
-        # optimizer.max_grad_norm: a method's own clipping (head-tuning: HF Trainer's 1.0); precision.grad_clip wins
-        default_clip = cfg.get("max_grad_norm")
-        self.clip = policy.grad_clip if policy.grad_clip is not None else (
-            None if default_clip is None else float(default_clip))
+        # a method's own clipping (head-tuning: HF Trainer's 1.0); precision.grad_clip wins
+        self.clip = policy.grad_clip if policy.grad_clip is not None else self.clip_of(settings)
         self.grad_norm: float | None = None  # the last step's unscaled gradient norm, before clipping
-        wd = float(cfg.get("weight_decay", 0.0))
+        wd = self.weight_decay
         groups = [{"params": [p for n, p in named if decays(n)], "weight_decay": wd},
                   {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0}]
         self.params = [p for _, p in named]
-        extra = dict(cfg.get("kwargs") or {})
+        extra = dict(settings.kwargs)
         if "betas" in extra:
             extra["betas"] = tuple(extra["betas"])
         self.optimizer = TORCH_OPTIMIZERS[name](groups, lr=self.base_lr, **extra)

@@ -166,9 +166,8 @@ def _chunks(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 class InPlaceSGD(Optimizer):
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
-        self.weight_decay = float(cfg.get("weight_decay", 0.0))
+    def __init__(self, model, loss_fn, settings, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, settings, seed=seed, total_steps=total_steps, precision=precision)
         self.in_place = InPlaceSGDStep(model, self.precision)
 
     def _step(self, batch) -> float:

@@ -8,10 +8,11 @@ Per direction k (q of them, all evaluated at the same θ):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ..errors import Diverged, ZobenchError
+from ..errors import Diverged
 from .base import ZEROTH_ORDER, Optimizer
 from .engine import PerturbationEngine
 
@@ -19,15 +20,14 @@ from .engine import PerturbationEngine
 class MeZO(Optimizer):
     kind = ZEROTH_ORDER
 
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
-        self.eps = float(cfg.eps)
-        self.q = int(cfg.get("q", 1))
-        self.weight_decay = float(cfg.get("weight_decay", 0.0))
-        if self.eps <= 0:
-            raise ZobenchError(f"optimizer.eps must be > 0, got {self.eps}")
-        if self.q < 1:
-            raise ZobenchError(f"optimizer.q (directions per step) must be >= 1, got {self.q}")
+    @dataclass(frozen=True)
+    class Settings(Optimizer.Settings):
+        eps: float  # the perturbation size
+        q: int  # directions per step
+
+    def __init__(self, model, loss_fn, settings, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, settings, seed=seed, total_steps=total_steps, precision=precision)
+        self.eps, self.q = settings.eps, settings.q
         self.engine = PerturbationEngine(model.named_parameters(), seed, precision=self.precision)
         self.last_projected_grads: list[tuple[int, float]] = []  # (seed, g) of the last step
 

@@ -23,22 +23,24 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ..errors import Diverged, ZobenchError
+from ..errors import Diverged
 from . import engine as engine_module
 from .engine import PerturbationEngine
 from .mezo import MeZO
 
 
 class SparseMeZO(MeZO):
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
-        sparsity = float(cfg.sparsity)
-        if not 0.0 <= sparsity < 1.0:
-            raise ZobenchError(f"optimizer.sparsity (fraction of each weight matrix left frozen) must be in [0, 1), "
-                               f"got {sparsity}")
+    @dataclass(frozen=True)
+    class Settings(MeZO.Settings):
+        sparsity: float  # the fraction of each weight matrix left frozen (the largest magnitudes)
+
+    def __init__(self, model, loss_fn, settings, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, settings, seed=seed, total_steps=total_steps, precision=precision)
+        sparsity = settings.sparsity
         self.engine = PerturbationEngine(model.named_parameters(), seed, mask=self.mask, precision=self.precision)
         thresholds = {index: magnitude_threshold(param, 1.0 - sparsity)
                       for index, (_, param) in enumerate(self.engine.named) if sparsity > 0 and param.dim() >= 2}

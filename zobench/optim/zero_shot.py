@@ -6,6 +6,8 @@ forward passes are counted as in any run, training's are 0.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import ZobenchError
 from .base import EVALUATION_ONLY
 
@@ -14,8 +16,12 @@ class ZeroShot:
     kind = EVALUATION_ONLY
     replayable = False
 
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
-        self.model, self.loss_fn, self.cfg = model, loss_fn, cfg
+    @dataclass(frozen=True)
+    class Settings:
+        pass  # the model as loaded: nothing to set
+
+    def __init__(self, model, loss_fn, settings, *, seed: int, total_steps: int, precision=None):
+        self.model, self.loss_fn, self.settings = model, loss_fn, settings
 
     @classmethod
     def check_run(cls, name: str, task: dict, icl_k: int, peft: str) -> None:

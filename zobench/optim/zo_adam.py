@@ -9,22 +9,25 @@ Two stored moments per parameter: three times MeZO's parameter memory (in fp32 s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ..errors import ZobenchError
 from .zo_stateful import StatefulZO
 
 
 class ZOAdam(StatefulZO):
     state_names = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
-        self.beta1, self.beta2 = (float(b) for b in cfg.betas)
-        self.adam_eps = float(cfg.adam_eps)
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ZobenchError(f"optimizer.betas must be in [0, 1), got {list(cfg.betas)}")
+    @dataclass(frozen=True)
+    class Settings(StatefulZO.Settings):
+        betas: tuple[float, float]
+        adam_eps: float  # Adam's own epsilon (eps is the perturbation size)
+
+    def __init__(self, model, loss_fn, settings, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, settings, seed=seed, total_steps=total_steps, precision=precision)
+        self.beta1, self.beta2 = settings.betas
+        self.adam_eps = settings.adam_eps
 
     def step_block(self, grad, state, lr, keep):
         """torch.optim.Adam's operations (foreach, as on CUDA): lerp_, mul_, addcmul_, sqrt, div_, add_(ε), then

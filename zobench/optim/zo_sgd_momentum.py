@@ -6,18 +6,21 @@ One stored buffer b per parameter: twice MeZO's parameter memory.
 
 from __future__ import annotations
 
-from ..errors import ZobenchError
+from dataclasses import dataclass
+
 from .zo_stateful import StatefulZO
 
 
 class ZOSGDMomentum(StatefulZO):
     state_names = ("momentum_buffer",)
 
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
-        self.momentum = float(cfg.momentum)
-        if not 0.0 <= self.momentum < 1.0:
-            raise ZobenchError(f"optimizer.momentum must be in [0, 1), got {self.momentum}")
+    @dataclass(frozen=True)
+    class Settings(StatefulZO.Settings):
+        momentum: float
+
+    def __init__(self, model, loss_fn, settings, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, settings, seed=seed, total_steps=total_steps, precision=precision)
+        self.momentum = settings.momentum
 
     def step_block(self, grad, state, lr, keep):
         buffer, = state  # torch.optim.SGD: buf.mul_(momentum).add_(grad), then param.add_(buf, alpha=-lr)

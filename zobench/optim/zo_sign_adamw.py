@@ -20,11 +20,12 @@ from .zo_adam import ZOAdam
 
 
 class ZOSignAdamW(ZOAdam):
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
-        if self.weight_decay:  # HF's decoupled decay is not L2 on the estimate (StatefulZO's wd): refuse it
-            raise ZobenchError(f"optimizer.weight_decay must be 0 for {cfg.get('name', 'zo_sgd_sign')} "
-                               f"(ZO-Bench's sign sweeps pass 0), got {self.weight_decay}")
+    @classmethod
+    def check_settings(cls, settings, prefix: str) -> None:
+        super().check_settings(settings, prefix)
+        if settings.weight_decay:  # HF's decoupled decay is not L2 on the estimate (StatefulZO's wd): refuse it
+            raise ZobenchError(f"{prefix}.weight_decay must be 0 for zo_sgd_sign (ZO-Bench's sign sweeps pass 0), "
+                               f"got {settings.weight_decay}")
 
     def update(self, pairs, lr: float, lr_times_wd: float, restore: bool) -> None:
         signed = [(seed, math.copysign(1.0, g) if g != 0 else 0.0) for seed, g in pairs]

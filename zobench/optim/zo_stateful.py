@@ -26,8 +26,8 @@ from .numerics import WIDE
 class StatefulZO(MeZO):
     state_names: tuple[str, ...] = ()
 
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
+    def __init__(self, model, loss_fn, settings, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, settings, seed=seed, total_steps=total_steps, precision=precision)
         self.state: dict[int, list[torch.Tensor]] = {}  # parameter index -> its full-size state tensors
         self.updates = 0
 

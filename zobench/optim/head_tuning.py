@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ZobenchError
-from .optim.first_order import TorchOptimizer
+from dataclasses import dataclass
+
+from ..errors import ZobenchError
+from .first_order import TorchOptimizer
 
 
 def train_head_only(model: torch.nn.Module, untie: bool) -> torch.nn.Parameter:
@@ -51,8 +53,16 @@ class HeadTuning(TorchOptimizer):
     16-bit autocast (HF AMP); master weights for the head alone would leave frozen 16-bit LayerNorms meeting
     the fp32 embedding output (CPU: "mixed dtype")."""
 
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
-        train_head_only(model, untie=bool(cfg.get("untie", False)))
+    @dataclass(frozen=True)
+    class Settings(TorchOptimizer.Settings):
+        max_grad_norm: float | None  # HF Trainer's default clipping (1.0); precision.grad_clip, when set, wins
+        untie: bool  # train a copy of the head, input embeddings frozen (MeZO --untie_emb)
+
+    def clip_of(self, settings) -> float | None:
+        return settings.max_grad_norm
+
+    def __init__(self, model, loss_fn, settings, *, seed: int, total_steps: int, precision=None):
+        train_head_only(model, untie=settings.untie)
         if precision is not None and precision.half and precision.master_weights:
             model.float()  # in place: the same Parameter objects, so the tie and the hooks stay
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
+        super().__init__(model, loss_fn, settings, seed=seed, total_steps=total_steps, precision=precision)

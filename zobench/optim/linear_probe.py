@@ -25,7 +25,7 @@ was fitted on. That side effect is MeZO's, not linear probing's; zobench leaves 
 scores the probe as fitted (a difference on those prompts only).
 
 Multiple-choice and generation tasks: MeZO tuned the LM head instead (`optimizer=head_tuning`,
-zobench/head_tuning.py).
+zobench/optim/head_tuning.py).
 
 The model never changes. The feature passes over the training sample are the run's training cost
 (forward passes, tokens, train seconds); those over dev and test are counted as evaluation.
@@ -36,16 +36,17 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .encoding import EncodedExample
-from .errors import ZobenchError
-from .metrics import accuracy
-from .optim.base import Optimizer
-from .optim.zero_shot import ZeroShot
+from ..encoding import EncodedExample
+from ..errors import ZobenchError
+from ..metrics import accuracy
+from .base import Optimizer
+from .zero_shot import ZeroShot
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,18 @@ MEZO_CS = np.logspace(-4, 4, 10)
 class LinearProbe(ZeroShot):
     """Takes no step (the runner's evaluate-only path); fits a logistic regression on frozen features."""
 
-    def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
-        super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
+    @dataclass(frozen=True)
+    class Settings:
+        cv: int  # folds of the cross-validation that chooses C
+        max_iter: int
+        tol: float
+        fit_intercept: bool
+
+    def __init__(self, model, loss_fn, settings, *, seed: int, total_steps: int, precision=None):
+        super().__init__(model, loss_fn, settings, seed=seed, total_steps=total_steps, precision=precision)
         self.seed = int(seed)
-        self.folds = int(cfg.get("cv", 5))
-        self.max_iter = int(cfg.get("max_iter", 5000))
-        self.tol = float(cfg.get("tol", 1e-4))
-        self.fit_intercept = bool(cfg.get("fit_intercept", False))
+        self.folds, self.max_iter, self.tol = settings.cv, settings.max_iter, settings.tol
+        self.fit_intercept = settings.fit_intercept
         self.classifier = None
         self.C = None  # the chosen inverse regularisation, in MeZO's (multinomial) units
 
