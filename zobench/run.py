@@ -27,7 +27,7 @@ from .objective import Objective
 from .optim.base import EVALUATION_ONLY
 from .resume import resumable_state
 from .run_dir import RunDir
-from .run_record import RunRecord, device_name, scores
+from .run_record import RunRecord, device_name
 from .spec import RunSpec
 from .stop_signals import signals_stop
 
@@ -70,12 +70,10 @@ def run(cfg: DictConfig | RunSpec, run_dir: str | Path, overrides: list[str] | N
 
 
 def _spec(cfg: DictConfig | RunSpec, directory: RunDir, overrides: list[str] | None) -> RunSpec:
-    """The run's spec: every check before any data or model is read. The CLI refuses a bad config before it
-    calls run() (exit 2); a caller of run() itself finds the refusal recorded in the folder too."""
-    if isinstance(cfg, RunSpec):
-        return cfg
+    """Every check before any data or model is read. The CLI refuses a bad config before it calls run() (exit
+    2); a caller of run() itself finds the refusal recorded in the folder too."""
     try:
-        return RunSpec.from_cfg(cfg)
+        return cfg if isinstance(cfg, RunSpec) else RunSpec.from_cfg(cfg)
     except ZobenchError as error:
         directory.start(OmegaConf.to_yaml(cfg), overrides)
         directory.write_metrics({"status": "failed", "error": str(error), "steps": 0}, final=True)
@@ -130,11 +128,7 @@ class Job:
             self.best.restore()
         else:
             evaluator = self._evaluate_only(method, objective, encoded, tokenizer.pad_token_id, evaluator)
-        test = record.log_eval("test", record.metrics["steps"], evaluator, encoded.test)
-        record.note(test_metric=test["metric"], test_scores=scores(test))
-        metric = spec.task["metric"]
-        log.info("test %s = %s (dev %s = %s, best step %s)", metric, _fmt(test["metric"]), metric,
-                 _fmt(record.metrics["dev_metric"]), record.metrics["best_step"])
+        record.log_test(evaluator, encoded.test)
         if spec.save_model:  # the tested weights (with PEFT: the adapter alone), moved into place once complete
             record.note(saved_model=str(self.directory.save_folder(
                 "model", lambda partial: (saveable.save_pretrained(partial), tokenizer.save_pretrained(partial)))))
@@ -248,7 +242,3 @@ def _collate_indices(indices, examples, pad_id, classification, device):
     if isinstance(indices, tuple):
         return tuple(_collate_indices(part, examples, pad_id, classification, device) for part in indices)
     return collate([examples[i] for i in indices], pad_id, classification).to(device)
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

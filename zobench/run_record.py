@@ -205,6 +205,14 @@ class RunRecord:
         log.info("dev at step %d: metric %.4f  loss %.4f%s", step, result["metric"], result["loss"],
                  "  (new best)" if best else "")
 
+    def log_test(self, evaluate, examples) -> None:
+        """The test evaluation of the tested weights: its line, metrics.json's test fields, the log's summary."""
+        test = self.log_eval("test", self.metrics["steps"], evaluate, examples)
+        self.note(test_metric=test["metric"], test_scores=scores(test))
+        m = self.metrics
+        log.info("test %s = %s (dev %s = %s, best step %s)", m["metric"], _fmt(m["test_metric"]), m["metric"],
+                 _fmt(m["dev_metric"]), m["best_step"])
+
     # -- evaluation -----------------------------------------------------------------------------
     def log_eval(self, split: str, step: int, evaluate, examples) -> dict[str, Any]:
         """`evaluate(examples)` with the training clock stopped, its passes counted as evaluation's; the
@@ -358,3 +366,7 @@ class Stopwatch:
 
     def elapsed(self) -> float:
         return self.now() - self.start
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
