@@ -20,6 +20,8 @@ import pytest
 from zobench.errors import ZobenchError
 
 STEPS = 3
+FP16 = {"mezo/fp16-reference": ["dtype=float16", "precision.zo_update=reference"],
+        "zo_sgd_momentum/fp16-fused": ["dtype=float16", "precision.zo_update=fused", "precision.state_dtype=weights"]}
 WORKER_TIMEOUT = 180
 
 
@@ -56,6 +58,15 @@ def test_sharded_steps_equal_one_process(found, name):
     assert run["ranks_agree"]  # the loss (and g) is the same on both ranks
 
 
+@pytest.mark.parametrize("name", FP16)
+def test_sharded_16_bit_steps_equal_one_process_bit_for_bit(found, name):
+    """fp16 weights, MeZO in MeZO's rounding (reference) and ZO-SGD momentum in zobench's (fused, fp16 state):
+    the shards round as one process's whole tensors do, element by element."""
+    run = found["steps"][name]
+    assert run["moved"] > 1e-4
+    assert run["weights_max_diff"] == 0.0 and run["losses"] == run["reference_losses"] and run["g"] == run["reference_g"]
+
+
 def test_stale_parameter_trap(found):
     """FSDP2 with its defaults keeps the root unit's (embeddings, head) gathered weights after a forward; a ZO
     step has no backward to reshard them, so the −eps forward reuses θ + eps·z there and g is wrong (the trap
@@ -66,19 +77,25 @@ def test_stale_parameter_trap(found):
     assert trap["fixed_g"] == pytest.approx(trap["reference_g"], abs=1e-6)
 
 
+def _method(name: str) -> type:
+    from omegaconf import OmegaConf
+
+    from zobench.optim import optimizer_class
+    from zobench.paths import conf_dir
+
+    return optimizer_class(OmegaConf.load(conf_dir() / "optimizer" / f"{name}.yaml")._target_)
+
+
 @pytest.mark.parametrize("name", ["sparse_mezo", "addax"])
 def test_methods_that_cannot_be_exact_are_refused_in_one_line(name):
-    from zobench.configs import compose
-    from zobench.optim import optimizer_class
     from zobench.parallel.zo_shard import check_method
 
-    cfg = compose([f"optimizer={name}"])
     with pytest.raises(ZobenchError) as refused:
-        check_method(optimizer_class(cfg.optimizer._target_), name)
+        check_method(_method(name), name)
     message = str(refused.value)
     assert "\n" not in message and f"optimizer={name}" in message and "parallel.zo=data" in message
-    for allowed in ("mezo", "zo_adam", "adamezo", "zo_sgd_momentum", "zo_sgd_sign"):
-        check_method(optimizer_class(compose([f"optimizer={allowed}"]).optimizer._target_), allowed)
+    for allowed in ("mezo", "zo_adam", "adamezo", "zo_sgd_momentum", "zo_sgd_sign", "zo_sign_adamw"):
+        check_method(_method(allowed), allowed)
 
 
 # -- the worker, under torchrun ----------------------------------------------------------------------------------
@@ -123,11 +140,11 @@ def _rows_per_rank(param):
 
 
 def _setup(name, overrides=()):
-    """(cfg, model, batches, precision), opt-tiny in fp32 on CPU, built as a run builds it."""
+    """(cfg, model, batches, precision), opt-tiny on CPU (fp32 unless `overrides` say), built as a run builds it."""
     import torch
     from omegaconf import OmegaConf
 
-    from zobench.build import build_model, encode_splits, precision_of, sample_splits
+    from zobench.build import build_model, device_and_dtype, encode_splits, precision_of, sample_splits
     from zobench.configs import compose
     from zobench.encoding import collate
 
@@ -137,12 +154,13 @@ def _setup(name, overrides=()):
     cfg = compose(QUICK + [f"optimizer={name}", "optimizer.lr=1e-3", "optimizer.eps=1e-3", *overrides])
     torch.manual_seed(int(cfg.seed))
     task = OmegaConf.to_container(cfg.task, resolve=True)
-    model, tokenizer, _ = build_model(cfg, torch.device("cpu"), torch.float32, max_length=int(cfg.max_length))
+    device, dtype = device_and_dtype(cfg)
+    model, tokenizer, _ = build_model(cfg, device, dtype, max_length=int(cfg.max_length))
     encoded = encode_splits(cfg, task, sample_splits(task, cfg), tokenizer)
     size = int(cfg.train.batch_size)
     batches = [collate(encoded.train[i * size:(i + 1) * size], tokenizer.pad_token_id,
                        classification=bool(task["train_as_classification"])) for i in range(len(encoded.train) // size)]
-    return cfg, model, batches, precision_of(cfg, torch.float32)
+    return cfg, model, batches, precision_of(cfg, dtype)
 
 
 def _steps(method, batches, steps):
@@ -220,6 +238,8 @@ def _worker(out: str) -> None:
         model.get_input_embeddings().weight)
     _, _, found["steps"]["zo_adam"] = _run("zo_adam", STEPS)
     _, _, found["steps"]["adamezo"] = _run("adamezo", 5, ["optimizer.horizon=2"])  # steps 4 and 5 adaptive
+    for name, overrides in FP16.items():  # 16-bit weights, both precision.zo_update modes
+        _, _, found["steps"][name] = _run(name.split("/")[0], STEPS, overrides)
     _, _, trap = _run("mezo", 1, sharding="defaults")
     _, _, fixed = _run("mezo", 1, sharding="defaults+fresh_forwards")
     found["trap"] = {"g": trap["g"][0], "fixed_g": fixed["g"][0], "reference_g": trap["reference_g"][0]}
