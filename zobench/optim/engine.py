@@ -247,22 +247,26 @@ class PerturbationEngine:
         rebuilt in each module that uses it. Assumes, as in HF models, that a module reads its
         parameters only in its own forward.
         """
+        # Parameters are found by the module and attribute holding them: under FSDP2 (parallel.zo=shard) a module
+        # holds, while it runs, a gathered copy of the sharded parameter the engine knows, not the parameter itself.
         index_of = {id(p): i for i, (_, p) in enumerate(self.named)}
-        swapped: dict[int, tuple[torch.Tensor, torch.nn.Module]] = {}
+        owned = {(id(m), attr): index_of[id(p)] for m in model.modules()
+                 for attr, p in m.named_parameters(recurse=False) if id(p) in index_of}
+        swapped: dict[int, tuple[torch.nn.Parameter, torch.Tensor, torch.nn.Module]] = {}
 
         def before(module, args):
-            for param in module.parameters(recurse=False):
-                index = index_of.get(id(param))
+            for attr, param in module.named_parameters(recurse=False):
+                index = owned.get((id(module), attr))
                 if index is not None and id(param) not in swapped:
-                    swapped[id(param)] = (param.data, module)
+                    swapped[id(param)] = (param, param.data, module)
                     param.data = self._perturbed_copy(seed, index, param.data, scales)
 
         def after(module, args, output):
             for param in module.parameters(recurse=False):
-                if id(param) in swapped and swapped[id(param)][1] is module:
-                    param.data = swapped.pop(id(param))[0]
+                if id(param) in swapped and swapped[id(param)][2] is module:
+                    param.data = swapped.pop(id(param))[1]
 
-        owners = [m for m in model.modules() if any(id(p) in index_of for p in m.parameters(recurse=False))]
+        owners = [m for m in model.modules() if any((id(m), attr) in owned for attr, _ in m.named_parameters(recurse=False))]
         handles = [m.register_forward_pre_hook(before) for m in owners]
         handles += [m.register_forward_hook(after) for m in owners]
         try:
@@ -270,8 +274,9 @@ class PerturbationEngine:
         finally:
             for handle in handles:
                 handle.remove()
-            for param in (p for _, p in self.named if id(p) in swapped):  # a forward that raised
-                param.data = swapped.pop(id(param))[0]
+            for param, data, _ in swapped.values():  # a forward that raised
+                param.data = data
+            swapped.clear()
 
     @torch.no_grad()
     def _perturbed_copy(self, seed: int, index: int, theta: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:

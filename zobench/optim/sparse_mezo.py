@@ -27,6 +27,7 @@ import math
 import torch
 
 from ..errors import Diverged, ZobenchError
+from ..parallel.zo_shard import whole
 from . import engine as engine_module
 from .engine import PerturbationEngine
 from .mezo import MeZO
@@ -40,7 +41,8 @@ class SparseMeZO(MeZO):
             raise ZobenchError(f"optimizer.sparsity (fraction of each weight matrix left frozen) must be in [0, 1), "
                                f"got {sparsity}")
         self.engine = PerturbationEngine(model.named_parameters(), seed, mask=self.mask, precision=self.precision)
-        thresholds = {index: magnitude_threshold(param, 1.0 - sparsity)
+        # a sharded parameter's quantile is its whole tensor's: gathered here once, one parameter at a time
+        thresholds = {index: magnitude_threshold(whole(param), 1.0 - sparsity)
                       for index, (_, param) in enumerate(self.engine.named) if sparsity > 0 and param.dim() >= 2}
         self.thresholds = {index: h for index, h in thresholds.items() if h > 0}
 

@@ -6,6 +6,11 @@ parameter, with its slice of the engine's seeded blocks of z (`local_piece` says
 draws only the blocks over them): z and the step are one process's, bit for bit. Memory per rank: θ/N plus one
 gathered layer; compute: the whole batch on every rank (the way to fit 66B/70B ZO, not to go faster).
 
+Sparse MeZO perturbs inside each module's forward, where FSDP2 hands the module the gathered parameter: each
+rank builds the whole perturbed copy of the running layer (as one process does), and its per-parameter
+thresholds are quantiles of the whole parameters, gathered once (`whole`). Its update, like every method's,
+touches the local rows only.
+
 No drift between replicas is possible: no element of θ exists twice, each shard is written by its rank alone.
 (Modes that replicate θ and perturb it in place must keep the replicas equal; this one has none.)
 
@@ -27,11 +32,9 @@ import torch
 from ..errors import ZobenchError
 from .shard import shard
 
-# Methods that cannot run exactly with θ sharded, and what to use instead (zobench.optim class names).
+# Methods that cannot run exactly with θ sharded, and why (zobench.optim class names).
 _REFUSED = {
-    "SparseMeZO": "perturbs inside each module's forward (S-MeZO-EI), where FSDP2 hands the modules gathered "
-                  "copies of θ, and its thresholds are quantiles over whole parameters",
-    "Addax": "takes in-place first-order steps during backward on its short examples",
+    "Addax": "takes in-place first-order steps during backward on its short examples (a first-order half)",
 }
 
 
@@ -65,12 +68,24 @@ def reshard_all(model: torch.nn.Module) -> None:
             module.reshard()
 
 
+def whole(param: torch.Tensor) -> torch.Tensor:
+    """The whole parameter: a sharded one gathered (a collective: every rank calls it, in the same order)."""
+    if not _is_dtensor(param):
+        return param
+    with torch.no_grad():
+        return param.full_tensor()
+
+
+def _is_dtensor(param: torch.Tensor) -> bool:
+    tensor_module = sys.modules.get("torch.distributed.tensor")  # imported by whatever sharded the model
+    return tensor_module is not None and isinstance(param, tensor_module.DTensor)
+
+
 def local_piece(name: str, param: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
     """For a parameter sharded on dim 0 (FSDP2's Shard(0), rows split as torch.chunk splits them, the last
     ranks' possibly shorter or empty): (this rank's rows, contiguous, the index of their first element in the
     whole parameter flattened, the whole parameter's element count). None for an ordinary tensor."""
-    tensor_module = sys.modules.get("torch.distributed.tensor")  # imported by whatever sharded the model
-    if tensor_module is None or not isinstance(param, tensor_module.DTensor):
+    if not _is_dtensor(param):
         return None
     with torch.no_grad():
         local = param.to_local()  # a view of this rank's rows: writing it writes the shard
