@@ -94,7 +94,7 @@ def test_methods_that_cannot_be_exact_are_refused_in_one_line():
         check_method(_method(name), name)
     message = str(refused.value)
     assert "\n" not in message and f"optimizer={name}" in message and "parallel.zo=data" in message
-    for allowed in ("mezo", "sparse_mezo", "zo_adam", "adamezo", "zo_sgd_momentum", "zo_sgd_sign", "zo_sign_adamw"):
+    for allowed in ("mezo", "sparse_mezo", "zo_adam", "adamezo", "zo_sgd_momentum", "zo_sgd_sign"):
         check_method(_method(allowed), allowed)
 
 

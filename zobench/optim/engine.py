@@ -74,6 +74,8 @@ def _blocks(flat: torch.Tensor, start: int = 0, total: int | None = None) -> Ite
     size = block_size(flat.device)
     total = flat.numel() if total is None else total
     end = start + flat.numel()
+    if end == start:  # an empty shard (a rank past the last row) overlaps no block
+        return
     for number in range(start // size, -(-end // size)):
         low, high = max(start, number * size), min(end, (number + 1) * size)
         yield Block(number, low - number * size, min(size, total - number * size), low - start), \
