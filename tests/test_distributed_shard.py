@@ -1,6 +1,7 @@
 """Zeroth-order `shard` mode (parallel.zo=shard): θ sharded with FSDP2 over 2 ranks (gloo, CPU), each rank perturbing
-its own rows, against one process: z bit for bit (uneven and empty shards too), MeZO / ZO-Adam / AdaMeZO steps,
-and the stale-parameter trap.
+its own rows, against one process: z bit for bit (uneven and empty shards too); MeZO, ZO-Adam, AdaMeZO and Sparse
+MeZO steps in fp32, MeZO and ZO-SGD momentum in fp16 (both precision.zo_update modes); the stale-parameter trap;
+the one refusal (Addax).
 
 One torchrun runs this file as its worker (`__main__` below): each rank builds opt-tiny with zobench's build
 functions, keeps an unsharded copy as the one-process run, shards the other, steps both on the same fixed batches
@@ -64,7 +65,8 @@ def test_sharded_16_bit_steps_equal_one_process_bit_for_bit(found, name):
     the shards round as one process's whole tensors do, element by element."""
     run = found["steps"][name]
     assert run["moved"] > 1e-4
-    assert run["weights_max_diff"] == 0.0 and run["losses"] == run["reference_losses"] and run["g"] == run["reference_g"]
+    assert run["weights_max_diff"] == 0.0
+    assert run["losses"] == run["reference_losses"] and run["g"] == run["reference_g"]
 
 
 def test_stale_parameter_trap(found):
@@ -87,9 +89,9 @@ def _method(name: str) -> type:
 
 
 def test_methods_that_cannot_be_exact_are_refused_in_one_line():
-    name = "addax"
     from zobench.parallel.zo_shard import check_method
 
+    name = "addax"  # its first-order half steps in place during backward
     with pytest.raises(ZobenchError) as refused:
         check_method(_method(name), name)
     message = str(refused.value)

@@ -4,7 +4,8 @@ A direction z is never stored: it is regenerated from (step seed, parameter inde
 torch.Generator per device, so it depends neither on the parameters' order nor on how a model is sharded
 among GPUs. Each parameter's z is made of independently seeded blocks (block_size: 1M elements on CPU,
 16M on CUDA), so a method may regenerate one block of several past directions at once (AdaMeZO) with
-block-sized buffers.
+block-sized buffers. With θ sharded by FSDP2 (parallel.zo=shard, zobench/parallel/zo_shard.py) a process holds
+some rows of a parameter: it draws only the blocks over them and takes their slice (`_z`), z bit for bit.
 
 Three ways to use it:
 - in place (MeZO, Malladi et al. 2023, Algorithm 1): `perturb` +eps·z, -2eps·z, then `apply` restores
@@ -63,7 +64,7 @@ def block_size(device: torch.device) -> int:
 class Block(NamedTuple):
     """Where a piece of θ lies in the seeded blocks of z."""
     number: int  # the block of z it belongs to
-    skip: int  # where the piece starts inside that block (0 but at a shard's first block)
+    skip: int  # where the piece starts inside that block (0 except in a shard's first block)
     length: int  # the whole block's length: z is drawn for the whole block, then sliced (see _z)
     offset: int  # where the piece starts in the tensor this process holds (the state's index for a rule)
 
@@ -268,7 +269,8 @@ class PerturbationEngine:
                 if id(param) in swapped and swapped[id(param)][2] is module:
                     param.data = swapped.pop(id(param))[1]
 
-        owners = [m for m in model.modules() if any((id(m), attr) in owned for attr, _ in m.named_parameters(recurse=False))]
+        owners = [m for m in model.modules()
+                  if any((id(m), attr) in owned for attr, _ in m.named_parameters(recurse=False))]
         handles = [m.register_forward_pre_hook(before) for m in owners]
         handles += [m.register_forward_hook(after) for m in owners]
         try:

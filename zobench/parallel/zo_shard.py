@@ -16,7 +16,8 @@ No drift between replicas is possible: no element of θ exists twice, each shard
 
 The trap (issue #20): FSDP2 by default leaves the root unit's parameters (embeddings, final norm, head) gathered
 after a forward, expecting a backward to reshard them. A ZO step has no backward: the next forward would reuse the
-stale gathered copies of weights the step has since perturbed (g = −1.15 instead of −0.39). Which units FSDP2
+stale gathered copies of weights the step has since perturbed (g = −1.15 instead of −0.39 in the issue; 1.72
+instead of 2.61 on opt-tiny in tests/test_distributed_shard.py). Which units FSDP2
 reshards after a forward depends on its heuristics and their version (torch 2.13 honours an explicit
 reshard_after_forward=True on the root too); `fresh_forwards` makes it independent of them: every unit is
 resharded after each forward of the model, so each forward gathers θ as it now is.
@@ -48,7 +49,8 @@ def check_method(method: type, name: str) -> None:
 
 def shard_for_zo(model: torch.nn.Module) -> torch.nn.Module:
     """Shards `model` with FSDP2 (a unit per decoder layer, then the root) for zeroth-order steps: every
-    forward sees θ as it is now (see the module's note on the trap)."""
+    forward sees θ as it is now (see the module's note on the trap). Shard before the method is built: FSDP2
+    replaces the model's parameters, and an engine built earlier would perturb the replaced ones."""
     return fresh_forwards(shard(model, reshard_after_forward=True))
 
 
