@@ -174,8 +174,9 @@ def _steps(method, batches, steps):
 
 
 def _run(name, steps, overrides=(), sharding="shard_for_zo"):
-    """One process's steps (an unsharded copy) and the sharded model's, on the same batches. `sharding`:
-    shard_for_zo (the mode's), or FSDP2's defaults with or without fresh_forwards (the trap)."""
+    """One process's steps (an unsharded copy, its Objective as a run builds it) and the sharded model's (the
+    whole forward), on the same batches. `sharding`: shard_for_zo (the mode's), or FSDP2's defaults with or
+    without fresh_forwards (the trap)."""
     import copy
 
     import torch
@@ -190,7 +191,7 @@ def _run(name, steps, overrides=(), sharding="shard_for_zo"):
     cfg, model, batches, precision = _setup(name, overrides)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     reference = copy.deepcopy(model)
-    one = build_method(cfg, reference, Objective(reference, whole_forward=True), precision)
+    one = build_method(cfg, reference, Objective(reference), precision)  # as a one-process run builds it
     reference_losses, reference_g = _steps(one, batches, steps)
     if sharding == "shard_for_zo":
         shard_for_zo(model)
