@@ -59,6 +59,15 @@ def test_sharded_steps_equal_one_process(found, name):
     assert run["ranks_agree"]  # the loss (and g) is the same on both ranks
 
 
+def test_sharded_model_evaluates_as_one_process(found):
+    """Dev evaluation (candidate scoring through the whole forward) of each sharded model after its steps gives
+    one process's predictions, metric and loss."""
+    for run in found["steps"].values():
+        one, sharded = run["dev"]
+        assert sharded["predictions"] == one["predictions"] and sharded["metric"] == one["metric"]
+        assert sharded["loss"] == pytest.approx(one["loss"], abs=1e-6)
+
+
 @pytest.mark.parametrize("name", FP16)
 def test_sharded_16_bit_steps_equal_one_process_bit_for_bit(found, name):
     """fp16 weights, MeZO in MeZO's rounding (reference) and ZO-SGD momentum in zobench's (fused, fp16 state):
@@ -142,7 +151,7 @@ def _rows_per_rank(param):
 
 
 def _setup(name, overrides=()):
-    """(cfg, model, batches, precision), opt-tiny on CPU (fp32 unless `overrides` say), built as a run builds it."""
+    """(cfg, model, batches, precision, (task, tokenizer, dev examples)), opt-tiny on CPU (fp32 unless `overrides` say), built as a run builds it."""
     import torch
     from omegaconf import OmegaConf
 
@@ -162,14 +171,14 @@ def _setup(name, overrides=()):
     size = int(cfg.train.batch_size)
     batches = [collate(encoded.train[i * size:(i + 1) * size], tokenizer.pad_token_id,
                        classification=bool(task["train_as_classification"])) for i in range(len(encoded.train) // size)]
-    return cfg, model, batches, precision_of(cfg, dtype)
+    return cfg, model, batches, precision_of(cfg, dtype), (task, tokenizer, encoded.dev)
 
 
 def _steps(method, batches, steps):
     losses, gs = [], []
     for step in range(steps):
         losses.append(method.step(batches[step % len(batches)]))
-        gs.append(method.last_projected_grads[0][1])
+        gs.extend(g for _, g in method.last_projected_grads)
     return losses, gs
 
 
@@ -183,12 +192,12 @@ def _run(name, steps, overrides=(), sharding="shard_for_zo"):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from zobench.build import build_method
+    from zobench.build import Evaluator, build_method
     from zobench.objective import Objective
     from zobench.parallel.shard import decoder_layers
     from zobench.parallel.zo_shard import fresh_forwards, reshard_all, shard_for_zo
 
-    cfg, model, batches, precision = _setup(name, overrides)
+    cfg, model, batches, precision, (task, tokenizer, dev) = _setup(name, overrides)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     reference = copy.deepcopy(model)
     one = build_method(cfg, reference, Objective(reference), precision)  # as a one-process run builds it
@@ -203,6 +212,8 @@ def _run(name, steps, overrides=(), sharding="shard_for_zo"):
             fresh_forwards(model)
     method = build_method(cfg, model, Objective(model, whole_forward=True), precision)
     losses, gs = _steps(method, batches, steps)
+    evaluated = [Evaluator(objective, task, tokenizer, cfg, torch.device("cpu"))(dev)
+                 for objective in (one.loss_fn, method.loss_fn)]
     reshard_all(model)  # FSDP2's defaults leave the root gathered: its sharded parameters are the weights
     with torch.no_grad():
         final = {n: p.full_tensor() for n, p in model.named_parameters()}
@@ -214,7 +225,7 @@ def _run(name, steps, overrides=(), sharding="shard_for_zo"):
     dist.all_gather(theirs, mine)
     return model, one, {
         "losses": losses, "reference_losses": reference_losses, "g": gs, "reference_g": reference_g,
-        "weights_max_diff": weights_max_diff, "moved": moved,
+        "weights_max_diff": weights_max_diff, "moved": moved, "dev": evaluated,
         "ranks_agree": all(torch.equal(t, mine) for t in theirs)}
 
 
@@ -239,7 +250,7 @@ def _worker(out: str) -> None:
                         for i, (name, param) in enumerate(sharded_engine.named)}
     found["shard_rows"]["model.decoder.embed_tokens.weight"] = [[259, 64]] + _rows_per_rank(
         model.get_input_embeddings().weight)
-    _, _, found["steps"]["zo_adam"] = _run("zo_adam", STEPS)
+    _, _, found["steps"]["zo_adam"] = _run("zo_adam", STEPS, ["optimizer.q=2"])  # two directions a step
     _, _, found["steps"]["adamezo"] = _run("adamezo", 5, ["optimizer.horizon=2"])  # steps 4 and 5 adaptive
     _, _, found["steps"]["sparse_mezo"] = _run("sparse_mezo", STEPS, ["optimizer.sparsity=0.8"])
     for name, overrides in FP16.items():  # 16-bit weights, both precision.zo_update modes
