@@ -3,8 +3,10 @@
 Every rank runs the forward on the whole batch through FSDP2, which all-gathers one decoder layer at a time, so
 the loss, and so g, is the same on every rank. Each rank then perturbs and updates only its own rows of each
 parameter, with its slice of the engine's seeded blocks of z (`local_piece` says where the rows lie; engine.py
-draws only the blocks over them): z and the step are one process's, bit for bit. Memory per rank: θ/N plus one
-gathered layer; compute: the whole batch on every rank (the way to fit 66B/70B ZO, not to go faster).
+draws only the blocks over them): z and the step are one process's, bit for bit. Memory per rank: θ/N, plus,
+during a forward, the root unit (embeddings, head) and one decoder layer gathered; compute: the whole batch on
+every rank (the way to fit 66B/70B ZO, not to go faster). Sent per rank per step: the all-gathers of 2q forwards,
+2q·(N−1)/N·|θ| bytes (measured: 55.17 MB = |θ| for N = 2, q = 1 on a 13.8M-parameter OPT in fp32).
 
 Sparse MeZO perturbs inside each module's forward, where FSDP2 hands the module the gathered parameter: each
 rank builds the whole perturbed copy of the running layer (as one process does), and its per-parameter
