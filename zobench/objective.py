@@ -26,7 +26,8 @@ class PassCounter:
 
 
 class Objective:
-    def __init__(self, model, counter: PassCounter | None = None, loss_dtype: torch.dtype = torch.float32):
+    def __init__(self, model, counter: PassCounter | None = None, loss_dtype: torch.dtype = torch.float32,
+                 whole_forward: bool = False):
         self.model = model
         # the dtype the log-probs (and so the loss) are computed in: fp32 (zobench), or the weights' dtype as
         # MeZO/ZO-Bench do (utils.py: log_softmax of fp16 logits); see zobench/precision.py
@@ -37,7 +38,9 @@ class Objective:
         self._head = model.get_output_embeddings()
         # The split needs a bare body: a wrapper whose base_model is itself a whole LM (PEFT prefix tuning,
         # whose own forward adds the prefix) runs its full forward.
-        if self._body is model or self._head is None or _has_lm_head(self._body):
+        # `whole_forward`: a model sharded with FSDP2 gathers its weights in its own forward's hooks, which
+        # calling the body and the head apart would bypass (parallel.zo=shard).
+        if whole_forward or self._body is model or self._head is None or _has_lm_head(self._body):
             self._body = None
 
     def option_logprobs(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:

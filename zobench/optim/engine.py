@@ -4,7 +4,8 @@ A direction z is never stored: it is regenerated from (step seed, parameter inde
 torch.Generator per device, so it depends neither on the parameters' order nor on how a model is sharded
 among GPUs. Each parameter's z is made of independently seeded blocks (block_size: 1M elements on CPU,
 16M on CUDA), so a method may regenerate one block of several past directions at once (AdaMeZO) with
-block-sized buffers.
+block-sized buffers. With θ sharded by FSDP2 (parallel.zo=shard, zobench/parallel/zo_shard.py) a process holds
+some rows of a parameter: it draws only the blocks over them and takes their slice (`_z`), z bit for bit.
 
 Three ways to use it:
 - in place (MeZO, Malladi et al. 2023, Algorithm 1): `perturb` +eps·z, -2eps·z, then `apply` restores
@@ -23,11 +24,12 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
+from ..parallel.zo_shard import local_piece
 from ..precision import Precision
 from .numerics import Numerics
 
@@ -59,11 +61,26 @@ def block_size(device: torch.device) -> int:
     return CUDA_BLOCK if device.type == "cuda" else BLOCK
 
 
-def _blocks(flat: torch.Tensor) -> Iterator[tuple[int, slice]]:
-    """(block number, the block's slice) for each block of z over the 1-D tensor `flat`."""
+class Block(NamedTuple):
+    """Where a piece of θ lies in the seeded blocks of z."""
+    number: int  # the block of z it belongs to
+    skip: int  # where the piece starts inside that block (0 except in a shard's first block)
+    length: int  # the whole block's length: z is drawn for the whole block, then sliced (see _z)
+    offset: int  # where the piece starts in the tensor this process holds (the state's index for a rule)
+
+
+def _blocks(flat: torch.Tensor, start: int = 0, total: int | None = None) -> Iterator[tuple[Block, slice]]:
+    """(block, slice of `flat`) for each block of z overlapping `flat`, which holds elements [start, start +
+    flat.numel()) of a parameter of `total` elements (a shard's rows; one process: all of them)."""
     size = block_size(flat.device)
-    for block, start in enumerate(range(0, flat.numel(), size)):
-        yield block, slice(start, start + size)
+    total = flat.numel() if total is None else total
+    end = start + flat.numel()
+    if end == start:  # an empty shard (a rank past the last row) overlaps no block
+        return
+    for number in range(start // size, -(-end // size)):
+        low, high = max(start, number * size), min(end, (number + 1) * size)
+        yield Block(number, low - number * size, min(size, total - number * size), low - start), \
+            slice(low - start, high - start)
 
 
 def _block_seed(seed: int, index: int, block: int) -> int:
@@ -108,12 +125,41 @@ class PerturbationEngine:
         generator.manual_seed(_block_seed(seed, index, block))
         return out.normal_(generator=generator)
 
+    def _z(self, theta: torch.Tensor, seed: int, index: int, block: Block) -> torch.Tensor:
+        """The part of block `block` of z(seed) that lies over `theta`, in a scratch buffer. A shard's piece
+        of a block is sliced from the whole block drawn: z is the same bit for bit as in one process."""
+        if block.skip == 0 and block.length == theta.numel():
+            return self._fill(self.scratch(theta), seed, index, block.number)
+        whole = self._fill(self.scratch(theta, numel=block.length), seed, index, block.number)
+        return whole[block.skip: block.skip + theta.numel()]
+
+    def local(self, index: int) -> torch.Tensor:
+        """The part of parameter `index` this process holds and updates: the parameter itself, or its
+        shard's rows under FSDP2 (parallel.zo=shard)."""
+        name, param = self.named[index]
+        piece = local_piece(name, param)
+        return param.data if piece is None else piece[0]
+
+    def _pieces(self, index: int) -> Iterator[tuple[Block, torch.Tensor]]:
+        """(block, θ's piece in it) for each block of z over the part of parameter `index` held here."""
+        name, param = self.named[index]
+        piece = local_piece(name, param)
+        local, start, total = (param.data, 0, param.numel()) if piece is None else piece
+        if not local.is_contiguous():
+            raise RuntimeError(f"parameter {name} is not contiguous: the engine updates it block by block")
+        flat = local.view(-1)
+        for block, part in _blocks(flat, start, total):
+            yield block, flat[part]
+
     def direction(self, seed: int, index: int, param: torch.Tensor) -> torch.Tensor:
-        """z for parameter `index` under `seed`: N(0, 1) in the parameter's dtype, on its device (unmasked)."""
-        z = torch.empty(param.shape, device=param.device, dtype=param.dtype)
+        """z for parameter `index` under `seed`: N(0, 1) in the parameter's dtype, on its device (unmasked);
+        for a sharded parameter, the part over this process's shard."""
+        piece = local_piece(self.named[index][0], param)
+        local, start, total = (param, 0, param.numel()) if piece is None else piece
+        z = torch.empty(local.shape, device=local.device, dtype=local.dtype)
         flat = z.view(-1)
-        for block, part in _blocks(flat):
-            self._fill(flat[part], seed, index, block)
+        for block, part in _blocks(flat, start, total):
+            flat[part] = self._z(flat[part], seed, index, block)
         return z
 
     # -- in place (MeZO) ---------------------------------------------------------------------------
@@ -122,20 +168,15 @@ class PerturbationEngine:
             raise RuntimeError("a masked engine perturbs in the forward (perturbed_in_forward), never in place")
 
     def _each_block(self, work) -> None:
-        """work(index, block, θ block) for every block of every parameter, θ changed in place.
+        """work(index, block, θ block) for every block of every parameter held here, θ changed in place.
 
         Block by block, z never takes more than a block of memory (4 MiB) per thread. On CPU the blocks
         are shared among threads: torch's normal_ runs on one core, and each block's z comes from its
         own seed, so the order does not matter and the result is the same bit for bit (issue #8: z
         generation was a third of a CPU step). Other devices' blocks run on this thread, in order.
         """
-        items = []
-        for index, (name, param) in enumerate(self.named):
-            if not param.is_contiguous():
-                raise RuntimeError(f"parameter {name} is not contiguous: the engine updates it block by block")
-            flat = param.data.view(-1)
-            items += [(index, block, flat[part]) for block, part in _blocks(flat)]
-        self._run(work, items)
+        self._run(work, [(index, block, theta) for index in range(len(self.named))
+                         for block, theta in self._pieces(index)])
 
     def _run(self, work, items) -> None:
         """work(*item) for each item (a block's arguments, its tensors on one device or another): CPU items
@@ -159,8 +200,9 @@ class PerturbationEngine:
             if item[-1].device.type != "cpu":
                 guarded(item)
 
-    def scratch(self, theta: torch.Tensor, slot: str = "z", dtype: torch.dtype | None = None) -> torch.Tensor:
-        """This thread's block-sized buffer `slot` (one per slot, dtype and device), as long as `theta`:
+    def scratch(self, theta: torch.Tensor, slot: str = "z", dtype: torch.dtype | None = None,
+                numel: int | None = None) -> torch.Tensor:
+        """This thread's block-sized buffer `slot` (one per slot, dtype and device), as long as `theta` (or `numel`):
         no allocation per block, which in worker threads would leave freed blocks in per-thread malloc
         arenas (+90 MiB measured). Rules use their own slots (AdaMeZO's m and v, say)."""
         buffers = self._local.__dict__.setdefault("buffers", {})
@@ -168,13 +210,13 @@ class PerturbationEngine:
         if key not in buffers:
             with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
                 buffers[key] = torch.empty(block_size(theta.device), dtype=key[1], device=theta.device)
-        return buffers[key][: theta.numel()]
+        return buffers[key][: theta.numel() if numel is None else numel]
 
     def perturb(self, seed: int, scale: float) -> None:
         """θ ← θ + scale·z(seed)."""
         self._unmasked_only()
         self._each_block(lambda index, block, theta: self.numerics.shift(
-            theta, self._fill(self.scratch(theta), seed, index, block), scale))
+            theta, self._z(theta, seed, index, block), scale))
 
     def apply(self, terms: list[tuple[int, float, float]], lr: float, lr_times_wd: float = 0.0,
               replay: Sequence[float] = ()) -> None:
@@ -208,22 +250,27 @@ class PerturbationEngine:
         rebuilt in each module that uses it. Assumes, as in HF models, that a module reads its
         parameters only in its own forward.
         """
+        # Parameters are found by the module and attribute holding them: under FSDP2 (parallel.zo=shard) a module
+        # holds, while it runs, a gathered copy of the sharded parameter the engine knows, not the parameter itself.
         index_of = {id(p): i for i, (_, p) in enumerate(self.named)}
-        swapped: dict[int, tuple[torch.Tensor, torch.nn.Module]] = {}
+        owned = {(id(m), attr): index_of[id(p)] for m in model.modules()
+                 for attr, p in m.named_parameters(recurse=False) if id(p) in index_of}
+        swapped: dict[int, tuple[torch.nn.Parameter, torch.Tensor, torch.nn.Module]] = {}
 
         def before(module, args):
-            for param in module.parameters(recurse=False):
-                index = index_of.get(id(param))
+            for attr, param in module.named_parameters(recurse=False):
+                index = owned.get((id(module), attr))
                 if index is not None and id(param) not in swapped:
-                    swapped[id(param)] = (param.data, module)
+                    swapped[id(param)] = (param, param.data, module)
                     param.data = self._perturbed_copy(seed, index, param.data, scales)
 
         def after(module, args, output):
             for param in module.parameters(recurse=False):
-                if id(param) in swapped and swapped[id(param)][1] is module:
-                    param.data = swapped.pop(id(param))[0]
+                if id(param) in swapped and swapped[id(param)][2] is module:
+                    param.data = swapped.pop(id(param))[1]
 
-        owners = [m for m in model.modules() if any(id(p) in index_of for p in m.parameters(recurse=False))]
+        owners = [m for m in model.modules()
+                  if any((id(m), attr) in owned for attr, _ in m.named_parameters(recurse=False))]
         handles = [m.register_forward_pre_hook(before) for m in owners]
         handles += [m.register_forward_hook(after) for m in owners]
         try:
@@ -231,8 +278,9 @@ class PerturbationEngine:
         finally:
             for handle in handles:
                 handle.remove()
-            for param in (p for _, p in self.named if id(p) in swapped):  # a forward that raised
-                param.data = swapped.pop(id(param))[0]
+            for param, data, _ in swapped.values():  # a forward that raised
+                param.data = data
+            swapped.clear()
 
     @torch.no_grad()
     def _perturbed_copy(self, seed: int, index: int, theta: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
@@ -240,7 +288,7 @@ class PerturbationEngine:
         flat, source = out.view(-1), theta.reshape(-1)
 
         def one(block, theta_part, part):
-            z = self._fill(self.scratch(part), seed, index, block)
+            z = self._z(part, seed, index, block)
             keep = self.mask(index, theta_part) if self.mask is not None else None
             if keep is not None:
                 z.mul_(keep)
@@ -266,15 +314,14 @@ class PerturbationEngine:
 
         def one(index, block, theta):
             keep = self.mask(index, theta) if self.mask is not None else None
-            rule(index, theta, self._block_stream(seeds, index, theta, block, keep, restore),
-                 block * block_size(theta.device))
+            rule(index, theta, self._block_stream(seeds, index, theta, block, keep, restore), block.offset)
 
         self._each_block(one)
 
     def _block_stream(self, seeds, index, theta, block, keep, restore) -> Iterator[torch.Tensor]:
         pending = restore
         for seed in seeds:
-            z = self._fill(self.scratch(theta), seed, index, block)
+            z = self._z(theta, seed, index, block)
             if keep is not None:
                 z.mul_(keep)
             if pending is not None and seed == pending[0]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import Diverged
+from ..parallel.zo_shard import whole
 from . import engine as engine_module
 from .engine import PerturbationEngine
 from .mezo import MeZO
@@ -42,7 +43,8 @@ class SparseMeZO(MeZO):
         super().__init__(model, loss_fn, settings, seed=seed, total_steps=total_steps, precision=precision)
         sparsity = settings.sparsity
         self.engine = PerturbationEngine(model.named_parameters(), seed, mask=self.mask, precision=self.precision)
-        thresholds = {index: magnitude_threshold(param, 1.0 - sparsity)
+        # a sharded parameter's quantile is its whole tensor's: gathered here once, one parameter at a time
+        thresholds = {index: magnitude_threshold(whole(param), 1.0 - sparsity)
                       for index, (_, param) in enumerate(self.engine.named) if sparsity > 0 and param.dim() >= 2}
         self.thresholds = {index: h for index, h in thresholds.items() if h > 0}
 

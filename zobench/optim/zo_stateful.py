@@ -74,7 +74,7 @@ class StatefulZO(MeZO):
         """The parameter's state tensors, in precision.state_dtype: `weights` as ZO-Bench's torch optimizers keep
         them (zeros_like(param)), or `float32`."""
         if index not in self.state:
-            param = self.engine.named[index][1]
+            param = self.engine.local(index)  # the part held here: with θ sharded (parallel.zo=shard), its shard's
             dtype = self.precision.dtype_of(self.precision.state_dtype) if self.precision.half else param.dtype
             self.state[index] = [torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
                                  for _ in self.state_names]
