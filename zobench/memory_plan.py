@@ -261,20 +261,22 @@ def checkpoint_bytes(job: JobShape) -> int:
 
 
 def _host(job: JobShape, per_device: dict[str, int]) -> dict[str, int]:
-    """Host memory of the run's process: the runtime, a checkpoint's tensors copied to the host at once while
-    it is written (checkpoint.py), the best-on-dev copy with train.keep_best=host, and on GPU the weights as
-    they are loaded (the pretrained file's tensors pass through host memory)."""
-    if job.method.kind == "evaluation":
-        staged, best = 0, 0
-    else:
-        staged = checkpoint_bytes(job)
-        best = job.model.trained * job.weights_bytes if job.keep_best == "host" else 0
-    if job.device == "cpu":  # the device is the host: the step's peak, or the checkpoint's copy beside the state
-        resident = per_device["total"] - per_device["activations"] - per_device["gradients"] + staged
-        return {"peak": max(per_device["total"], resident) + best, "checkpoint_copy": staged, "best_copy": best}
+    """Host memory of the run's process: the runtime, the tensors of a checkpoint copied to the host at once
+    while it is written (checkpoint.py), likewise the trained weights while the best-on-dev copy is written
+    (train.keep_best=disk) or all along (keep_best=host), and on GPU the weights as they load (a pretrained
+    file's tensors pass through host memory)."""
+    trains = job.method.kind != "evaluation"
+    staged = checkpoint_bytes(job) if trains else 0
+    best_bytes = job.model.trained * job.weights_bytes if trains else 0
+    best_staged = best_bytes if job.keep_best == "disk" else 0
+    best_held = best_bytes if job.keep_best == "host" else 0
+    if job.device == "cpu":  # the device is the host: the step's peak, or a copy being written beside the state
+        between_steps = per_device["total"] - per_device["activations"] - per_device["gradients"]
+        peak = max(per_device["total"], between_steps + staged, between_steps + best_staged) + best_held
+        return {"peak": peak, "checkpoint_copy": staged, "best_copy": best_staged or best_held}
     loading = job.model.params * job.weights_bytes
-    return {"peak": process_resident() + max(loading, staged) + best, "checkpoint_copy": staged, "best_copy": best,
-            "loading": loading}
+    return {"peak": process_resident() + max(loading, staged, best_staged) + best_held, "checkpoint_copy": staged,
+            "best_copy": best_staged or best_held, "loading": loading}
 
 
 def _disk(job: JobShape) -> dict[str, int]:
