@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -136,6 +137,14 @@ def human(size: int | float) -> str:
     return f"{size / 1e3:.1f} kB"
 
 
+def count(number: int) -> str:
+    """12.85B, 26.4M, 5.2k."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if number >= scale:
+            return f"{number / scale:.{2 if unit == 'B' else 1}f}{unit}"
+    return str(number)
+
+
 # -- the model, on the meta device --------------------------------------------------------------------
 def model_shape(name: str, config, peft: dict[str, Any] | None, seed: int, source: str) -> ModelShape:
     """Builds the model of `config` (a transformers config) with the run's adapter on the meta device: shapes
@@ -146,11 +155,12 @@ def model_shape(name: str, config, peft: dict[str, Any] | None, seed: int, sourc
     from .models import trained_parameters
     from .peft_adapters import apply_peft
 
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft's and transformers' deprecation notes
         model = AutoModelForCausalLM.from_config(config)
-    if peft and peft.get("name", "none") != "none":
-        peft = {**peft, "init": "random"}  # the real-activation init runs the model: the same shapes either way
-        model, _ = apply_peft(model, peft, seed=seed)
+        if peft and peft.get("name", "none") != "none":
+            peft = {**peft, "init": "random"}  # the real-activation init runs the model: the same shapes either way
+            model, _ = apply_peft(model, peft, seed=seed)
     params = {id(p): p.numel() for p in model.parameters()}  # tied weights once
     trained = trained_parameters(model)
     units = [m for m in model.modules() if type(m).__name__ in set(getattr(model, "_no_split_modules", None) or [])]
@@ -312,10 +322,10 @@ def render(result: Plan) -> str:
     """The plan as the terminal shows it."""
     job, parts = result.job, result.per_gpu
     where = "host (CPU run)" if job.device == "cpu" else "per GPU"
-    lines = [f"{job.model.name} ({job.model.params / 1e9:.2f}B parameters, {job.model.trained / 1e9:.3g}B trained"
+    lines = [f"{job.model.name} ({count(job.model.params)} parameters, {count(job.model.trained)} trained"
              f"; config: {job.model.source}) x {job.method.name} ({job.method.kind}), "
              f"{8 * job.weights_bytes}-bit weights, batch {job.train_rows} sequences x {job.max_length} tokens, "
-             f"parallel={job.parallel}"]
+             f"parallel={job.parallel}, on {'CPU' if job.device == 'cpu' else 'CUDA (device=cpu plans a CPU run)'}"]
     if job.device != "cpu":
         lines.append(f"  GPUs of {human(result.gpu_memory)}: "
                      + (f"{result.gpus}" if result.gpus else "none holds it"))
@@ -325,9 +335,11 @@ def render(result: Plan) -> str:
             lines.append(f"    {key.replace('_', ' '):<16} {human(value):>10}")
     lines.append(f"  host memory: {human(result.host['peak'])} at its peak")
     disk = result.disk
-    lines.append(f"  disk: {human(disk['checkpoint'])} per checkpoint, {human(disk['run_peak'])} per run at its peak "
-                 f"(records {human(disk['records'])}, best-on-dev copy {human(disk['best_copy'])}, saved model "
-                 f"{human(disk['saved_model'])}), {human(disk['run_end'])} once completed")
+    held = ", ".join(f"{what} {human(disk[key])}" for key, what in
+                     (("records", "records"), ("best_copy", "best-on-dev copy"), ("saved_model", "saved model"))
+                     if disk[key])
+    lines.append(f"  disk: {human(disk['checkpoint'])} per checkpoint (two while one is swapped in), "
+                 f"{human(disk['run_peak'])} per run at its peak ({held}), {human(disk['run_end'])} once completed")
     if result.note:
         lines.append(f"  note: {result.note}")
     return "\n".join(lines)

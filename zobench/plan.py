@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="what you would give `zobench -m` (experiment=…, key=a,b)")
     parser.add_argument("--cfg", type=int, metavar="N", help="print job N's composed config instead of the list")
+    parser.add_argument("-m", "--multirun", action="store_true", help="taken as zobench takes it (a sweep is always "
+                                                                         "expanded here)")
     parser.add_argument("--memory", action="store_true", help="the memory and disk plan of each distinct job shape")
     parser.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU (80GB, 80GiB; default 80GB); "
                                                               "implies --memory")
@@ -112,11 +114,14 @@ def job_shape(overrides: list[str], models: dict):
     from .validate import validate
 
     cfg = compose(overrides)
-    validate(cfg)  # the refusals a run would give, before anything is planned
+    checked = cfg.copy()  # the refusals a run would give, on a machine without the GPU it plans for
+    OmegaConf.update(checked, "device", "cpu")
+    validate(checked)
     return shape_of(cfg, models)
 
 
 def shape_of(cfg, models: dict):
+    """JobShape of a composed config; `models` caches each preset's meta-device model."""
     import torch
     from omegaconf import OmegaConf
 
