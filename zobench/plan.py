@@ -70,20 +70,25 @@ def _plan(args) -> None:
 
         print(resolved_yaml(compose(jobs[args.cfg])), end="")
         return
-    if args.memory or args.json or args.gpu_memory or args.gpus is not None:
-        _memory(args, jobs)
+    memory = args.memory or args.json or args.gpu_memory or args.gpus is not None
+    plans = _memory_plans(args, jobs) if memory else None
+    if args.json:
+        import json
+
+        print(json.dumps({"jobs": [{"number": n, "overrides": job} for n, job in enumerate(jobs)],
+                          "plans": [{"jobs": numbers, **result.record()} for result, numbers in plans]}, indent=1))
         return
     width = len(str(len(jobs) - 1))
     for number, job in enumerate(jobs):
         print(f"{number:>{width}}  {' '.join(job)}")
+    if plans:
+        _print_plans(plans, len(jobs))
     print(f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}: run them with zobench -m {' '.join(args.overrides)}")
 
 
-
-def _memory(args, jobs: list[list[str]]) -> None:
-    import json
-
-    from .memory_plan import human, parse_size, plan, render
+def _memory_plans(args, jobs: list[list[str]]) -> list:
+    """(memory_plan.Plan, its job numbers) for each distinct job shape."""
+    from .memory_plan import parse_size, plan
 
     gpu_memory = parse_size(args.gpu_memory or "80GB")
     if args.gpus is not None and not 1 <= args.gpus <= 4096:
@@ -92,18 +97,19 @@ def _memory(args, jobs: list[list[str]]) -> None:
     models: dict = {}  # the meta-device model of each (model, peft) preset, built once
     for number, job in enumerate(jobs):
         shapes.setdefault(job_shape(job, models), []).append(number)
-    plans = [(plan(shape, gpu_memory, args.gpus), numbers) for shape, numbers in shapes.items()]
-    if args.json:
-        print(json.dumps({"jobs": [{"number": n, "overrides": job} for n, job in enumerate(jobs)],
-                          "plans": [{"jobs": numbers, **result.record()} for result, numbers in plans]}, indent=1))
-        return
+    return [(plan(shape, gpu_memory, args.gpus), numbers) for shape, numbers in shapes.items()]
+
+
+def _print_plans(plans: list, job_count: int) -> None:
+    from .memory_plan import human, render
+
     for result, numbers in plans:
-        which = "every job" if len(numbers) == len(jobs) else f"job{'s' if len(numbers) > 1 else ''} " + \
+        which = "every job" if len(numbers) == job_count else f"job{'s' if len(numbers) > 1 else ''} " + \
             ", ".join(map(str, numbers))
         print(f"{which}: {render(result)}")
-    if len(jobs) > 1:
-        peak = sum(result.disk["run_end"] * len(numbers) for result, numbers in plans)
-        print(f"{len(jobs)} jobs: {human(peak)} of disk once all have completed")
+    if job_count > 1:
+        end = sum(result.disk["run_end"] * len(numbers) for result, numbers in plans)
+        print(f"disk once every job has completed: {human(end)}")
 
 
 def job_shape(overrides: list[str], models: dict):
