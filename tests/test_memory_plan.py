@@ -57,6 +57,9 @@ def test_the_plan_prints_each_job_shape_once_with_its_jobs_and_refuses_a_bad_siz
     assert main(["experiment=mezo_opt13b", "task=sst2", "--gpu-memory", "lots"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--gpu-memory lots" in err
+    assert main(["model=opt-13b", "model.arch=null", "--memory"]) == 2  # a hub config, and no hub here
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "facebook/opt-13b" in err and "model.path=" in err
 
 
 def test_the_plan_of_an_adam_run_counts_its_state_and_checkpoint(capsys):

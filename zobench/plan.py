@@ -214,14 +214,18 @@ def _model_shape(spec: dict, peft: dict | None, seed: int):
 
     name = str(spec.get("name"))
     arch = dict(spec.get("arch") or {})
-    if spec.get("path"):
-        from .models import check_model_folder
+    if spec.get("path"):  # its config.json, read as a file zobench did not write (safe_files' limits)
+        from .models import local_model_config
 
-        source = str(check_model_folder({**spec, "tokenizer": spec.get("tokenizer") or "byte"}))
+        values, source = local_model_config(str(spec["path"]))
+        if not values or not isinstance(values.get("model_type"), str):
+            raise ZobenchError(f"{source} is missing or names no model_type: zobench-plan needs the model's config")
         try:
-            config = AutoConfig.from_pretrained(source, local_files_only=True)
+            config = AutoConfig.for_model(**values)
         except Exception as error:
-            raise ZobenchError(f"model.path={source}: its config.json cannot be read ({type(error).__name__})") from None
+            raise ZobenchError(f"{source}: not a config transformers knows ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0][:160] if str(error) else ''})") from None
+        source = str(source)
     elif arch.get("model_type"):
         model_type = arch.pop("model_type")
         if spec.get("tokenizer") == "byte":  # as models._random_model: the byte tokenizer's ids fit the vocabulary
