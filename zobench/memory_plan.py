@@ -96,7 +96,6 @@ class JobShape:
     save_model: bool
     peft: str
     threads: int = 1  # CPU threads sharing the ZO engine's blocks
-    runtime_bytes: int = RUNTIME_GPU  # see the module's docstring
 
 
 @dataclass
@@ -146,7 +145,7 @@ def count(number: int) -> str:
 
 
 # -- the model, on the meta device --------------------------------------------------------------------
-def model_shape(name: str, config, peft: dict[str, Any] | None, seed: int, source: str) -> ModelShape:
+def model_shape(name: str, config, peft: dict[str, Any] | None, source: str) -> ModelShape:
     """Builds the model of `config` (a transformers config) with the run's adapter on the meta device: shapes
     only, nothing allocated, nothing downloaded."""
     import torch
@@ -160,7 +159,7 @@ def model_shape(name: str, config, peft: dict[str, Any] | None, seed: int, sourc
         model = AutoModelForCausalLM.from_config(config)
         if peft and peft.get("name", "none") != "none":
             peft = {**peft, "init": "random"}  # the real-activation init runs the model: the same shapes either way
-            model, _ = apply_peft(model, peft, seed=seed)
+            model, _ = apply_peft(model, peft, seed=0)
     params = {id(p): p.numel() for p in model.parameters()}  # tied weights once
     trained = trained_parameters(model)
     units = [m for m in model.modules() if type(m).__name__ in set(getattr(model, "_no_split_modules", None) or [])]
@@ -178,14 +177,15 @@ def model_shape(name: str, config, peft: dict[str, Any] | None, seed: int, sourc
 def plan(job: JobShape, gpu_memory: int, gpus: int | None = None) -> Plan:
     """The plan of `job` on GPUs of `gpu_memory` bytes: on `gpus` of them if given, else on the fewest that
     hold it (a CPU run: one host)."""
+    runtime = process_resident() if job.device == "cpu" else RUNTIME_GPU
     if job.device == "cpu":
         result = Plan(job, None, gpu_memory, note="a CPU run: per_gpu is the process's memory on the host")
-        result.per_gpu = _per_device(job, 1)
+        result.per_gpu = _per_device(job, 1, runtime)
     else:
         fixed = gpus is not None
         count = gpus if fixed else _fewest(job, gpu_memory)
         result = Plan(job, count, gpu_memory)
-        result.per_gpu = _per_device(job, count or 1)
+        result.per_gpu = _per_device(job, count or 1, runtime)
         if count is None:
             result.note = (f"does not fit on GPUs of {human(gpu_memory)} with parallel={job.parallel}: its weights "
                            f"are on every GPU; shard them (parallel.zo=shard, parallel.fo=fsdp)")
@@ -201,14 +201,14 @@ SHARDED = ("shard", "fsdp", "device_map")  # the weights (and what goes with the
 
 def _fewest(job: JobShape, gpu_memory: int) -> int | None:
     if job.parallel not in SHARDED:
-        return 1 if _per_device(job, 1)["total"] <= gpu_memory else None
+        return 1 if _per_device(job, 1, RUNTIME_GPU)["total"] <= gpu_memory else None
     for count in range(1, MAX_GPUS + 1):
-        if _per_device(job, count)["total"] <= gpu_memory:
+        if _per_device(job, count, RUNTIME_GPU)["total"] <= gpu_memory:
             return count
     return None
 
 
-def _per_device(job: JobShape, world: int) -> dict[str, int]:
+def _per_device(job: JobShape, world: int, runtime: int) -> dict[str, int]:
     """Bytes on one GPU (or the host for a CPU run) of a job on `world` GPUs, by part."""
     model, method, e = job.model, job.method, job.weights_bytes
     master = method.kind == "torch" and e < 4 and job.master_weights
@@ -241,7 +241,7 @@ def _per_device(job: JobShape, world: int) -> dict[str, int]:
             parts["weights"] += 2 * model.unit * e
     elif job.parallel == "ddp" and world > 1:
         parts["gradients"] *= 2  # DDP's communication buckets copy the gradients
-    parts["runtime"] = job.runtime_bytes
+    parts["runtime"] = runtime
     parts["total"] = sum(parts.values())
     return parts
 

@@ -132,7 +132,7 @@ def shape_of(cfg, models: dict):
     from omegaconf import OmegaConf
 
     from .head_tuning import HeadTuning
-    from .memory_plan import JobShape, MethodShape, process_resident
+    from .memory_plan import JobShape, MethodShape
     from .models import resolve_dtype
     from .optim import optimizer_class
     from .optim.addax import Addax
@@ -147,9 +147,9 @@ def shape_of(cfg, models: dict):
     policy = precision_from_config(cfg.get("precision"), dtype)
     peft = OmegaConf.to_container(cfg.peft, resolve=True) if "peft" in cfg else None
     spec = OmegaConf.to_container(cfg.model, resolve=True)
-    key = (json_key(spec), json_key(peft), int(cfg.seed) if peft else 0)
+    key = (json_key(spec), json_key(peft))  # the adapter's seed changes its values, not its shapes
     if key not in models:
-        models[key] = _model_shape(spec, peft, int(cfg.seed))
+        models[key] = _model_shape(spec, peft)
     model = models[key]
     cls = optimizer_class(cfg.optimizer.get("_target_"))
     opt = cfg.optimizer
@@ -158,7 +158,7 @@ def shape_of(cfg, models: dict):
     elif issubclass(cls, TorchOptimizer):
         torch_class = str(opt.get("torch_class"))
         momentum = float((opt.get("kwargs") or {}).get("momentum", 0) or 0)
-        states = 2 if "Adam" in torch_class else (1 if momentum else 0)
+        states = 2 if torch_class in ("Adam", "AdamW", "HFAdamW") else (1 if momentum else 0)  # moments
         method = MethodShape(str(opt.name), "torch", states=states)
         if issubclass(cls, HeadTuning):  # the LM head alone is trained
             from dataclasses import replace
@@ -195,8 +195,7 @@ def shape_of(cfg, models: dict):
         parallel=parallel, steps=steps, log_interval=int(cfg.train.log_interval),
         checkpoint_weights=bool(cfg.checkpoint.weights), keep_best=str(cfg.train.keep_best),
         save_model=bool(cfg.save_model), peft=str((peft or {}).get("name", "none")),
-        threads=torch.get_num_threads() if device == "cpu" else 1,
-        **({"runtime_bytes": process_resident()} if device == "cpu" else {}))
+        threads=torch.get_num_threads() if device == "cpu" else 1)
 
 
 def json_key(value) -> str:
@@ -205,7 +204,7 @@ def json_key(value) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _model_shape(spec: dict, peft: dict | None, seed: int):
+def _model_shape(spec: dict, peft: dict | None):
     """The model's config without its weights: the preset's `arch` (random init, or a hub preset's recorded
     architecture), a local model.path's config.json, else the hub's config (small; refused in one line offline)."""
     from transformers import AutoConfig
@@ -242,7 +241,7 @@ def _model_shape(spec: dict, peft: dict | None, seed: int):
                                f"offline, set model.path=/local/dir or give the preset an `arch`") from None
     else:
         raise ZobenchError(f"model preset '{name}' has neither arch, path nor hub_id: nothing to plan from")
-    return model_shape(name, config, peft, seed, source)
+    return model_shape(name, config, peft, source)
 
 
 if __name__ == "__main__":

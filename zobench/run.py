@@ -235,7 +235,11 @@ class Job:
         if self.checkpointer is not None and self.record.metrics["status"] == "completed":
             self.checkpointer.finish()
             self.record.note(disk_bytes=self.directory.disk_bytes())
-            self.record.save(final=True)
+            try:
+                self.record.save()
+            except OSError as error:  # the run is recorded completed already; only the figure is stale
+                log.warning("could not update disk_bytes in %s (%s)", self.directory.path / "metrics.json",
+                            error.strerror or error)
 
 
 def _collate_indices(indices, examples, pad_id, classification, device):
