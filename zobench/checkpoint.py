@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections import deque
 from pathlib import Path
@@ -42,6 +43,7 @@ from .safe_files import read_json
 TRAJECTORY = "trajectory.jsonl"
 STATE_TENSORS = "state.safetensors"
 WEIGHTS = "weights.safetensors"
+log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 2  # 2: every file's SHA-256 and the run id recorded (1 had sizes only)
 
 
@@ -229,8 +231,20 @@ class Checkpointer:
                 params[name].copy_(value)
 
     def finish(self) -> None:
-        """A completed run keeps its trajectory (for zobench-replay), not its bulky weights."""
-        (self.directory.path / "checkpoint" / WEIGHTS).unlink(missing_ok=True)
+        """A completed run's checkpoint tensors are of no use again: a completed run is never resumed,
+        zobench-replay rebuilds from trajectory.jsonl and the report reads metrics.json and log.jsonl. The
+        weights and the optimizer state (Adam: twice the trained weights) go; state.json stays, kilobytes of
+        counters and scalar state (the loss scale) as a record. Called once metrics.json says completed, so a
+        stop before leaves a resumable run; a deletion that fails leaves the run completed, with a warning."""
+        folder = self.directory.path / CHECKPOINT
+        if folder.is_symlink():  # not zobench's folder: nothing is deleted through a link
+            return
+        try:
+            for name in (STATE_TENSORS, WEIGHTS):
+                (folder / name).unlink(missing_ok=True)
+        except OSError as error:
+            log.warning("could not delete the completed run's checkpoint tensors in %s (%s)", folder,
+                        error.strerror or error)
 
 
 def _last_check(path: Path) -> str:

@@ -5,11 +5,16 @@ ValueError). This composes the same config `zobench -m` would, takes the preset'
 and the comma lists typed on the command line, and expands them as Hydra's basic sweeper does (the same
 order, so job N here is job N of the sweep, `N_…` folder included). `--cfg N` prints job N's composed
 config (what `zobench --cfg job` prints for one run). Exit status: 0 listed; 2 bad input (one line).
+
+`--memory` adds, for each distinct job shape, the memory and disk it needs (zobench/memory_plan.py, from the
+model's config on the meta device: nothing downloaded): bytes per GPU by part, the GPUs of `--gpu-memory` it
+needs (or on `--gpus N`), host memory, disk per checkpoint and per run. `--json`: the same, machine-readable.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .errors import ZobenchError
@@ -43,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="what you would give `zobench -m` (experiment=…, key=a,b)")
     parser.add_argument("--cfg", type=int, metavar="N", help="print job N's composed config instead of the list")
+    parser.add_argument("-m", "--multirun", action="store_true", help="taken as zobench takes it (a sweep is always "
+                                                                         "expanded here)")
+    parser.add_argument("--memory", action="store_true", help="the memory and disk plan of each distinct job shape")
+    parser.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU (80GB, 80GiB; default 80GB); "
+                                                              "implies --memory")
+    parser.add_argument("--gpus", type=int, metavar="N", help="plan for N GPUs instead of the fewest that hold a job; "
+                                                             "implies --memory")
+    parser.add_argument("--json", action="store_true", help="print the jobs and plans as one JSON object")
     args = parser.parse_args(argv)
     # the one failure policy (failures.py): a bad name or value, Hydra's or OmegaConf's refusals exit 2
     return command("zobench-plan", lambda: _plan(args), refused=(ZobenchError,))
@@ -57,10 +70,178 @@ def _plan(args) -> None:
 
         print(resolved_yaml(compose(jobs[args.cfg])), end="")
         return
+    memory = args.memory or args.json or args.gpu_memory or args.gpus is not None
+    plans = _memory_plans(args, jobs) if memory else None
+    if args.json:
+        import json
+
+        print(json.dumps({"jobs": [{"number": n, "overrides": job} for n, job in enumerate(jobs)],
+                          "plans": [{"jobs": numbers, **result.record()} for result, numbers in plans]}, indent=1))
+        return
     width = len(str(len(jobs) - 1))
     for number, job in enumerate(jobs):
         print(f"{number:>{width}}  {' '.join(job)}")
+    if plans:
+        _print_plans(plans, len(jobs))
     print(f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}: run them with zobench -m {' '.join(args.overrides)}")
+
+
+def _memory_plans(args, jobs: list[list[str]]) -> list:
+    """(memory_plan.Plan, its job numbers) for each distinct job shape."""
+    from .memory_plan import parse_size, plan
+
+    gpu_memory = parse_size(args.gpu_memory or "80GB")
+    if args.gpus is not None and not 1 <= args.gpus <= 4096:
+        raise ZobenchError(f"--gpus {args.gpus}: give a number of GPUs from 1 to 4096")
+    shapes: dict = {}  # a distinct job shape -> the jobs of that shape
+    models: dict = {}  # the meta-device model of each (model, peft) preset, built once
+    for number, job in enumerate(jobs):
+        shapes.setdefault(job_shape(job, models), []).append(number)
+    return [(plan(shape, gpu_memory, args.gpus), numbers) for shape, numbers in shapes.items()]
+
+
+def _print_plans(plans: list, job_count: int) -> None:
+    from .memory_plan import human, render
+
+    for result, numbers in plans:
+        which = "every job" if len(numbers) == job_count else f"job{'s' if len(numbers) > 1 else ''} " + \
+            ", ".join(map(str, numbers))
+        print(f"{which}: {render(result)}")
+    if job_count > 1:
+        end = sum(result.disk["run_end"] * len(numbers) for result, numbers in plans)
+        print(f"disk once every job has completed: {human(end)}")
+
+
+def job_shape(overrides: list[str], models: dict):
+    """A job's memory-relevant settings as plain values (memory_plan.JobShape), its config read here only."""
+    from omegaconf import OmegaConf
+
+    from .configs import compose
+    from .validate import validate
+
+    cfg = compose(overrides)
+    checked = cfg.copy()  # the refusals a run would give, on a machine without the GPU it plans for
+    OmegaConf.update(checked, "device", "cpu")
+    validate(checked)
+    return shape_of(cfg, models)
+
+
+def shape_of(cfg, models: dict):
+    """JobShape of a composed config; `models` caches each preset's meta-device model."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from .head_tuning import HeadTuning
+    from .memory_plan import JobShape, MethodShape
+    from .models import resolve_dtype
+    from .optim import optimizer_class
+    from .optim.addax import Addax
+    from .optim.base import EVALUATION_ONLY
+    from .optim.first_order import TorchOptimizer
+    from .optim.ip_sgd import InPlaceSGD
+    from .optim.mezo import MeZO
+    from .precision import from_config as precision_from_config
+
+    device = "cpu" if str(cfg.device) == "cpu" else "cuda"  # the plan is for where the run will go
+    dtype = resolve_dtype(str(cfg.dtype), torch.device(device))
+    policy = precision_from_config(cfg.get("precision"), dtype)
+    peft = OmegaConf.to_container(cfg.peft, resolve=True) if "peft" in cfg else None
+    spec = OmegaConf.to_container(cfg.model, resolve=True)
+    key = (json_key(spec), json_key(peft))  # the adapter's seed changes its values, not its shapes
+    if key not in models:
+        models[key] = _model_shape(spec, peft)
+    model = models[key]
+    cls = optimizer_class(cfg.optimizer.get("_target_"))
+    opt = cfg.optimizer
+    if cls.kind == EVALUATION_ONLY:
+        method = MethodShape(str(opt.name), "evaluation")
+    elif issubclass(cls, TorchOptimizer):
+        torch_class = str(opt.get("torch_class"))
+        momentum = float((opt.get("kwargs") or {}).get("momentum", 0) or 0)
+        states = 2 if torch_class in ("Adam", "AdamW", "HFAdamW") else (1 if momentum else 0)  # moments
+        method = MethodShape(str(opt.name), "torch", states=states)
+        if issubclass(cls, HeadTuning):  # the LM head alone is trained
+            from dataclasses import replace
+
+            head = model.vocab * model.hidden
+            model = replace(model, trained=head, largest_trained=head)
+    elif issubclass(cls, InPlaceSGD):
+        method = MethodShape(str(opt.name), "inplace")
+    elif issubclass(cls, Addax):
+        method = MethodShape(str(opt.name), "addax", directions=int((opt.get("zo_options") or {}).get("q", 1)))
+    elif issubclass(cls, MeZO):
+        method = MethodShape(str(opt.name), "zo", states=len(getattr(cls, "state_names", ())),
+                             directions=int(opt.get("q", 1)))
+    else:
+        raise ZobenchError(f"optimizer={opt.name}: zobench-plan does not know how {cls.__name__} uses memory")
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    candidates = len(task["candidates"]) if isinstance(task.get("candidates"), list) else 1
+    train_rows = int(cfg.train.batch_size) * (candidates if task.get("train_as_classification") else 1)
+    steps = int(cfg.train.steps)
+    if cfg.train.get("epochs") is not None:  # zobench/epochs.py's rule, on data.n_train
+        steps = int(cfg.train.epochs) * max(math.ceil(int(cfg.data.n_train) / int(cfg.train.batch_size)), 1)
+    if spec.get("device_map"):
+        parallel = "device_map"
+    elif method.kind == "evaluation":
+        parallel = "single"
+    else:
+        parallel = str(cfg.parallel.zo if method.kind == "zo" else cfg.parallel.fo)
+    return JobShape(
+        model=model, method=method, device=device, weights_bytes=dtype.itemsize,
+        master_weights=bool(policy.master_weights), state_bytes=policy.dtype_of(policy.state_dtype).itemsize,
+        update_bytes=policy.dtype_of(policy.update_dtype).itemsize, loss_fp32=policy.loss_dtype == "float32",
+        train_rows=train_rows, eval_rows=int(cfg.eval.batch_size) * candidates, max_length=int(cfg.max_length),
+        generation=task.get("kind") == "generation",
+        parallel=parallel, steps=steps, log_interval=int(cfg.train.log_interval),
+        checkpoint_weights=bool(cfg.checkpoint.weights), keep_best=str(cfg.train.keep_best),
+        save_model=bool(cfg.save_model), peft=str((peft or {}).get("name", "none")),
+        threads=torch.get_num_threads() if device == "cpu" else 1)
+
+
+def json_key(value) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _model_shape(spec: dict, peft: dict | None):
+    """The model's config without its weights: the preset's `arch` (random init, or a hub preset's recorded
+    architecture), a local model.path's config.json, else the hub's config (small; refused in one line offline)."""
+    from transformers import AutoConfig
+
+    from .memory_plan import model_shape
+
+    name = str(spec.get("name"))
+    arch = dict(spec.get("arch") or {})
+    if spec.get("path"):  # its config.json, read as a file zobench did not write (safe_files' limits)
+        from .models import local_model_config
+
+        values, source = local_model_config(str(spec["path"]))
+        if not values or not isinstance(values.get("model_type"), str):
+            raise ZobenchError(f"{source} is missing or names no model_type: zobench-plan needs the model's config")
+        try:
+            config = AutoConfig.for_model(**values)
+        except Exception as error:
+            raise ZobenchError(f"{source}: not a config transformers knows ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0][:160] if str(error) else ''})") from None
+        source = str(source)
+    elif arch.get("model_type"):
+        model_type = arch.pop("model_type")
+        if spec.get("tokenizer") == "byte":  # as models._random_model: the byte tokenizer's ids fit the vocabulary
+            from .byte_tokenizer import byte_tokenizer
+
+            arch["vocab_size"] = max(int(arch.get("vocab_size", 0)), len(byte_tokenizer()))
+        config, source = AutoConfig.for_model(model_type, **arch), f"model.arch of model={name}"
+    elif spec.get("hub_id"):
+        source = str(spec["hub_id"])
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except Exception as error:
+            raise ZobenchError(f"the config of {source} cannot be read ({str(error).splitlines()[0][:160]}); "
+                               f"offline, set model.path=/local/dir or give the preset an `arch`") from None
+    else:
+        raise ZobenchError(f"model preset '{name}' has neither arch, path nor hub_id: nothing to plan from")
+    return model_shape(name, config, peft, source)
 
 
 if __name__ == "__main__":

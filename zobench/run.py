@@ -132,8 +132,6 @@ class Job:
         if spec.save_model:  # the tested weights (with PEFT: the adapter alone), moved into place once complete
             record.note(saved_model=str(self.directory.save_folder(
                 "model", lambda partial: (saveable.save_pretrained(partial), tokenizer.save_pretrained(partial)))))
-        if self.checkpointer is not None:
-            self.checkpointer.finish()
 
     def _data(self):
         splits = sample_splits(self.spec)
@@ -229,12 +227,21 @@ class Job:
 
     def close(self) -> None:
         """An ended run's kept best-on-dev copy goes (an interrupted or failed run keeps it for its resume);
-        the record writes the run's end."""
+        the record writes the run's end. A completed run's checkpoint tensors go once metrics.json says so, and
+        its disk_bytes is written again without them."""
         try:
             if self.best is not None and self.record.metrics["status"] in ("completed", "diverged"):
                 self.best.discard()
         finally:
             self.record.finish()
+        if self.checkpointer is not None and self.record.metrics["status"] == "completed":
+            self.checkpointer.finish()
+            self.record.note(disk_bytes=self.directory.disk_bytes())
+            try:
+                self.record.save()
+            except OSError as error:  # the run is recorded completed already; only the figure is stale
+                log.warning("could not update disk_bytes in %s (%s)", self.directory.path / "metrics.json",
+                            error.strerror or error)
 
 
 def _collate_indices(indices, examples, pad_id, classification, device):

@@ -226,6 +226,17 @@ class RunDir:
             raise ZobenchError(f"{path} does not hold a JSON object")
         return data
 
+    def disk_bytes(self) -> int:
+        """Bytes of the folder's files (apparent sizes, as `du -sb`), links not followed: metrics.json's disk_bytes."""
+        total = 0
+        for root, _, files in os.walk(self.path):  # linked folders are not descended into
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(root, name)).st_size
+                except OSError:  # gone meanwhile (a temp file renamed)
+                    pass
+        return total
+
     def holds_completed_run(self) -> bool:
         """Whether metrics.json says `completed`: a result, never resumed, re-run or written over."""
         metrics = self.read_json("metrics.json")

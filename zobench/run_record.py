@@ -258,7 +258,8 @@ class RunRecord:
         """metrics.json gets the run's end whatever else fails here (RunDir.write_metrics says in one line
         if even that cannot be written)."""
         try:
-            self.metrics.update(final_figures(self.metrics, self.elapsed(), self.device), finished_at=now())
+            self.metrics.update(final_figures(self.metrics, self.elapsed(), self.device), finished_at=now(),
+                                disk_bytes=self.directory.disk_bytes())
             self.log.finish(self.metrics)
         finally:
             try:
@@ -286,7 +287,7 @@ def initial_metrics(spec, run_dir: Path) -> dict[str, Any]:
         "forward_passes": 0, "backward_passes": 0, "tokens": 0, "eval_forward_passes": 0,
         "wall_clock_s": None, "train_wall_clock_s": None, "peak_memory_bytes": None,
         "peak_memory_method": None, "device": None, "dtype": None, "precision": None, "n_params": None,
-        "n_trainable_params": None,
+        "n_trainable_params": None, "disk_bytes": None,  # the run folder's bytes at its end (RunDir.disk_bytes)
         "data_source": None, "n_train": None, "n_dev": None, "n_test": None, "truncated": None,
         "zobench_version": __version__, "git_revision": git_revision(), "run_dir": str(run_dir),
         "started_at": now(), "finished_at": None, "resumed_at_step": None,
