@@ -151,27 +151,27 @@ def _rows_per_rank(param):
 
 
 def _setup(name, overrides=()):
-    """(cfg, model, batches, precision, (task, tokenizer, dev examples)), opt-tiny on CPU (fp32 unless `overrides` say), built as a run builds it."""
+    """(spec, model, batches, (task, tokenizer, dev examples)), opt-tiny on CPU (fp32 unless `overrides` say), built as a run builds it."""
     import torch
-    from omegaconf import OmegaConf
 
-    from zobench.build import build_model, device_and_dtype, encode_splits, precision_of, sample_splits
+    from zobench.build import build_model, encode_splits, sample_splits
     from zobench.configs import compose
     from zobench.encoding import collate
+    from zobench.spec import RunSpec
 
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import QUICK
 
-    cfg = compose(QUICK + [f"optimizer={name}", "optimizer.lr=1e-3", "optimizer.eps=1e-3", *overrides])
-    torch.manual_seed(int(cfg.seed))
-    task = OmegaConf.to_container(cfg.task, resolve=True)
-    device, dtype = device_and_dtype(cfg)
-    model, tokenizer, _ = build_model(cfg, device, dtype, max_length=int(cfg.max_length))
-    encoded = encode_splits(cfg, task, sample_splits(task, cfg), tokenizer)
-    size = int(cfg.train.batch_size)
+    spec = RunSpec.from_cfg(compose(QUICK + [f"optimizer={name}", "optimizer.lr=1e-3", "optimizer.eps=1e-3",
+                                             *overrides]))
+    torch.manual_seed(spec.seed)
+    task = spec.task
+    model, tokenizer, _ = build_model(spec, max_length=spec.max_length)
+    encoded = encode_splits(spec, sample_splits(spec), tokenizer)
+    size = spec.train.batch_size
     batches = [collate(encoded.train[i * size:(i + 1) * size], tokenizer.pad_token_id,
                        classification=bool(task["train_as_classification"])) for i in range(len(encoded.train) // size)]
-    return cfg, model, batches, precision_of(cfg, dtype), (task, tokenizer, encoded.dev)
+    return spec, model, batches, (task, tokenizer, encoded.dev)
 
 
 def _steps(method, batches, steps):
@@ -197,10 +197,10 @@ def _run(name, steps, overrides=(), sharding="shard_for_zo"):
     from zobench.parallel.shard import decoder_layers
     from zobench.parallel.zo_shard import fresh_forwards, reshard_all, shard_for_zo
 
-    cfg, model, batches, precision, (task, tokenizer, dev) = _setup(name, overrides)
+    spec, model, batches, (task, tokenizer, dev) = _setup(name, overrides)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     reference = copy.deepcopy(model)
-    one = build_method(cfg, reference, Objective(reference), precision)  # as a one-process run builds it
+    one = build_method(spec, reference, Objective(reference))  # as a one-process run builds it
     reference_losses, reference_g = _steps(one, batches, steps)
     if sharding == "shard_for_zo":
         shard_for_zo(model)
@@ -210,9 +210,9 @@ def _run(name, steps, overrides=(), sharding="shard_for_zo"):
         fully_shard(model)
         if sharding == "defaults+fresh_forwards":
             fresh_forwards(model)
-    method = build_method(cfg, model, Objective(model, whole_forward=True), precision)
+    method = build_method(spec, model, Objective(model, whole_forward=True))
     losses, gs = _steps(method, batches, steps)
-    evaluated = [Evaluator(objective, task, tokenizer, cfg, torch.device("cpu"))(dev)
+    evaluated = [Evaluator(objective, spec, tokenizer, torch.device("cpu"))(dev)
                  for objective in (one.loss_fn, method.loss_fn)]
     reshard_all(model)  # FSDP2's defaults leave the root gathered: its sharded parameters are the weights
     with torch.no_grad():

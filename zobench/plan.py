@@ -14,7 +14,6 @@ needs (or on `--gpus N`), host memory, disk per checkpoint and per run. `--json`
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 from .errors import ZobenchError
@@ -113,88 +112,85 @@ def _print_plans(plans: list, job_count: int) -> None:
 
 
 def job_shape(overrides: list[str], models: dict):
-    """A job's memory-relevant settings as plain values (memory_plan.JobShape), its config read here only."""
+    """A job's memory-relevant settings as plain values (memory_plan.JobShape), from its run spec."""
     from omegaconf import OmegaConf
 
     from .configs import compose
-    from .validate import validate
+    from .spec import RunSpec
 
     cfg = compose(overrides)
-    checked = cfg.copy()  # the refusals a run would give, on a machine without the GPU it plans for
+    # the refusals a run would give, on a machine without the GPU it plans for: checked as device=cpu, the
+    # device and dtype planned for are the config's own (dtype=auto is float16 on CUDA)
+    planned = (str(cfg.device), str(cfg.dtype))
+    checked = cfg.copy()
     OmegaConf.update(checked, "device", "cpu")
-    validate(checked)
-    return shape_of(cfg, models)
+    return shape_of(RunSpec.from_cfg(checked), planned, models)
 
 
-def shape_of(cfg, models: dict):
-    """JobShape of a composed config; `models` caches each preset's meta-device model."""
+def shape_of(spec, planned: tuple[str, str], models: dict):
+    """JobShape of a run spec for the (device, dtype) names planned; `models` caches each preset's
+    meta-device model."""
     import torch
-    from omegaconf import OmegaConf
 
-    from .head_tuning import HeadTuning
     from .memory_plan import JobShape, MethodShape
     from .models import resolve_dtype
-    from .optim import optimizer_class
-    from .optim.addax import Addax
+    from .optim.addax import Addax, zo_half
     from .optim.base import EVALUATION_ONLY
     from .optim.first_order import TorchOptimizer
+    from .optim.head_tuning import HeadTuning
     from .optim.ip_sgd import InPlaceSGD
     from .optim.mezo import MeZO
     from .precision import from_config as precision_from_config
 
-    device = "cpu" if str(cfg.device) == "cpu" else "cuda"  # the plan is for where the run will go
-    dtype = resolve_dtype(str(cfg.dtype), torch.device(device))
-    policy = precision_from_config(cfg.get("precision"), dtype)
-    peft = OmegaConf.to_container(cfg.peft, resolve=True) if "peft" in cfg else None
-    spec = OmegaConf.to_container(cfg.model, resolve=True)
-    key = (json_key(spec), json_key(peft))  # the adapter's seed changes its values, not its shapes
+    device = "cpu" if planned[0] == "cpu" else "cuda"  # the plan is for where the run will go
+    dtype = resolve_dtype(planned[1], torch.device(device))
+    policy = precision_from_config(spec.config["precision"], dtype)
+    peft = dict(spec.peft)
+    model_spec = dict(spec.model)
+    key = (json_key(model_spec), json_key(peft))  # the adapter's seed changes its values, not its shapes
     if key not in models:
-        models[key] = _model_shape(spec, peft)
+        models[key] = _model_shape(model_spec, peft)
     model = models[key]
-    cls = optimizer_class(cfg.optimizer.get("_target_"))
-    opt = cfg.optimizer
+    cls, name, settings = spec.method.cls, spec.method.name, spec.method.settings
     if cls.kind == EVALUATION_ONLY:
-        method = MethodShape(str(opt.name), "evaluation")
+        method = MethodShape(name, "evaluation")
     elif issubclass(cls, TorchOptimizer):
-        torch_class = str(opt.get("torch_class"))
-        momentum = float((opt.get("kwargs") or {}).get("momentum", 0) or 0)
-        states = 2 if torch_class in ("Adam", "AdamW", "HFAdamW") else (1 if momentum else 0)  # moments
-        method = MethodShape(str(opt.name), "torch", states=states)
+        momentum = float(settings.kwargs.get("momentum", 0) or 0)
+        states = 2 if settings.torch_class in ("Adam", "AdamW", "HFAdamW") else (1 if momentum else 0)  # moments
+        method = MethodShape(name, "torch", states=states)
         if issubclass(cls, HeadTuning):  # the LM head alone is trained
             from dataclasses import replace
 
             head = model.vocab * model.hidden
             model = replace(model, trained=head, largest_trained=head)
     elif issubclass(cls, InPlaceSGD):
-        method = MethodShape(str(opt.name), "inplace")
+        method = MethodShape(name, "inplace")
     elif issubclass(cls, Addax):
-        method = MethodShape(str(opt.name), "addax", directions=int((opt.get("zo_options") or {}).get("q", 1)))
+        method = MethodShape(name, "addax", directions=zo_half(settings).settings.q)
     elif issubclass(cls, MeZO):
-        method = MethodShape(str(opt.name), "zo", states=len(getattr(cls, "state_names", ())),
-                             directions=int(opt.get("q", 1)))
+        method = MethodShape(name, "zo", states=len(getattr(cls, "state_names", ())), directions=settings.q)
     else:
-        raise ZobenchError(f"optimizer={opt.name}: zobench-plan does not know how {cls.__name__} uses memory")
-    task = OmegaConf.to_container(cfg.task, resolve=True)
+        raise ZobenchError(f"optimizer={name}: zobench-plan does not know how {cls.__name__} uses memory")
+    task = spec.task
     candidates = len(task["candidates"]) if isinstance(task.get("candidates"), list) else 1
-    train_rows = int(cfg.train.batch_size) * (candidates if task.get("train_as_classification") else 1)
-    steps = int(cfg.train.steps)
-    if cfg.train.get("epochs") is not None:  # zobench/epochs.py's rule, on data.n_train
-        steps = int(cfg.train.epochs) * max(math.ceil(int(cfg.data.n_train) / int(cfg.train.batch_size)), 1)
-    if spec.get("device_map"):
+    train_rows = spec.train.batch_size * (candidates if task["train_as_classification"] else 1)
+    n_train = min(spec.data.n_train, int(task["sizes"].get("n_train", 10**12)))
+    train = spec.train.for_training_size(n_train)  # train.epochs as the run resolves it
+    if model_spec.get("device_map"):
         parallel = "device_map"
     elif method.kind == "evaluation":
         parallel = "single"
     else:
-        parallel = str(cfg.parallel.zo if method.kind == "zo" else cfg.parallel.fo)
+        parallel = spec.parallel.zo if method.kind == "zo" else spec.parallel.fo
     return JobShape(
         model=model, method=method, device=device, weights_bytes=dtype.itemsize,
-        master_weights=bool(policy.master_weights), state_bytes=policy.dtype_of(policy.state_dtype).itemsize,
+        master_weights=policy.master_weights, state_bytes=policy.dtype_of(policy.state_dtype).itemsize,
         update_bytes=policy.dtype_of(policy.update_dtype).itemsize, loss_fp32=policy.loss_dtype == "float32",
-        train_rows=train_rows, eval_rows=int(cfg.eval.batch_size) * candidates, max_length=int(cfg.max_length),
-        generation=task.get("kind") == "generation",
-        parallel=parallel, steps=steps, log_interval=int(cfg.train.log_interval),
-        checkpoint_weights=bool(cfg.checkpoint.weights), keep_best=str(cfg.train.keep_best),
-        save_model=bool(cfg.save_model), peft=str((peft or {}).get("name", "none")),
+        train_rows=train_rows, eval_rows=spec.eval.batch_size * candidates, max_length=spec.max_length,
+        generation=task["kind"] == "generation",
+        parallel=parallel, steps=train.steps, log_interval=train.log_interval,
+        checkpoint_weights=spec.checkpoint.weights, keep_best=train.keep_best,
+        save_model=spec.save_model, peft=spec.peft_name,
         threads=torch.get_num_threads() if device == "cpu" else 1)
 
 
