@@ -6,6 +6,7 @@ One place for the runner, zobench-replay, zobench-lengths and the benchmarks, so
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,10 +54,14 @@ def device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
 def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype, max_length: int | None = None):
     """(model, tokenizer, saveable): the model with the run's adapter, initialised from the run's seed
     (peft=none: the model itself); `saveable` is what save_pretrained writes (the adapter alone, with PEFT)."""
-    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), device, dtype,
-                                  max_length=max_length)
+    spec = OmegaConf.to_container(cfg.model, resolve=True)
+    source = "random weights" if spec.get("init") == "random" else spec.get("path") or spec.get("hub_id")
+    log.info("loading model %s (%s, %s on %s)", spec["name"], source, str(dtype).removeprefix("torch."), device)
+    start = time.monotonic()  # a 13B model takes minutes to load: the log says what the silence is
+    model, tokenizer = load_model(spec, device, dtype, max_length=max_length)
     peft_spec = OmegaConf.to_container(cfg.peft, resolve=True) if "peft" in cfg else None
     model, saveable = apply_peft(model, peft_spec, seed=int(cfg.seed))
+    log.info("model %s loaded in %.1f s", spec["name"], time.monotonic() - start)
     return model, tokenizer, saveable
 
 

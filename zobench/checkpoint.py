@@ -77,16 +77,20 @@ class ReplayLoss:
 
 def replay(optimizer, records: list[dict[str, Any]], on_step=None) -> None:
     """Redo the recorded steps on `optimizer` (its model at the run's initial weights)."""
+    from .progress import Counted
+
     recorded_loss, stub = optimizer.loss_fn, ReplayLoss()
     optimizer.loss_fn = stub
     try:
-        for record in records:
-            stub.values = list(record["losses"])
-            optimizer.step(None)
-            if stub.values:
-                raise RuntimeError(f"step {record['step']}: the optimizer used fewer loss values than recorded")
-            if on_step is not None:
-                on_step(record["step"])
+        with Counted("replaying the trajectory", len(records), "step") as progress:  # hours of steps on 66B
+            for record in records:
+                stub.values = list(record["losses"])
+                optimizer.step(None)
+                if stub.values:
+                    raise RuntimeError(f"step {record['step']}: the optimizer used fewer loss values than recorded")
+                if on_step is not None:
+                    on_step(record["step"])
+                progress.update()
     finally:
         optimizer.loss_fn = recorded_loss
 
