@@ -36,6 +36,25 @@ def test_a_streamed_file_is_an_ordinary_safetensors_file_with_its_size_and_hash(
     assert (8 + int.from_bytes(path.read_bytes()[:8], "little")) % 8 == 0  # data 8-byte aligned, as safetensors'
 
 
+def test_a_device_tensor_reaches_the_host_in_slices_that_add_up_to_its_bytes():
+    """The path a CUDA tensor takes (no GPU here: the slicing itself, on a host tensor)."""
+    from zobench.tensor_files import slices_to_host
+
+    flat = torch.randn(1001).bfloat16()
+    pieces = list(slices_to_host(flat, 7))  # 3 elements (6 bytes) a slice
+    assert max(p.numel() for p in pieces) == 6 and len(pieces) == 334
+    assert torch.equal(torch.cat(pieces).view(torch.bfloat16), flat)
+
+
+def test_state_saved_from_a_gpu_comes_back_on_the_host_where_there_is_none():
+    from zobench.checkpoint import from_plain
+
+    tensors = {"t0": torch.ones(3)}
+    loaded = from_plain({"m": {"$tensor": "t0", "device": "cuda:0"}, "r": {"$tensor": "t0"}}, tensors)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert loaded["m"].device.type == expected and loaded["r"].device.type == "cpu"
+
+
 def test_a_streamed_file_is_never_written_through_a_link(tmp_path):
     target = tmp_path / "users_file"
     target.write_text("keep me")

@@ -70,6 +70,11 @@ def host_chunks(tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterabl
     if flat.device.type == "cpu":
         yield flat.contiguous().view(torch.uint8)
         return
+    yield from slices_to_host(flat, chunk_bytes)
+
+
+def slices_to_host(flat: torch.Tensor, chunk_bytes: int) -> Iterable[torch.Tensor]:
+    """A 1-d tensor's bytes copied to the host a slice of at most `chunk_bytes` at a time."""
     step = max(chunk_bytes // flat.element_size(), 1)
     for start in range(0, flat.numel(), step):
         yield flat[start: start + step].to("cpu").view(torch.uint8)
