@@ -69,7 +69,9 @@ def resume(args, optimizer: str) -> bool:
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
-    process.wait()
+    if process.wait() == 0:
+        print(f"resume {optimizer}: the run ended before the kill; nothing was resumed (raise --steps)")
+        return False
     killed_at = json.loads((broken / "metrics.json").read_text())["steps"]
     again = zobench(*settings, f"hydra.run.dir={broken}")
     if again.returncode != 0:

@@ -24,7 +24,7 @@ def test_the_gpu_check_script_parses():
 
 @pytest.mark.slow
 def test_the_gpu_checks_dry_run_runs_every_zobench_command_on_cpu(tmp_path):
-    done = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=1500,
+    done = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=2000,
                           env={**os.environ, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_OUT": str(tmp_path)})
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     out = done.stdout
