@@ -135,7 +135,8 @@ def main() -> None:
     print("(old/streamed: each figure at least 1 MiB, so a save that holds nothing reads as 1 MiB)")
     if args.device == "cpu":
         print(f"{'old on a GPU (computed: all at once)':<42}{(first['weights'] + first['state']) / mib:>10.1f}")
-    print(f"streamed checkpoint peak / largest tensor: {results['checkpoint-new']['peak_bytes'] / first['largest']:.2f}")
+    ratio = results["checkpoint-new"]["peak_bytes"] / first["largest"]
+    print(f"streamed checkpoint peak / largest tensor: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def table(out: Path) -> bool:
         return str(path.parent.parent), int(number) if number.isdigit() else -1, path.parent.name
 
     rows = [json.loads(p.read_text()) | {"dir": p.parent.name} for p in sorted(out.rglob("metrics.json"), key=order)]
-    print(f"{'run':<40}{'dtype':<10}{'status':<11}{'steps':>6}{'test':>8}{'peak GiB':>10}  {'peak by':<20}{'train s':>8}")
+    print(f"{'run':<40}{'dtype':<10}{'status':<11}{'steps':>6}{'test':>8}{'peak GiB':>10}  {'peak by':<20}"
+          f"{'train s':>8}")
     for row in rows:
         test = "-" if row.get("test_metric") is None else f"{row['test_metric']:.3f}"
         peak = "-" if row.get("peak_memory_bytes") is None else f"{row['peak_memory_bytes'] / 2**30:.2f}"

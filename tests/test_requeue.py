@@ -65,7 +65,8 @@ def test_a_submitit_job_signalled_with_sigusr2_is_requeued_and_ends_as_one_unint
     assert _log_without_clock(run_dir) == _log_without_clock(whole)
     # the job's logs (each attempt appends): zobench stopped after its step, submitit's own handler was called
     # (it then exits 144, and the controller starts the job again), and the second attempt resumed
-    logs = {kind: "".join(p.read_text() for p in (sweep / ".submitit").rglob(f"*_log.{kind}")) for kind in ("out", "err")}
+    logs = {kind: "".join(p.read_text() for p in (sweep / ".submitit").rglob(f"*_log.{kind}"))
+            for kind in ("out", "err")}
     assert "Caught signal SIGUSR2" in logs["err"], logs["err"][-3000:]
     assert "stopping after this step" in logs["out"], logs["out"][-3000:]
     assert f"resumed at step {resumed['resumed_at_step']}" in logs["out"], logs["out"][-3000:]

@@ -23,7 +23,8 @@ MiB = 1 << 20
 def test_a_streamed_file_is_an_ordinary_safetensors_file_with_its_size_and_hash(tmp_path):
     tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2).bfloat16(),
                "i64": torch.arange(5), "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
-               "empty": torch.zeros(0, 4), "transposed": torch.randn(4, 6).t(), "u8": torch.arange(9, dtype=torch.uint8)}
+               "empty": torch.zeros(0, 4), "transposed": torch.randn(4, 6).t(),
+               "u8": torch.arange(9, dtype=torch.uint8)}
     path = tmp_path / "t.safetensors"
     size, digest = write_safetensors(path, tensors, {"step": "3", "run_id": "abc"})
     assert size == path.stat().st_size and digest == hashlib.sha256(path.read_bytes()).hexdigest()
