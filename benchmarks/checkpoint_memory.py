@@ -131,7 +131,7 @@ def main() -> None:
         old, new = results[f"{what}-old"]["peak_bytes"], results[f"{what}-new"]["peak_bytes"]
         label = {"checkpoint": "checkpoint (weights + Adam)", "host": "keep_best=host (a later save)",
                  "disk": "keep_best=disk"}[what]
-        print(f"{label:<42}{old / mib:>10.1f}{new / mib:>10.1f}{old / max(new, mib):>14.2f}")
+        print(f"{label:<42}{old / mib:>10.1f}{new / mib:>10.1f}{max(old, mib) / max(new, mib):>14.2f}")
     print("(old/streamed: each figure at least 1 MiB, so a save that holds nothing reads as 1 MiB)")
     if args.device == "cpu":
         print(f"{'old on a GPU (computed: all at once)':<42}{(first['weights'] + first['state']) / mib:>10.1f}")
