@@ -1,7 +1,9 @@
 """Keep the best-on-dev weights until the test evaluation (MeZO: HF load_best_model_at_end).
 
-  disk  safetensors file in the run directory: no second copy of the model in (GPU or host) memory
-  host  a copy in host RAM: faster; needs RAM for one more copy of the weights
+  disk  safetensors file in the run directory, written tensor by tensor: no copy of the model in (GPU or
+        host) memory
+  host  a copy in host RAM: faster; needs RAM for one more copy of the trained weights (one, reused by
+        every later save)
   none  test the final weights
 """
 
@@ -41,21 +43,24 @@ class BestWeights:
 
     @torch.no_grad()
     def save(self, step: int | None = None) -> None:
+        """Tensor by tensor: disk streams each to the file (tensor_files), host copies each into the buffers of
+        the last save (a second full copy never exists beside the first)."""
         step = self.step() if step is None else step
         if self.mode == "host":
-            self._host = {n: p.detach().to("cpu", copy=True) for n, p in self._parameters().items()}
+            params = self._parameters()
+            if self._host is None or self._host.keys() != params.keys():
+                self._host = {n: torch.empty_like(p, device="cpu") for n, p in params.items()}
+            for name, param in params.items():
+                self._host[name].copy_(param.detach())
         elif self.mode == "disk":
-            from safetensors.torch import save_file
-
-            from .run_dir import atomic_write, file_sha256
+            from .run_dir import atomic_write
+            from .tensor_files import write_safetensors
 
             metadata = self.directory.file_metadata(step) if self.directory is not None else {"step": str(step)}
             digest = {}
 
             def write(tmp):
-                save_file({n: p.detach().contiguous().cpu() for n, p in self._parameters().items()}, str(tmp),
-                          metadata=metadata)
-                digest["sha256"] = file_sha256(tmp)
+                digest["sha256"] = write_safetensors(tmp, self._parameters(), metadata)[1]
 
             atomic_write(self.path, write)  # run_dir's one writer of whole files
             self.sha256, self.saved_step = digest["sha256"], step

@@ -39,6 +39,7 @@ from .errors import ZobenchError
 from .models import trained_parameters
 from .run_dir import CHECKPOINT, HEX_DIGITS, MANIFEST, MARKER, RunDir, atomic_write_text, file_sha256
 from .safe_files import read_json
+from .tensor_files import write_safetensors
 
 TRAJECTORY = "trajectory.jsonl"
 STATE_TENSORS = "state.safetensors"
@@ -78,16 +79,20 @@ class ReplayLoss:
 
 def replay(optimizer, records: list[dict[str, Any]], on_step=None) -> None:
     """Redo the recorded steps on `optimizer` (its model at the run's initial weights)."""
+    from .progress import Counted
+
     recorded_loss, stub = optimizer.loss_fn, ReplayLoss()
     optimizer.loss_fn = stub
     try:
-        for record in records:
-            stub.values = list(record["losses"])
-            optimizer.step(None)
-            if stub.values:
-                raise RuntimeError(f"step {record['step']}: the optimizer used fewer loss values than recorded")
-            if on_step is not None:
-                on_step(record["step"])
+        with Counted("replaying the trajectory", len(records), "step") as progress:  # hours of steps on 66B
+            for record in records:
+                stub.values = list(record["losses"])
+                optimizer.step(None)
+                if stub.values:
+                    raise RuntimeError(f"step {record['step']}: the optimizer used fewer loss values than recorded")
+                if on_step is not None:
+                    on_step(record["step"])
+                progress.update()
     finally:
         optimizer.loss_fn = recorded_loss
 
@@ -176,10 +181,11 @@ class Checkpointer:
         if loaded is None:
             return None
         plain, paths = loaded
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        try:
-            state = from_plain(plain, load_file(str(paths[STATE_TENSORS])))
+        try:  # tensor by tensor, each onto the device it was saved from (to_plain): no host copy of the state
+            with safe_open(str(paths[STATE_TENSORS]), framework="pt") as saved:
+                state = from_plain(plain, _Lazy(saved.get_tensor))
             state["step"], state["mode"], state["job"]  # noqa: B018  (present)
         except Exception as error:
             raise ZobenchError(f"{paths.get(STATE_TENSORS, directory.path / 'checkpoint')} does not match its "
@@ -257,15 +263,13 @@ def _last_check(path: Path) -> str:
 def write_checkpoint(directory: RunDir, step: int, state: dict[str, Any],
                      tensors: dict[str, dict[str, torch.Tensor]]) -> None:
     """A whole checkpoint, swapped in by the run directory: each safetensors file (with the run id and step in
-    its metadata), then the manifest with each file's size and SHA-256 and the run id, written last."""
-    from safetensors.torch import save_file
-
+    its metadata), then the manifest with each file's size and SHA-256 and the run id, written last. Tensors
+    go to disk one at a time from wherever they live (tensor_files): host memory never holds the model."""
     def write(folder: Path) -> None:
         files = {}
         for name, named in tensors.items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(folder / name),
-                      metadata=directory.file_metadata(step))
-            files[name] = {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+            size, digest = write_safetensors(folder / name, named, directory.file_metadata(step))
+            files[name] = {"bytes": size, "sha256": digest}
         atomic_write_text(folder / MANIFEST, json.dumps({"format": CHECKPOINT_FORMAT, "run_id": directory.run_id,
                                                          "step": step, "files": files, "state": state}) + "\n")
 
@@ -424,10 +428,10 @@ def to_plain(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return value
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor):  # left where it is: the writer streams it to disk (tensor_files)
         key = f"t{len(tensors)}"
-        tensors[key] = value.detach().cpu().contiguous()
-        return {"$tensor": key}
+        tensors[key] = value.detach()
+        return {"$tensor": key, **({"device": str(value.device)} if value.device.type != "cpu" else {})}
     if isinstance(value, np.ndarray):
         key = f"t{len(tensors)}"
         wide = np.int64 if value.dtype.kind in "iub" else np.float64
@@ -450,7 +454,7 @@ def from_plain(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if not isinstance(value, dict):
         return value
     if "$tensor" in value:
-        return tensors[value["$tensor"]]
+        return tensors[value["$tensor"]].to(_saved_device(value.get("device")))
     if "$ndarray" in value:
         return tensors[value["$ndarray"]].numpy().astype(np.dtype(value["dtype"]))
     if "$tuple" in value:
@@ -458,6 +462,28 @@ def from_plain(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if "$items" in value:
         return {_hashable(from_plain(k, tensors)): from_plain(v, tensors) for k, v in value["$items"]}
     return {k: from_plain(v, tensors) for k, v in value.items()}
+
+
+class _Lazy:
+    """A mapping that loads a tensor when it is asked for (from_plain asks once per tensor)."""
+
+    def __init__(self, load):
+        self.load = load
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.load(key)
+
+
+def _saved_device(name: Any) -> torch.device:
+    """The CUDA device a state tensor was saved from, if this machine has it; else the host (as before)."""
+    if isinstance(name, str) and name.startswith("cuda") and torch.cuda.is_available():
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            return torch.device("cpu")
+        if device.index is None or device.index < torch.cuda.device_count():
+            return device
+    return torch.device("cpu")
 
 
 def _hashable(key):

@@ -17,6 +17,7 @@ from .encoding import EncodedExample, collate
 from .metrics import accuracy, generation_metrics
 from .objective import Objective, candidate_scores, loss_from_logprobs
 from .peft_adapters import generate
+from .progress import Counted
 
 MAX_NEW_TOKENS = 50  # MeZO run.py: greedy, at most 50 new tokens, stop at a newline
 
@@ -31,18 +32,20 @@ def evaluate(objective: Objective, examples: Sequence[EncodedExample], *, kind: 
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        # a bar on a terminal, a line every ~30 s in a log (600 test examples can take minutes)
+        with torch.inference_mode(), Counted("evaluating", len(examples), "example") as progress:
             if kind == "generation":
-                result = _generation(objective, examples, tokenizer, batch_size, device)
+                result = _generation(objective, examples, tokenizer, batch_size, device, progress)
             else:
-                result = _candidates(objective, examples, tokenizer, classification, batch_size, score, device)
+                result = _candidates(objective, examples, tokenizer, classification, batch_size, score, device,
+                                     progress)
     finally:
         model.train(was_training)
     result["metric"] = result[metric]
     return result
 
 
-def _candidates(objective, examples, tokenizer, classification, batch_size, score, device):
+def _candidates(objective, examples, tokenizer, classification, batch_size, score, device, progress):
     predictions, losses, weights = [], [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start: start + batch_size]
@@ -55,11 +58,12 @@ def _candidates(objective, examples, tokenizer, classification, batch_size, scor
             gold_rows = batch.candidate_index == batch.gold[batch.example_index]
             losses.append(-float(sums[gold_rows].sum()) / max(int(counts[gold_rows].sum()), 1))
         weights.append(len(chunk))
+        progress.update(len(chunk))
     return {"accuracy": accuracy(predictions, [e.gold for e in examples]), "loss": example_mean(losses, weights),
             "predictions": predictions}
 
 
-def _generation(objective, examples, tokenizer, batch_size, device):
+def _generation(objective, examples, tokenizer, batch_size, device, progress):
     model = objective.model
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
     stop_ids = [newline] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
@@ -82,6 +86,7 @@ def _generation(objective, examples, tokenizer, batch_size, device):
         objective.counter.forward_passes += int(new_tokens.shape[1])
         objective.counter.tokens += int(attention.sum()) + int((new_tokens != tokenizer.pad_token_id).sum())
         predictions += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        progress.update(len(chunk))
     scores = generation_metrics(predictions, [e.gold for e in examples])
     return {**scores, "loss": example_mean(losses, weights), "predictions": predictions}
 

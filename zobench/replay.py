@@ -108,7 +108,12 @@ def write_new_folder(out: Path, write) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
     from .failures import command
+
+    logging.basicConfig(format="%(message)s")  # progress lines (model load, replayed steps) on stderr
+    logging.getLogger("zobench").setLevel(logging.INFO)
 
     parser = argparse.ArgumentParser(prog="zobench-replay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
