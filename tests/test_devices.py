@@ -68,3 +68,39 @@ def test_option_rows_go_to_the_heads_device_of_a_split_model():
     loss = objective(_batch())
     assert model.lm_head.seen == [torch.Size([3, 8])]  # the 3 option rows alone, moved to the head's device
     assert loss.device.type == "cpu" and torch.isclose(loss, torch.log(torch.tensor(2.0)))  # uniform logits
+
+
+# -- peak memory on every GPU ---------------------------------------------------------------------------
+GiB = 1 << 30
+
+
+def test_peak_memory_is_reset_and_read_on_every_gpu(monkeypatch):
+    from zobench import run_record
+
+    allocated, reserved, resets = {0: 3 * GiB, 1: 5 * GiB}, {0: 4 * GiB, 1: 7 * GiB}, []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda gpu: resets.append(gpu.index))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda gpu: allocated[gpu.index])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda gpu: reserved[gpu.index])
+    first = torch.device("cuda", 0)  # the run's device: where its batches go (the first shard)
+
+    run_record.reset_peak_memory(first)
+    figures = run_record.final_figures({"train_wall_clock_s": 1.0, "forward_passes": 2, "tokens": 10}, 2.0, first)
+
+    assert resets == [0, 1]
+    assert figures["peak_memory_bytes"] == 8 * GiB and figures["peak_memory_method"] == "cuda_max_allocated"
+    assert figures["peak_memory_allocated_max_bytes"] == 5 * GiB
+    assert figures["peak_memory_allocated_sum_bytes"] == 8 * GiB
+    assert figures["peak_memory_reserved_max_bytes"] == 7 * GiB
+    assert figures["peak_memory_reserved_sum_bytes"] == 11 * GiB
+    assert figures["peak_memory_devices"] == {"cuda:0": {"allocated": 3 * GiB, "reserved": 4 * GiB},
+                                              "cuda:1": {"allocated": 5 * GiB, "reserved": 7 * GiB}}
+
+
+def test_cpu_runs_have_no_gpu_figures():
+    from zobench import run_record
+
+    figures = run_record.final_figures({"train_wall_clock_s": 1.0, "forward_passes": 2, "tokens": 10}, 2.0,
+                                       torch.device("cpu"))
+    assert figures["peak_memory_method"] == "process_vmhwm" and figures["peak_memory_bytes"] > 0
+    assert all(figures[key] is None for key in run_record.GPU_PEAK_KEYS)
