@@ -104,3 +104,103 @@ def test_cpu_runs_have_no_gpu_figures():
                                        torch.device("cpu"))
     assert figures["peak_memory_method"] == "process_vmhwm" and figures["peak_memory_bytes"] > 0
     assert all(figures[key] is None for key in run_record.GPU_PEAK_KEYS)
+
+
+# -- device maps: headroom on every GPU, no spill to the host ----------------------------------------------
+def _meta_opt_125m():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("opt", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                  ffn_dim=3072, word_embed_proj_dim=768, vocab_size=50272)
+    with torch.device("meta"):  # sizes without weights: 0.23 GiB in fp16
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+
+
+def test_auto_device_map_keeps_the_headroom_free_on_each_gpu():
+    from zobench.models import auto_device_map
+
+    model, two_gpus = _meta_opt_125m(), {0: GiB, 1: GiB}
+    assert set(auto_device_map(model, torch.float16, two_gpus, 0).values()) == {0}  # fits on GPU 0 alone
+    spread = auto_device_map(model, torch.float16, two_gpus, 0.8)  # 0.2 GiB a card left for the weights
+    assert set(spread.values()) == {0, 1}
+
+
+def test_auto_device_map_refuses_a_spill_to_the_host_in_one_line():
+    from zobench.errors import ZobenchError
+    from zobench.models import auto_device_map
+
+    with pytest.raises(ZobenchError, match=r"do not fit on 2 GPU\(s\) with model.headroom_gib=0.9") as refused:
+        auto_device_map(_meta_opt_125m(), torch.float16, {0: GiB, 1: GiB}, 0.9)
+    assert "\n" not in str(refused.value) and "offloaded to the host" in str(refused.value)
+    with pytest.raises(ZobenchError, match="none is visible"):
+        auto_device_map(_meta_opt_125m(), torch.float16, {}, 5)
+    with pytest.raises(ZobenchError, match="leaves nothing"):
+        auto_device_map(_meta_opt_125m(), torch.float16, {0: GiB}, 5)
+
+
+@pytest.mark.parametrize("places", [{"model": 0, "lm_head": "disk"}, {"model": 0, "lm_head": "cpu"}])
+def test_an_explicit_map_that_offloads_is_refused(places):
+    from zobench.errors import ZobenchError
+    from zobench.models import check_device_map
+
+    with pytest.raises(ZobenchError, match="offloading to the host or disk is not supported"):
+        check_device_map(places)
+    assert check_device_map({"model": "cpu", "lm_head": "cpu"}) == {"model": "cpu", "lm_head": "cpu"}
+
+
+def test_device_map_auto_without_a_gpu_is_one_line(tmp_path):
+    from conftest import QUICK, run_cli
+
+    done = run_cli(*QUICK, "train.steps=1", "model.device_map=auto", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode != 0
+    assert done.stderr.strip().count("\n") == 0 and "model.device_map=auto" in done.stderr, done.stderr
+
+
+def test_headroom_is_checked_with_the_config():
+    from zobench.configs import compose
+    from zobench.errors import ZobenchError
+    from zobench.validate import validate
+
+    with pytest.raises(ZobenchError, match="model.headroom_gib must be a number of GiB >= 0"):
+        validate(compose(["model.headroom_gib=-1"]))
+
+
+# -- a random init does not depend on the device or the device map -----------------------------------------
+def _opt_tiny_spec():
+    from omegaconf import OmegaConf
+
+    from zobench.configs import compose
+
+    return OmegaConf.to_container(compose(["model=opt-tiny"]).model, resolve=True)
+
+
+def test_random_init_is_the_same_with_and_without_a_device_map():
+    from zobench.models import load_model
+
+    spec = _opt_tiny_spec()
+    whole, _ = load_model(spec, torch.device("cpu"), torch.float32)
+    for device_map in ({"": "cpu"}, {"model.decoder.embed_tokens": "cpu", "model.decoder.embed_positions": "cpu",
+                                     "model.decoder.layers": "cpu", "model.decoder.final_layer_norm": "cpu",
+                                     "lm_head": "cpu"}):
+        mapped, _ = load_model({**spec, "device_map": device_map}, torch.device("cpu"), torch.float32)
+        for (name, a), (_, b) in zip(whole.state_dict().items(), mapped.state_dict().items()):
+            assert torch.equal(a, b), name
+
+
+def test_random_init_is_drawn_on_the_host_whatever_the_run_device(monkeypatch):
+    """A GPU run without a device map built its weights with the GPU's generator, a device-mapped one with
+    the host's: other weights for the same preset. "meta" stands for the GPU here."""
+    from transformers import AutoModelForCausalLM
+
+    from zobench.models import load_model
+
+    built_on, original = [], AutoModelForCausalLM.from_config
+
+    def spy(*args, **kwargs):
+        model = original(*args, **kwargs)
+        built_on.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", spy)
+    load_model(_opt_tiny_spec(), torch.device("meta"), torch.float32)
+    assert built_on == ["cpu"]

@@ -81,6 +81,7 @@ RUN_RULES: dict[str, Rule] = {
     "icl.k": (lambda v: v >= 0, ">= 0 (0: no demonstrations)"),
     "model.init": (lambda v: v in ("pretrained", "random"), "pretrained or random"),
     "model.bos_token_id": (lambda v: v >= 0, "a token id >= 0, or null"),
+    "model.headroom_gib": (lambda v: _is_number(v) and v >= 0, "a number of GiB >= 0"),
     "model.arch.vocab_size": (lambda v: v >= 1, ">= 1"),
     "model.arch.max_position_embeddings": (lambda v: v >= 1, ">= 1"),
     "peft.r": (lambda v: v >= 1, ">= 1"),
