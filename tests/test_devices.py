@@ -204,3 +204,98 @@ def test_random_init_is_drawn_on_the_host_whatever_the_run_device(monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_config", spy)
     load_model(_opt_tiny_spec(), torch.device("meta"), torch.float32)
     assert built_on == ["cpu"]
+
+
+# -- z's generator: recorded in the trajectory, checked on resume and replay, portable on request --------------
+H100 = "cuda (NVIDIA H100 80GB HBM3, 132 SMs)"
+SHORT_RUN = ["train.steps=3", "train.eval_interval=0", "train.keep_best=none", "checkpoint.every=1"]
+
+
+def _engines(layer):
+    from zobench.optim.engine import PerturbationEngine
+    from zobench.precision import Precision
+
+    return (PerturbationEngine(layer.named_parameters(), 0),
+            PerturbationEngine(layer.named_parameters(), 0, precision=Precision(zo_generator="portable")))
+
+
+def test_portable_z_is_the_hosts_z_whatever_the_devices_blocks(monkeypatch):
+    """CUDA draws z in 16x larger blocks with its own generator; the portable z is drawn in the host's blocks
+    on the host, so a device with other blocks gets the same numbers. Simulated: larger blocks on CPU."""
+    import zobench.optim.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "BLOCK", 1000)
+    layer = nn.Linear(50, 90)  # a 4500-element weight: 5 host blocks, the last one short
+    device, portable = _engines(layer)
+    weight = layer.weight
+    host = device.direction(3, 0, weight)
+    assert torch.equal(portable.direction(3, 0, weight), host)  # on the host: the device's z, through the copy
+
+    monkeypatch.setattr(engine_module, "block_size", lambda _device: 4000)  # a device with 4x larger blocks
+    assert torch.equal(portable.direction(3, 0, weight), host)
+    assert not torch.equal(device.direction(3, 0, weight), host)  # the device's generator: other z
+    before = weight.detach().clone()
+    portable.perturb(3, 0.5)  # the in-place path draws the same z
+    assert torch.allclose(weight.detach(), before + 0.5 * host)
+
+
+def test_the_trajectory_records_where_z_was_drawn_and_replay_elsewhere_is_refused(quick_cfg, tmp_path, monkeypatch,
+                                                                                  capsys):
+    import json
+
+    import zobench.optim.engine as engine_module
+    from zobench.replay import main as replay_main
+    from zobench.run import run
+
+    here = run(quick_cfg(*SHORT_RUN), tmp_path / "cpu")
+    assert json.loads((tmp_path / "cpu" / "trajectory.jsonl").read_text().splitlines()[0])["z"] == "cpu, float32"
+    with monkeypatch.context() as gpu:  # a run on an H100, as its trajectory tells
+        gpu.setattr(engine_module, "device_generator", lambda device: H100)
+        on_gpu = run(quick_cfg(*SHORT_RUN), tmp_path / "gpu")
+    assert here["status"] == on_gpu["status"] == "completed"
+    assert json.loads((tmp_path / "gpu" / "trajectory.jsonl").read_text().splitlines()[0])["z"] == f"{H100}, float32"
+
+    assert replay_main([str(tmp_path / "gpu"), "--out", str(tmp_path / "rebuilt")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and f"drew z with {H100}, float32, this machine draws it with cpu, float32" in line
+    assert "precision.zo_generator=portable" in line and not (tmp_path / "rebuilt").exists()
+    assert replay_main([str(tmp_path / "cpu"), "--out", str(tmp_path / "rebuilt")]) == 0  # where it ran: fine
+
+
+def test_a_resume_on_another_device_is_refused_with_exit_2(quick_cfg, tmp_path, monkeypatch):
+    from conftest import QUICK, fail_once_at, run_cli
+
+    import zobench.optim.engine as engine_module
+    from zobench.run import run
+
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as gpu:
+        gpu.setattr(engine_module, "device_generator", lambda device: H100)
+        fail_once_at(gpu, 2)  # the run dies after its checkpoint of step 2
+        with pytest.raises(Exception):
+            run(quick_cfg(*SHORT_RUN), run_dir, overrides=[*QUICK, *SHORT_RUN])  # as the CLI records them
+    done = run_cli(f"resume={run_dir}")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().count("\n") == 0 and f"drew z with {H100}" in done.stderr
+
+
+def test_portable_runs_replay_anywhere_and_record_it(quick_cfg, tmp_path):
+    import json
+
+    from zobench.replay import replay_run
+    from zobench.run import run
+
+    metrics = run(quick_cfg(*SHORT_RUN, "precision.zo_generator=portable"), tmp_path / "run")
+    assert metrics["precision"]["zo_generator"] == "portable"
+    first = json.loads((tmp_path / "run" / "trajectory.jsonl").read_text().splitlines()[0])
+    assert first["z"] == "portable, float32"
+    assert replay_run(tmp_path / "run", out=tmp_path / "rebuilt").exists()
+
+
+def test_a_bad_generator_is_refused_with_the_config():
+    from zobench.configs import compose
+    from zobench.errors import ZobenchError
+    from zobench.validate import validate
+
+    with pytest.raises(ZobenchError, match="precision.zo_generator must be one of device, portable"):
+        validate(compose(["precision.zo_generator=philox"]))

@@ -27,6 +27,7 @@ import torch
 from .errors import ZobenchError
 
 ZO_UPDATES = ("reference", "fused")
+ZO_GENERATORS = ("device", "portable")
 DTYPE_CHOICES = ("weights", "float32")
 SCALINGS = ("auto", "dynamic", "none")
 
@@ -35,6 +36,7 @@ SCALINGS = ("auto", "dynamic", "none")
 class Precision:
     weights: torch.dtype = torch.float32
     zo_update: str = "fused"
+    zo_generator: str = "device"
     loss_dtype: str = "float32"
     state_dtype: str = "float32"
     master_weights: bool = True
@@ -66,6 +68,7 @@ def from_config(node, weights: torch.dtype) -> Precision:
     get = node.get
     policy = Precision(
         weights=weights, name=str(get("name", "zobench")), zo_update=str(get("zo_update", "fused")),
+        zo_generator=str(get("zo_generator", "device")),  # runs recorded before the key drew z with `device`
         loss_dtype=str(get("loss_dtype", "float32")), state_dtype=str(get("state_dtype", "float32")),
         master_weights=bool(get("master_weights", True)), update_dtype=str(get("update_dtype", "float32")),
         loss_scaling=str(get("loss_scaling", "auto")),
@@ -77,7 +80,8 @@ def from_config(node, weights: torch.dtype) -> Precision:
 
 
 def _check(policy: Precision) -> None:
-    checks = [("zo_update", policy.zo_update, ZO_UPDATES), ("loss_dtype", policy.loss_dtype, DTYPE_CHOICES),
+    checks = [("zo_update", policy.zo_update, ZO_UPDATES), ("zo_generator", policy.zo_generator, ZO_GENERATORS),
+              ("loss_dtype", policy.loss_dtype, DTYPE_CHOICES),
               ("state_dtype", policy.state_dtype, DTYPE_CHOICES), ("update_dtype", policy.update_dtype, DTYPE_CHOICES),
               ("loss_scaling", policy.loss_scaling, SCALINGS)]
     for key, value, valid in checks:

@@ -19,7 +19,7 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     import torch
     from omegaconf import OmegaConf
 
-    from .checkpoint import TRAJECTORY, ReplayLoss, read_trajectory, replay
+    from .checkpoint import TRAJECTORY, ReplayLoss, check_z_source, read_trajectory, replay
     from .errors import ZobenchError
     from .build import build_method, build_model, precision_of
     from .models import resolve_device, resolve_dtype
@@ -63,6 +63,7 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     if not optimizer.replayable:
         raise ZobenchError(f"optimizer={cfg.optimizer.name} runs cannot be replayed from a trajectory: it takes real "
                            f"gradients; use its saved model (save_model=true) instead")
+    check_z_source(optimizer, records[:step], run_dir / TRAJECTORY, "replay the run")
     with torch.no_grad():
         replay(optimizer, records[:step])
     # with PEFT: the adapter alone, as the run's save_model writes it; written in full, then renamed
@@ -122,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         out = replay_run(args.run_dir, args.step, args.out)
         print(f"fine-tuned weights written to {out}")
 
-    return command("zobench-replay", body)  # any error: one line, exit 1
+    from .errors import RefusedInput
+
+    return command("zobench-replay", body, refused=(RefusedInput,))  # one line: exit 2 for another z, else 1
 
 
 if __name__ == "__main__":
