@@ -15,3 +15,6 @@ timeout 150 python benchmarks/numerics.py --device cuda --model opt-125m --steps
 
 echo "== benchmarks/zo_step.py (both zo_update modes, fp16 weights on CUDA)"
 timeout 120 python benchmarks/zo_step.py --device cuda --model opt-125m --repeats 5
+
+echo "== benchmarks/zo_generator.py (portable z: drawn on the host and copied, against CUDA's generator)"
+timeout 90 python benchmarks/zo_generator.py --device cuda --model opt-125m --repeats 3

@@ -299,3 +299,16 @@ def test_a_bad_generator_is_refused_with_the_config():
 
     with pytest.raises(ZobenchError, match="precision.zo_generator must be one of device, portable"):
         validate(compose(["precision.zo_generator=philox"]))
+
+
+def test_the_generator_benchmark_prints_its_ratio():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "zo_generator.py"
+    done = subprocess.run([sys.executable, str(script), "--model", "opt-tiny", "--repeats", "1"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(re.search(r"portable / device pass \(opt-tiny, cpu, float32\)\s+([0-9.]+)", done.stdout)[1]) > 0
