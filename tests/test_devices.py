@@ -227,6 +227,7 @@ def test_portable_z_is_the_hosts_z_whatever_the_devices_blocks(monkeypatch):
     monkeypatch.setattr(engine_module, "BLOCK", 1000)
     layer = nn.Linear(50, 90)  # a 4500-element weight: 5 host blocks, the last one short
     device, portable = _engines(layer)
+    portable.threads = 3  # a device block's host blocks drawn on several threads
     weight = layer.weight
     host = device.direction(3, 0, weight)
     assert torch.equal(portable.direction(3, 0, weight), host)  # on the host: the device's z, through the copy

@@ -100,6 +100,8 @@ class PerturbationEngine:
         self._seeds = np.random.RandomState(seed)
         self._local = threading.local()  # a generator per device and thread: see _each_block
         self._pool: ThreadPoolExecutor | None = None
+        self._host_pool: ThreadPoolExecutor | None = None  # the portable z's host draws (_fill_on_host)
+        self._host_pool_lock = threading.Lock()
         self.threads: int | None = None  # threads sharing CPU blocks; None: torch.get_num_threads()
 
     def draw_seed(self) -> int:
@@ -115,8 +117,8 @@ class PerturbationEngine:
     # -- z ---------------------------------------------------------------------------------------
     def _fill(self, out: torch.Tensor, seed: int, index: int, block: int) -> torch.Tensor:
         """Writes block `block` of z(seed) for parameter `index` into the 1-D tensor `out`: N(0, 1)."""
-        if self.portable:
-            return self._fill_on_host(out, seed, index, block)
+        if self.portable and not (out.device.type == "cpu" and block_size(out.device) == BLOCK):
+            return self._fill_on_host(out, seed, index, block)  # (on the host, in its blocks, the draw below is it)
         generator = self._generator(out.device)
         generator.manual_seed(_block_seed(seed, index, block))
         return out.normal_(generator=generator)
@@ -130,18 +132,34 @@ class PerturbationEngine:
     def _fill_on_host(self, out: torch.Tensor, seed: int, index: int, block: int) -> torch.Tensor:
         """The portable z: the host's blocks (BLOCK elements, the host's generator, θ's dtype) drawn on the host
         and copied into `out`, whatever its device. A device block spans whole host blocks (CUDA_BLOCK is a
-        multiple of BLOCK), so block b of the host's z is the same numbers on every device."""
+        multiple of BLOCK), so block b of the host's z is the same numbers on every device. The host blocks of
+        one device block are drawn on the engine's threads (the host's generator is the cost: a CUDA block is
+        16 of them), each with its own generator and buffer."""
         start, size = block * block_size(out.device), out.numel()
-        generator = self._generator(torch.device("cpu"))
-        buffers = self._local.__dict__.setdefault("buffers", {})
-        key = ("host z", out.dtype, torch.device("cpu"))
-        if key not in buffers:
-            with torch.inference_mode(False):
-                buffers[key] = torch.empty(BLOCK, dtype=out.dtype)
-        for first in range(start, start + size, BLOCK):
-            length = min(BLOCK, start + size - first)  # the parameter's last host block may be short
-            generator.manual_seed(_block_seed(seed, index, first // BLOCK))
-            out[first - start: first - start + length].copy_(buffers[key][:length].normal_(generator=generator))
+        inference = torch.is_inference_mode_enabled()
+
+        def draw(first: int) -> None:
+            with torch.inference_mode(inference), torch.no_grad():  # grad modes are per thread: the caller's
+                length = min(BLOCK, start + size - first)  # the parameter's last host block may be short
+                generator = self._generator(torch.device("cpu"))
+                generator.manual_seed(_block_seed(seed, index, first // BLOCK))
+                buffers = self._local.__dict__.setdefault("buffers", {})
+                key = ("host z", out.dtype, torch.device("cpu"))
+                if key not in buffers:
+                    with torch.inference_mode(False):
+                        buffers[key] = torch.empty(BLOCK, dtype=out.dtype)
+                out[first - start: first - start + length].copy_(buffers[key][:length].normal_(generator=generator))
+
+        firsts = range(start, start + size, BLOCK)
+        threads = self.threads or torch.get_num_threads()
+        if threads > 1 and len(firsts) > 1:
+            with self._host_pool_lock:  # its own pool: a CPU block may come here from the block pool's threads
+                if self._host_pool is None:
+                    self._host_pool = ThreadPoolExecutor(threads, thread_name_prefix="zobench-host-z")
+            list(self._host_pool.map(draw, firsts))
+        else:
+            for first in firsts:
+                draw(first)
         return out
 
     def z_source(self) -> str:
