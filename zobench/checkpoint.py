@@ -15,8 +15,9 @@ step: JSON (state.json, its shape checked on load) beside safetensors, never a p
 after a whole step, never in the middle, and switched in atomically (zobench/run_dir.py).
 
 Each trajectory line carries a checksum chained to the line before ("check"), so an edited or corrupt
-loss value is refused, not replayed into different weights. Step 1's line names where z was drawn ("z": the engine's z_source(), e.g. "cuda (NVIDIA H100 80GB HBM3, 132 SMs), float16"): a resume
-or a replay whose engine draws z otherwise is refused (`check_z_source`), as it would build other weights.
+loss value is refused, not replayed into different weights. Step 1's line names where z was drawn ("z": the
+engine's z_source(), e.g. "cuda (NVIDIA H100 80GB HBM3, 132 SMs), float16"): a resume or a replay whose engine
+draws z otherwise is refused (`check_z_source`, exit 2), as the same losses would build other weights.
 
 The format is this module's: `write_checkpoint` / `read_checkpoint` (the folder's safetensors files and their
 manifest), `check_manifest` (every value of a received state.json of its type and range), `to_plain` /

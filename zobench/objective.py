@@ -57,7 +57,7 @@ class Objective:
         if self._body is not None:
             hidden = self._body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
             rows = hidden[:, :-1][target.to(hidden.device)]
-            logits = self._head(rows.to(self._head.weight.device))
+            logits = self._head(rows.to(next(self._head.parameters()).device))
         else:
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             logits = logits[:, :-1][target.to(logits.device)]

@@ -279,7 +279,8 @@ def initial_metrics(cfg, run_dir: Path) -> dict[str, Any]:
         "test_scores": None, "best_step": None, "steps": 0, "steps_planned": int(cfg.train.steps),
         "forward_passes": 0, "backward_passes": 0, "tokens": 0, "eval_forward_passes": 0,
         "wall_clock_s": None, "train_wall_clock_s": None, "peak_memory_bytes": None,
-        "peak_memory_method": None, **dict.fromkeys(GPU_PEAK_KEYS), "device": None, "dtype": None, "precision": None, "n_params": None,
+        "peak_memory_method": None, **dict.fromkeys(GPU_PEAK_KEYS),  # every GPU's peaks (gpu_peaks)
+        "device": None, "dtype": None, "precision": None, "n_params": None,
         "n_trainable_params": None,
         "data_source": None, "n_train": None, "n_dev": None, "n_test": None, "truncated": None,
         "zobench_version": __version__, "git_revision": git_revision(), "run_dir": str(run_dir),
