@@ -7,7 +7,7 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_
 python -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
 
 echo "== pytest -m gpu"
-timeout 180 python -m pytest -q -m gpu -s tests/test_gpu_precision.py
+timeout 180 python -m pytest -q -m gpu -s tests/test_gpu_precision.py tests/test_devices.py
 
 echo "== benchmarks/numerics.py (fp16/bf16, reference vs zobench; ZO and FO optimizers)"
 timeout 150 python benchmarks/numerics.py --device cuda --model opt-125m --steps 5 \

@@ -313,3 +313,36 @@ def test_the_generator_benchmark_prints_its_ratio():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(re.search(r"portable / device pass \(opt-tiny, cpu, float32\)\s+([0-9.]+)", done.stdout)[1]) > 0
+
+
+# -- on a real GPU (pytest -m gpu; benchmarks/gpu_check.sh runs them) ---------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_portable_z_on_cuda_is_the_hosts_bit_for_bit(dtype):
+    from zobench.optim.engine import PerturbationEngine
+    from zobench.precision import Precision
+
+    layer = nn.Linear(3000, 1500).to(dtype)  # a 4.5M-element weight: 5 host blocks (the last short), 1 CUDA block
+    host = PerturbationEngine(layer.named_parameters(), 0).direction(3, 0, layer.weight)
+    layer.cuda()
+    portable = PerturbationEngine(layer.named_parameters(), 0, precision=Precision(zo_generator="portable"))
+    device = PerturbationEngine(layer.named_parameters(), 0)
+    assert torch.equal(portable.direction(3, 0, layer.weight).cpu(), host)
+    assert not torch.equal(device.direction(3, 0, layer.weight).cpu(), host)
+    assert device.z_source().startswith("cuda (") and " SMs), " in device.z_source()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_peak_memory_of_a_real_gpu_is_read_allocated_and_reserved():
+    from zobench.run_record import gpu_peaks, reset_peak_memory
+
+    gpu = torch.device("cuda", 0)
+    reset_peak_memory(gpu)
+    block = torch.empty(256 << 20, dtype=torch.uint8, device=gpu)
+    peaks = gpu_peaks(gpu)["peak_memory_devices"]["cuda:0"]
+    assert peaks["reserved"] >= peaks["allocated"] >= block.numel()
