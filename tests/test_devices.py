@@ -346,3 +346,26 @@ def test_peak_memory_of_a_real_gpu_is_read_allocated_and_reserved():
     block = torch.empty(256 << 20, dtype=torch.uint8, device=gpu)
     peaks = gpu_peaks(gpu)["peak_memory_devices"]["cuda:0"]
     assert peaks["reserved"] >= peaks["allocated"] >= block.numel()
+
+
+def test_a_portable_16_bit_run_replays_on_the_host_in_the_runs_dtype(quick_cfg, tmp_path, monkeypatch):
+    """dtype=auto is float16 on CUDA and float32 on CPU: a replay builds the weights in the dtype the run
+    resolved (metrics.json's), so a portable GPU run replays on a laptop. The GPU's auto: patched here."""
+    import json
+
+    import zobench.build as build
+    from zobench.replay import replay_run
+    from zobench.run import run
+
+    resolve = build.resolve_dtype
+
+    def as_on_cuda(name, device):
+        return torch.float16 if name == "auto" else resolve(name, device)
+
+    with monkeypatch.context() as gpu:
+        gpu.setattr(build, "resolve_dtype", as_on_cuda)
+        metrics = run(quick_cfg(*SHORT_RUN, "precision.zo_generator=portable"), tmp_path / "run")
+    assert metrics["dtype"] == "float16"
+    first = json.loads((tmp_path / "run" / "trajectory.jsonl").read_text().splitlines()[0])
+    assert first["z"] == "portable, float16"
+    assert replay_run(tmp_path / "run", out=tmp_path / "rebuilt").exists()

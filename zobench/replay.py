@@ -22,7 +22,7 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     from .checkpoint import TRAJECTORY, ReplayLoss, check_z_source, read_trajectory, replay
     from .errors import ZobenchError
     from .build import build_method, build_model, precision_of
-    from .models import resolve_device, resolve_dtype
+    from .models import DTYPES, resolve_device, resolve_dtype
     from .optim.base import EVALUATION_ONLY
     from .run_dir import RunDir
     from .safe_files import read_yaml
@@ -55,7 +55,9 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     out = Path(out) if out else run_dir / f"model-step-{step}"
     _check_out(out)  # before the base model is loaded
     device = resolve_device(str(cfg.device))
-    dtype = resolve_dtype(str(cfg.dtype), device)
+    # dtype=auto as the run resolved it (float16 on CUDA), not as this machine would: z and the weights are the run's
+    ran_in = metrics.get("dtype")
+    dtype = resolve_dtype(ran_in if str(cfg.dtype) == "auto" and ran_in in DTYPES else str(cfg.dtype), device)
     model, tokenizer, saveable = build_model(cfg, device, dtype)  # with the run's adapter, as the run built it
     optimizer = build_method(cfg, model, ReplayLoss(), precision_of(cfg, dtype))
     if optimizer.kind == EVALUATION_ONLY:  # zero-shot, ICL, linear probing
