@@ -28,7 +28,7 @@ if [ "$DEVICE" = cpu ]; then
     MODEL=opt-tiny STEPS=4 LIMIT=1500  # a shared CPU: mostly the start-up of each zobench process
     python -c "import torch; print('device: cpu (dry run) | torch', torch.__version__)" || exit 1
 else
-    MODEL=opt-125m STEPS=20 LIMIT=280
+    MODEL=opt-125m STEPS=20 LIMIT=260
     python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device')" \
         || exit 1
     python -c "import torch; print('device:', torch.cuda.get_device_name(0), 'x', torch.cuda.device_count(), \
@@ -40,14 +40,16 @@ part "zobench end to end ($MODEL, $DEVICE)" "$LIMIT" \
     python benchmarks/gpu_check_runs.py --device "$DEVICE" --model "$MODEL" --steps "$STEPS" --out "$OUT/runs"
 
 if [ "$DEVICE" != cpu ]; then
-    part "benchmarks/checkpoint_memory.py (host peak of a save, model on the GPU)" 50 \
+    part "benchmarks/checkpoint_memory.py (host peak of a save, model on the GPU)" 40 \
         python benchmarks/checkpoint_memory.py --device cuda --layers 2
-    part "pytest -m gpu" 60 python -m pytest -q -m gpu -s tests/test_gpu_precision.py
+    part "pytest -m gpu" 60 python -m pytest -q -m gpu -s tests/test_gpu_precision.py tests/test_devices.py
     part "benchmarks/numerics.py (fp16/bf16, reference vs zobench; ZO and FO optimizers)" 50 \
         python benchmarks/numerics.py --device cuda --model opt-125m --steps 5 \
             --only mezo,sparse_mezo,adamezo,zo_adam,zo_sgd_momentum,zo_sgd_sign,sgd,adam,ip_sgd
     part "benchmarks/zo_step.py (both zo_update modes, fp16 weights on CUDA)" 30 \
         python benchmarks/zo_step.py --device cuda --model opt-125m --repeats 5
+    part "benchmarks/zo_generator.py (portable z: drawn on the host and copied, against CUDA's generator)" 30 \
+        python benchmarks/zo_generator.py --device cuda --model opt-125m --repeats 3
 fi
 
 echo "== gpu_check.sh: $((SECONDS - START)) s in all"

@@ -15,7 +15,9 @@ step: JSON (state.json, its shape checked on load) beside safetensors, never a p
 after a whole step, never in the middle, and switched in atomically (zobench/run_dir.py).
 
 Each trajectory line carries a checksum chained to the line before ("check"), so an edited or corrupt
-loss value is refused, not replayed into different weights.
+loss value is refused, not replayed into different weights. Step 1's line names where z was drawn ("z": the
+engine's z_source(), e.g. "cuda (NVIDIA H100 80GB HBM3, 132 SMs), float16"): a resume or a replay whose engine
+draws z otherwise is refused (`check_z_source`, exit 2), as the same losses would build other weights.
 
 The format is this module's: `write_checkpoint` / `read_checkpoint` (the folder's safetensors files and their
 manifest), `check_manifest` (every value of a received state.json of its type and range), `to_plain` /
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ZobenchError
+from .errors import RefusedInput, ZobenchError
 from .models import trained_parameters
 from .run_dir import CHECKPOINT, HEX_DIGITS, MANIFEST, MARKER, RunDir, atomic_write_text, file_sha256
 from .safe_files import read_json
@@ -118,8 +120,8 @@ def read_trajectory(run_dir: Path, up_to: int | None = None) -> list[dict[str, A
         try:
             record = json.loads(line)
             step, losses = record["step"], record["losses"]
-            if not (isinstance(step, int) and isinstance(losses, list)):
-                raise TypeError("step or losses of the wrong type")
+            if not (isinstance(step, int) and isinstance(losses, list) and isinstance(record.get("z", ""), str)):
+                raise TypeError("step, losses or z of the wrong type")
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             if number == len(lines):
                 break  # a killed run's half line
@@ -145,7 +147,11 @@ class Checkpointer:
         self.model, self.optimizer = model, optimizer
         self.with_weights = save_weights or not getattr(optimizer, "replayable", False)
         self._trajectory = directory.records(TRAJECTORY)
-        self._previous = _last_check(directory.path / TRAJECTORY)
+        earlier = read_trajectory(directory.path)  # a resumed run's, rewound to its checkpoint
+        self._previous = earlier[-1]["check"] if earlier else ""  # the chain goes on from its last line
+        engine = perturbation_engine(optimizer)
+        # noted on step 1's line: a resume goes on only where z is drawn the same way (check_z_source)
+        self._z_source = engine.z_source() if engine is not None and not earlier else None
 
     @property
     def mode(self) -> str:
@@ -156,6 +162,8 @@ class Checkpointer:
         directions = getattr(self.optimizer, "last_projected_grads", None)
         if directions:
             record["directions"] = [[int(seed), float(g)] for seed, g in directions]
+        if self._z_source is not None:
+            record["z"], self._z_source = self._z_source, None
         record["check"] = self._previous = _check(self._previous, record)
         self._trajectory.write_line(json.dumps(record))
 
@@ -200,6 +208,8 @@ class Checkpointer:
         if state["mode"] != self.mode:
             raise ZobenchError(f"{self.directory.path}: the checkpoint holds a {state['mode']} checkpoint, this "
                                f"run writes {self.mode} checkpoints; cannot resume")
+        records = read_trajectory(self.directory.path, up_to=step)
+        check_z_source(self.optimizer, records, self.directory.path / TRAJECTORY, "resume the run")
         if state["mode"] == "weights":
             self.restore_weights(state["weights_path"])
             try:
@@ -210,7 +220,6 @@ class Checkpointer:
                                    f"resume") from None
             best_kept = best_step is None or best.adopt_saved(best_step, state["job"].get("best_weights"))
         else:  # the trajectory rebuilds the weights, and the best-on-dev copy on the way
-            records = read_trajectory(self.directory.path, up_to=step)
             if len(records) != step:
                 path = self.directory.path / TRAJECTORY
                 raise ZobenchError(f"{path} {'is missing' if not path.exists() else f'holds {len(records)} steps'}, "
@@ -253,10 +262,26 @@ class Checkpointer:
                         error.strerror or error)
 
 
-def _last_check(path: Path) -> str:
-    """The checksum of the trajectory's last whole line (a resume continues the chain from it)."""
-    records = read_trajectory(path.parent) if path.exists() else []
-    return records[-1]["check"] if records else ""
+def perturbation_engine(optimizer):
+    """The optimizer's ZO engine (Addax's in its zeroth-order half), or None: a first-order method draws no z."""
+    engine = getattr(optimizer, "engine", None)
+    return engine if engine is not None else getattr(getattr(optimizer, "zo", None), "engine", None)
+
+
+def check_z_source(optimizer, records: list[dict[str, Any]], path: Path, doing: str) -> None:
+    """Refuses, in one line naming both, to go on from `records` with an engine that draws z otherwise than
+    their steps did (another device, GPU model or dtype): the same losses would move other weights."""
+    engine = perturbation_engine(optimizer)
+    recorded = sorted({record["z"] for record in records if "z" in record})
+    if engine is None or not recorded:  # no z, or a trajectory of a zobench that did not record it
+        return
+    here = engine.z_source()
+    other = [source for source in recorded if source != here]
+    if other:
+        raise RefusedInput(f"{path} drew z with {other[0]}, this machine draws it with {here}: the same losses "
+                           f"would move other weights, so zobench does not {doing} here; {doing} where it ran (same "
+                           f"device, GPU model and dtype), or start runs that must move between machines with "
+                           f"precision.zo_generator=portable")
 
 
 # -- the checkpoint folder: safetensors files and their manifest (state.json) -----------------------------

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ZobenchError
+from .errors import RefusedInput, ZobenchError
 from .failures import INTERRUPTED, Failure, classify, command, say
 
 
@@ -53,7 +53,7 @@ def _job(cfg) -> str:
     try:
         metrics = run(spec, run_dir, overrides=list(hydra_cfg.overrides.task))
     except (KeyboardInterrupt, Exception) as error:
-        failure = classify(error)
+        failure = classify(error, refused=(RefusedInput,))  # e.g. a resume on a device that draws another z
         if failure.status == "interrupted":
             _say(f"{tag}interrupted; what was done is recorded in {run_dir}; to go on from its last checkpoint: "
                  f"{_resume_command(run_dir, in_sweep)}")

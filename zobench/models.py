@@ -5,6 +5,7 @@ Model presets (conf/model/*.yaml):
   init: random       build from `arch` (a transformers config: model_type + sizes), seeded by init_seed
   tokenizer: null    the model's own; `byte`: zobench's offline byte-level tokenizer
   device_map: null   `auto` (or an accelerate device map) shards the model over the visible GPUs
+  headroom_gib: 5    with device_map=auto: GiB left free on each GPU for activations and z's blocks
 """
 
 from __future__ import annotations
@@ -50,14 +51,15 @@ def load_model(spec: dict[str, Any], device: torch.device, dtype: torch.dtype, m
     tokenizer = _load_tokenizer(spec)
     device_map = spec.get("device_map")
     if spec.get("init", "pretrained") == "random":
-        # built where it will run: a random 13B model is initialised in seconds on a GPU, minutes on the host
-        model = _random_model(spec, tokenizer, dtype, torch.device("cpu") if device_map else device, max_length)
+        model = _random_model(spec, tokenizer, dtype, max_length)
     else:
         model = _pretrained_model(spec, dtype, max_length)
     if tokenizer.pad_token_id is None:  # LLaMA has none; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     if device_map:
-        model = _dispatch(model, device_map, dtype)
+        if device_map == "auto":
+            device_map = auto_device_map(model, dtype, gpu_memory(), float(spec["headroom_gib"]))
+        model = _dispatch(model, check_device_map(device_map))
     else:
         model = model.to(device)
     return model.eval(), tokenizer
@@ -68,14 +70,59 @@ def input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _dispatch(model, device_map, dtype):
+def _dispatch(model, device_map: dict[str, Any]):
     """accelerate places each block on a device; hooks move activations between them."""
-    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate import dispatch_model
 
-    if device_map == "auto":
-        no_split = getattr(model, "_no_split_modules", None) or []
-        device_map = infer_auto_device_map(model, no_split_module_classes=no_split, dtype=dtype)
-    return dispatch_model(model, device_map=dict(device_map))
+    return dispatch_model(model, device_map=device_map)
+
+
+def gpu_memory() -> dict[int, int]:
+    """Each visible GPU's memory in bytes, by index."""
+    return {index: torch.cuda.get_device_properties(index).total_memory for index in range(torch.cuda.device_count())}
+
+
+def auto_device_map(model, dtype: torch.dtype, gpus: dict[int, int], headroom_gib: float) -> dict[str, Any]:
+    """accelerate's map of `model` over `gpus` (index -> bytes), each keeping `headroom_gib` free for the
+    activations (the references leave ~5 GB a card). A model that would spill to the host or disk is refused
+    here, in one line: accelerate would keep those weights on the meta device, where the engine cannot
+    perturb them (it fails mid-step with "META device type not an accelerator")."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes
+
+    if not gpus:
+        raise ZobenchError("model.device_map=auto shards the model over the visible GPUs, and none is visible: "
+                           "set model.device_map=null to run on one device")
+    headroom = int(headroom_gib * 2**30)
+    budget = {index: total - headroom for index, total in gpus.items()}
+    if min(budget.values()) <= 0:
+        raise ZobenchError(f"model.headroom_gib={headroom_gib} leaves nothing of a {min(gpus.values()) / 2**30:.1f} "
+                           f"GiB GPU for the weights: lower model.headroom_gib")
+    no_split = getattr(model, "_no_split_modules", None) or []
+    # the host listed with room to spare, so that a model too large shows as modules mapped to "cpu"
+    device_map = infer_auto_device_map(model, max_memory={**budget, "cpu": 1 << 50},
+                                       no_split_module_classes=list(no_split), dtype=dtype)
+    spilled = [name for name, where in device_map.items() if where in ("cpu", "disk")]
+    if spilled:
+        weights = compute_module_sizes(model, dtype=dtype)[""] / 2**30
+        raise ZobenchError(
+            f"model.device_map=auto: the model's {weights:.1f} GiB of weights do not fit on {len(gpus)} GPU(s) "
+            f"with model.headroom_gib={headroom_gib} GiB kept free on each ({sum(budget.values()) / 2**30:.1f} GiB "
+            f"for weights); {len(spilled)} modules ({spilled[0]}, ...) would be offloaded to the host, which zobench "
+            f"does not run: use more or larger GPUs, a smaller model.headroom_gib, or dtype=float16/bfloat16")
+    return device_map
+
+
+def check_device_map(device_map) -> dict[str, Any]:
+    """An explicit map as accelerate runs it with zobench's engine: GPUs and/or the host, never "disk" or
+    "meta", and the host only for the whole model (beside a GPU accelerate offloads its modules to meta)."""
+    device_map = dict(device_map)
+    places = {str(where) for where in device_map.values()}
+    if places & {"disk", "meta"} or ("cpu" in places and len(places) > 1):
+        raise ZobenchError(f"model.device_map puts modules on {', '.join(sorted(places))}: zobench runs a map over "
+                           f"GPUs (or all on cpu); offloading to the host or disk is not supported: map every "
+                           f"module to a GPU index, or use model.device_map=auto")
+    return device_map
 
 
 def _source(spec: dict[str, Any]) -> str:
@@ -141,7 +188,7 @@ def _pretrained_model(spec: dict[str, Any], dtype: torch.dtype, max_length: int 
         raise _unreachable("model", source, error) from error
 
 
-def _random_model(spec: dict[str, Any], tokenizer, dtype: torch.dtype, device: torch.device, max_length: int | None):
+def _random_model(spec: dict[str, Any], tokenizer, dtype: torch.dtype, max_length: int | None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = dict(spec.get("arch") or {})
@@ -156,9 +203,9 @@ def _random_model(spec: dict[str, Any], tokenizer, dtype: torch.dtype, device: t
     if max_length is not None:
         check_positions(max_length, _positions(config),
                         f"model.arch.max_position_embeddings of model={spec.get('name')}")
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    # the same initial weights whatever the run's seed (on a given kind of device: their generators differ)
-    with torch.random.fork_rng(devices=cuda), torch.device(device):
+    # the same initial weights whatever the run's seed, device or device map: drawn on the host (CPU and CUDA
+    # generators draw different numbers), then moved or dispatched; a 13B init takes minutes there, not seconds
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(int(spec.get("init_seed", 0)))
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model

@@ -54,17 +54,22 @@ class Objective:
         self.counter.forward_passes += 1
         self.counter.tokens += int(batch.attention_mask.sum())
         target = batch.option_mask[:, 1:]  # token t is predicted at position t-1
+        # A model split over devices (model.device_map) ends on its last one, and calling the body and the head
+        # apart skips accelerate's alignment: the mask goes to the states' device, the option rows to the head's,
+        # the targets to the logits', and the table comes back to the batch's device.
         if self._body is not None:
             hidden = self._body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-            logits = self._head(hidden[:, :-1][target])
+            rows = hidden[:, :-1][target.to(hidden.device)]
+            logits = self._head(rows.to(next(self._head.parameters()).device))
         else:
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][target]
-        tokens = batch.input_ids[:, 1:][target]
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logits = logits[:, :-1][target.to(logits.device)]
+        tokens = batch.input_ids[:, 1:][target].to(logits.device)
         # log_softmax is row by row, so the option rows alone give MeZO's values; masked_scatter places them
         # (deterministic, unlike index_add on CUDA)
         token_logprobs = -F.cross_entropy(logits.to(self.loss_dtype), tokens, reduction="none")
-        table = torch.zeros(target.shape, dtype=token_logprobs.dtype, device=token_logprobs.device)
-        return table.masked_scatter(target, token_logprobs)
+        table = torch.zeros(target.shape, dtype=token_logprobs.dtype, device=target.device)
+        return table.masked_scatter(target, token_logprobs.to(target.device))
 
     def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[N, T, hidden]: the states the LM head reads (linear probing's features); one counted forward."""

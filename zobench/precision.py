@@ -27,15 +27,18 @@ import torch
 from .errors import ZobenchError
 
 ZO_UPDATES = ("reference", "fused")
+ZO_GENERATORS = ("device", "portable")
 DTYPE_CHOICES = ("weights", "float32")
 SCALINGS = ("auto", "dynamic", "none")
-KEYS = ("name", "zo_update", "loss_dtype", "state_dtype", "master_weights", "update_dtype", "loss_scaling", "grad_clip")
+KEYS = ("name", "zo_update", "zo_generator", "loss_dtype", "state_dtype", "master_weights", "update_dtype",
+        "loss_scaling", "grad_clip")
 
 
 @dataclass(frozen=True)
 class Precision:
     weights: torch.dtype = torch.float32
     zo_update: str = "fused"
+    zo_generator: str = "device"
     loss_dtype: str = "float32"
     state_dtype: str = "float32"
     master_weights: bool = True
@@ -69,7 +72,8 @@ def from_config(node, weights: torch.dtype) -> Precision:
     if missing:
         raise ZobenchError(f"precision.{missing[0]} is missing (conf/config.yaml sets every precision key)")
     policy = Precision(
-        weights=weights, name=str(node["name"]), zo_update=str(node["zo_update"]), loss_dtype=str(node["loss_dtype"]),
+        weights=weights, name=str(node["name"]), zo_update=str(node["zo_update"]),
+        zo_generator=str(node["zo_generator"]), loss_dtype=str(node["loss_dtype"]),
         state_dtype=str(node["state_dtype"]), master_weights=bool(node["master_weights"]),
         update_dtype=str(node["update_dtype"]), loss_scaling=str(node["loss_scaling"]),
         grad_clip=None if node["grad_clip"] is None else float(node["grad_clip"]))
@@ -80,7 +84,8 @@ def from_config(node, weights: torch.dtype) -> Precision:
 
 
 def _check(policy: Precision) -> None:
-    checks = [("zo_update", policy.zo_update, ZO_UPDATES), ("loss_dtype", policy.loss_dtype, DTYPE_CHOICES),
+    checks = [("zo_update", policy.zo_update, ZO_UPDATES), ("zo_generator", policy.zo_generator, ZO_GENERATORS),
+              ("loss_dtype", policy.loss_dtype, DTYPE_CHOICES),
               ("state_dtype", policy.state_dtype, DTYPE_CHOICES), ("update_dtype", policy.update_dtype, DTYPE_CHOICES),
               ("loss_scaling", policy.loss_scaling, SCALINGS)]
     for key, value, valid in checks:

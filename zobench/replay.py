@@ -19,7 +19,7 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     import torch
     from omegaconf import OmegaConf
 
-    from .checkpoint import TRAJECTORY, ReplayLoss, read_trajectory, replay
+    from .checkpoint import TRAJECTORY, ReplayLoss, check_z_source, read_trajectory, replay
     from .errors import ZobenchError
     from .build import build_method, build_model
     from .optim.base import EVALUATION_ONLY
@@ -30,16 +30,18 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise ZobenchError(f"{run_dir}: not a zobench run directory (no config.yaml)")
+    metrics = RunDir(run_dir).read_json("metrics.json") or {}
     try:
         cfg = OmegaConf.create(read_yaml(run_dir / "config.yaml"))  # a received file: regular, small, no aliases
-        spec = RunSpec.from_cfg(cfg)  # read and checked as a run's: a received config is data like any other
+        # read and checked as a run's (a received config is data like any other); dtype=auto as the run resolved
+        # it (float16 on CUDA), not as this machine would: z and the weights are the run's
+        spec = RunSpec.from_received(cfg, ran_in=metrics.get("dtype"))
     except ZobenchError as error:  # refused by safe_files (a FIFO, too large, aliases) or not YAML
         reason = str(error).replace(str(run_dir / "config.yaml"), "it")
         raise ZobenchError(f"{run_dir / 'config.yaml'} is not a zobench run's config ({reason})") from None
     except Exception as error:  # YAML, encoding or missing keys: the file is not what a run wrote
         raise ZobenchError(f"{run_dir / 'config.yaml'} is not a zobench run's config "
                            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
-    metrics = RunDir(run_dir).read_json("metrics.json") or {}
     _check_config(run_dir, metrics)
     records = read_trajectory(run_dir)
     done = metrics.get("steps") if isinstance(metrics.get("steps"), int) else 0
@@ -62,6 +64,7 @@ def replay_run(run_dir: Path, step: int | None = None, out: Path | None = None) 
     if not optimizer.replayable:
         raise ZobenchError(f"optimizer={name} runs cannot be replayed from a trajectory: it takes real "
                            f"gradients; use its saved model (save_model=true) instead")
+    check_z_source(optimizer, records[:step], run_dir / TRAJECTORY, "replay the run")
     with torch.no_grad():
         replay(optimizer, records[:step])
     # with PEFT: the adapter alone, as the run's save_model writes it; written in full, then renamed
@@ -126,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         out = replay_run(args.run_dir, args.step, args.out)
         print(f"fine-tuned weights written to {out}")
 
-    return command("zobench-replay", body)  # any error: one line, exit 1
+    from .errors import RefusedInput
+
+    return command("zobench-replay", body, refused=(RefusedInput,))  # one line: exit 2 for another z, else 1
 
 
 if __name__ == "__main__":

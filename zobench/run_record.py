@@ -286,7 +286,8 @@ def initial_metrics(spec, run_dir: Path) -> dict[str, Any]:
         "test_scores": None, "best_step": None, "steps": 0, "steps_planned": spec.train.steps,
         "forward_passes": 0, "backward_passes": 0, "tokens": 0, "eval_forward_passes": 0,
         "wall_clock_s": None, "train_wall_clock_s": None, "peak_memory_bytes": None,
-        "peak_memory_method": None, "device": None, "dtype": None, "precision": None, "n_params": None,
+        "peak_memory_method": None, **dict.fromkeys(GPU_PEAK_KEYS),  # every GPU's peaks (gpu_peaks)
+        "device": None, "dtype": None, "precision": None, "n_params": None,
         "n_trainable_params": None, "disk_bytes": None,  # the run folder's bytes at its end (RunDir.disk_bytes)
         "data_source": None, "n_train": None, "n_dev": None, "n_test": None, "truncated": None,
         "zobench_version": __version__, "git_revision": git_revision(), "run_dir": str(run_dir),
@@ -299,16 +300,25 @@ def final_figures(metrics: dict[str, Any], total_s: float, device: torch.device)
     """The clock, peak memory and throughput metrics.json ends with."""
     memory, method = peak_memory(device)
     train_s = metrics["train_wall_clock_s"] or 0.0
-    return {"wall_clock_s": total_s, "peak_memory_bytes": memory, "peak_memory_method": method,
+    return {"wall_clock_s": total_s, "peak_memory_bytes": memory, "peak_memory_method": method, **gpu_peaks(device),
             "forward_passes_per_s": (metrics["forward_passes"] / train_s) if train_s else None,
             "tokens_per_s": (metrics["tokens"] / train_s) if train_s else None}
 
 
+def cuda_devices(device: torch.device) -> list[torch.device]:
+    """Every visible GPU of a run on CUDA (a model split by model.device_map spans several, each with its own
+    allocator and peak); none on CPU."""
+    if device.type != "cuda":
+        return []
+    return [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
+
+
 def reset_peak_memory(device: torch.device) -> None:
-    """CUDA: the allocator's peak. CPU on Linux: VmHWM back to the current RSS (clear_refs "5"), so a
+    """CUDA: every GPU's allocator peaks. CPU on Linux: VmHWM back to the current RSS (clear_refs "5"), so a
     job in a reused worker process (joblib's loky) does not report an earlier job's peak."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        for gpu in cuda_devices(device):
+            torch.cuda.reset_peak_memory_stats(gpu)
         return
     try:
         with open("/proc/self/clear_refs", "w") as refs:
@@ -318,9 +328,9 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, how measured)."""
+    """(bytes, how measured). CUDA: the sum over the GPUs of each one's max_memory_allocated (one GPU: its own)."""
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+        return gpu_peaks(device)["peak_memory_allocated_sum_bytes"], "cuda_max_allocated"
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -330,6 +340,26 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_maxrss"
+
+
+GPU_PEAK_KEYS = ("peak_memory_devices", "peak_memory_allocated_max_bytes", "peak_memory_allocated_sum_bytes",
+                 "peak_memory_reserved_max_bytes", "peak_memory_reserved_sum_bytes")
+
+
+def gpu_peaks(device: torch.device) -> dict[str, Any]:
+    """metrics.json's per-GPU figures (None on CPU): each GPU's peak allocated (tensors) and reserved (the
+    caching allocator's segments: what nvidia-smi shows, less the CUDA context, and what the papers read),
+    with their max (the card that must fit) and sum (the whole run) over the GPUs."""
+    gpus = cuda_devices(device)
+    if not gpus:
+        return dict.fromkeys(GPU_PEAK_KEYS)
+    per_gpu = {str(gpu): {"allocated": int(torch.cuda.max_memory_allocated(gpu)),
+                          "reserved": int(torch.cuda.max_memory_reserved(gpu))} for gpu in gpus}
+    figures: dict[str, Any] = {"peak_memory_devices": per_gpu}
+    for kind in ("allocated", "reserved"):
+        values = [peaks[kind] for peaks in per_gpu.values()]
+        figures[f"peak_memory_{kind}_max_bytes"], figures[f"peak_memory_{kind}_sum_bytes"] = max(values), sum(values)
+    return figures
 
 
 def device_name(device: torch.device) -> str:

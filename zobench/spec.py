@@ -28,6 +28,11 @@ KEEP_BEST = ("disk", "host", "none")
 SCORES = ("mean", "sum")
 ZO_MODES = ("data", "directions", "shard")
 FO_MODES = ("fsdp", "ddp")
+# Keys added to conf/ after runs were recorded without them, and the value those runs behaved as: a received
+# config.yaml (zobench-replay) is read with them; a run's own config always has them (its YAML sets them).
+KEYS_ADDED = {"parallel.zo": "data", "parallel.fo": "fsdp", "precision.zo_generator": "device",
+              "model.headroom_gib": 0}
+_ABSENT = object()
 SEED_MEANINGS = {"seed": "the optimizer seed: ZO directions and batch order",
                  "data.seed": "the data sampling seed: which rows are train, dev and test",
                  "model.init_seed": "the seed of a random init's weights"}
@@ -148,6 +153,22 @@ class RunSpec:
             logger=MappingProxyType(c.mapping("logger")), config=MappingProxyType(plain),
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
         return spec
+
+    @classmethod
+    def from_received(cls, cfg: DictConfig, ran_in: Any = None) -> RunSpec:
+        """The spec of a run folder's config.yaml (zobench-replay): keys added to zobench since the run was made
+        take the value its runs behaved as (KEYS_ADDED); `dtype=auto` is the dtype the run recorded it ran in
+        (`ran_in`, metrics.json's), not what auto means on this machine."""
+        from .models import DTYPES
+
+        cfg = cfg.copy()
+        OmegaConf.set_struct(cfg, False)
+        for key, value in KEYS_ADDED.items():
+            if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+                OmegaConf.update(cfg, key, value, force_add=True)
+        if cfg.get("dtype") == "auto" and ran_in in DTYPES:
+            cfg.dtype = ran_in
+        return cls.from_cfg(cfg)
 
     def for_training_size(self, n_train: int) -> RunSpec:
         """The spec with train.epochs resolved to steps (TrainSpec.for_training_size)."""
@@ -309,6 +330,7 @@ def _model(c: _Reader, max_length: int) -> Mapping[str, Any]:
     for key in ("vocab_size", "max_position_embeddings"):
         if c.has(f"model.arch.{key}") and model["arch"][key] is not None:
             c.int(f"model.arch.{key}", 1)
+    check_rule("model.headroom_gib", c.get("model.headroom_gib"), (lambda v: is_number(v) and v >= 0, "a number of GiB >= 0"))
     if model.get("path"):
         check_model_folder(model)
     if init == "random":

@@ -17,6 +17,11 @@ Three ways to use it:
   for stateful or adaptive updates (AdaMeZO, ZO-Adam, ZO-SGD with momentum).
 How each block's arithmetic rounds (precision.zo_update: MeZO's reference rounding or zobench's fused
 one) lives in numerics.py; the engine and the rules call it.
+
+Where z's numbers come from (precision.zo_generator): `device`, each parameter's device's generator (fast;
+CPU and CUDA draw different numbers, and CUDA's depend on the GPU's SM count), or `portable`, every block
+drawn on the host in the host's blocks and copied to the device: the same z on every machine, at the cost
+of the host's generator (benchmarks/zo_generator.py). `z_source()` names it; trajectories record it.
 """
 
 from __future__ import annotations
@@ -61,6 +66,14 @@ def block_size(device: torch.device) -> int:
     return CUDA_BLOCK if device.type == "cuda" else BLOCK
 
 
+def device_generator(device: torch.device) -> str:
+    """The generator z is drawn with on `device`: CUDA's numbers depend on the GPU's SM count."""
+    if device.type != "cuda":
+        return device.type
+    properties = torch.cuda.get_device_properties(device)
+    return f"cuda ({properties.name}, {properties.multi_processor_count} SMs)"
+
+
 class Block(NamedTuple):
     """Where a piece of θ lies in the seeded blocks of z."""
     number: int  # the block of z it belongs to
@@ -100,9 +113,12 @@ class PerturbationEngine:
         self.decays = [decays(name) for name, _ in self.named]
         self.mask = mask  # Sparse MeZO: z is multiplied by the 0/1 mask of the unperturbed θ
         self.numerics = Numerics(precision, self.scratch)  # how each block's arithmetic rounds (numerics.py)
+        self.portable = precision is not None and precision.zo_generator == "portable"  # z drawn on the host
         self._seeds = np.random.RandomState(seed)
         self._local = threading.local()  # a generator per device and thread: see _each_block
         self._pool: ThreadPoolExecutor | None = None
+        self._host_pool: ThreadPoolExecutor | None = None  # the portable z's host draws (_fill_on_host)
+        self._host_pool_lock = threading.Lock()
         self.threads: int | None = None  # threads sharing CPU blocks; None: torch.get_num_threads()
 
     def draw_seed(self) -> int:
@@ -118,10 +134,9 @@ class PerturbationEngine:
     # -- z ---------------------------------------------------------------------------------------
     def _fill(self, out: torch.Tensor, seed: int, index: int, block: int) -> torch.Tensor:
         """Writes block `block` of z(seed) for parameter `index` into the 1-D tensor `out`: N(0, 1)."""
-        generators = self._local.__dict__.setdefault("generators", {})
-        generator = generators.get(out.device)
-        if generator is None:
-            generator = generators[out.device] = torch.Generator(device=out.device)
+        if self.portable and not (out.device.type == "cpu" and block_size(out.device) == BLOCK):
+            return self._fill_on_host(out, seed, index, block)  # (on the host, in its blocks, the draw below is it)
+        generator = self._generator(out.device)
         generator.manual_seed(_block_seed(seed, index, block))
         return out.normal_(generator=generator)
 
@@ -150,6 +165,52 @@ class PerturbationEngine:
         flat = local.view(-1)
         for block, part in _blocks(flat, start, total):
             yield block, flat[part]
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        generators = self._local.__dict__.setdefault("generators", {})
+        if device not in generators:
+            generators[device] = torch.Generator(device=device)
+        return generators[device]
+
+    def _fill_on_host(self, out: torch.Tensor, seed: int, index: int, block: int) -> torch.Tensor:
+        """The portable z: the host's blocks (BLOCK elements, the host's generator, θ's dtype) drawn on the host
+        and copied into `out`, whatever its device. A device block spans whole host blocks (CUDA_BLOCK is a
+        multiple of BLOCK), so block b of the host's z is the same numbers on every device. The host blocks of
+        one device block are drawn on the engine's threads (the host's generator is the cost: a CUDA block is
+        16 of them), each with its own generator and buffer."""
+        start, size = block * block_size(out.device), out.numel()
+        inference = torch.is_inference_mode_enabled()
+
+        def draw(first: int) -> None:
+            with torch.inference_mode(inference), torch.no_grad():  # grad modes are per thread: the caller's
+                length = min(BLOCK, start + size - first)  # the parameter's last host block may be short
+                generator = self._generator(torch.device("cpu"))
+                generator.manual_seed(_block_seed(seed, index, first // BLOCK))
+                buffers = self._local.__dict__.setdefault("buffers", {})
+                key = ("host z", out.dtype, torch.device("cpu"))
+                if key not in buffers:
+                    with torch.inference_mode(False):
+                        buffers[key] = torch.empty(BLOCK, dtype=out.dtype)
+                out[first - start: first - start + length].copy_(buffers[key][:length].normal_(generator=generator))
+
+        firsts = range(start, start + size, BLOCK)
+        threads = self.threads or torch.get_num_threads()
+        if threads > 1 and len(firsts) > 1:
+            with self._host_pool_lock:  # its own pool: a CPU block may come here from the block pool's threads
+                if self._host_pool is None:
+                    self._host_pool = ThreadPoolExecutor(threads, thread_name_prefix="zobench-host-z")
+            list(self._host_pool.map(draw, firsts))
+        else:
+            for first in firsts:
+                draw(first)
+        return out
+
+    def z_source(self) -> str:
+        """What z's numbers depend on besides the seeds, as a trajectory records it: the generator ("portable",
+        or each parameter device's: "cpu", "cuda (GPU model, N SMs)") and the parameters' dtype."""
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for _, p in self.named})
+        generators = ["portable"] if self.portable else sorted({device_generator(p.device) for _, p in self.named})
+        return ", ".join(generators + dtypes)
 
     def direction(self, seed: int, index: int, param: torch.Tensor) -> torch.Tensor:
         """z for parameter `index` under `seed`: N(0, 1) in the parameter's dtype, on its device (unmasked);
