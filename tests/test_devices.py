@@ -159,10 +159,10 @@ def test_device_map_auto_without_a_gpu_is_one_line(tmp_path):
 def test_headroom_is_checked_with_the_config():
     from zobench.configs import compose
     from zobench.errors import ZobenchError
-    from zobench.validate import validate
+    from zobench.spec import RunSpec
 
     with pytest.raises(ZobenchError, match="model.headroom_gib must be a number of GiB >= 0"):
-        validate(compose(["model.headroom_gib=-1"]))
+        RunSpec.from_cfg(compose(["model.headroom_gib=-1"]))
 
 
 # -- a random init does not depend on the device or the device map -----------------------------------------
@@ -296,10 +296,10 @@ def test_portable_runs_replay_anywhere_and_record_it(quick_cfg, tmp_path):
 def test_a_bad_generator_is_refused_with_the_config():
     from zobench.configs import compose
     from zobench.errors import ZobenchError
-    from zobench.validate import validate
+    from zobench.spec import RunSpec
 
     with pytest.raises(ZobenchError, match="precision.zo_generator must be one of device, portable"):
-        validate(compose(["precision.zo_generator=philox"]))
+        RunSpec.from_cfg(compose(["precision.zo_generator=philox"]))
 
 
 def test_the_generator_benchmark_prints_its_ratio():
@@ -353,17 +353,17 @@ def test_a_portable_16_bit_run_replays_on_the_host_in_the_runs_dtype(quick_cfg, 
     resolved (metrics.json's), so a portable GPU run replays on a laptop. The GPU's auto: patched here."""
     import json
 
-    import zobench.build as build
+    import zobench.models as models
     from zobench.replay import replay_run
     from zobench.run import run
 
-    resolve = build.resolve_dtype
+    resolve = models.resolve_dtype
 
     def as_on_cuda(name, device):
         return torch.float16 if name == "auto" else resolve(name, device)
 
     with monkeypatch.context() as gpu:
-        gpu.setattr(build, "resolve_dtype", as_on_cuda)
+        gpu.setattr(models, "resolve_dtype", as_on_cuda)  # where the run spec resolves dtype=auto
         metrics = run(quick_cfg(*SHORT_RUN, "precision.zo_generator=portable"), tmp_path / "run")
     assert metrics["dtype"] == "float16"
     first = json.loads((tmp_path / "run" / "trajectory.jsonl").read_text().splitlines()[0])

@@ -268,10 +268,11 @@ class PerturbationEngine:
         arenas (+90 MiB measured). Rules use their own slots (AdaMeZO's m and v, say)."""
         buffers = self._local.__dict__.setdefault("buffers", {})
         key = (slot, dtype or theta.dtype, theta.device)
-        if key not in buffers:
+        length = theta.numel() if numel is None else numel
+        if key not in buffers or buffers[key].numel() < length:  # (a block is never longer than block_size)
             with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
-                buffers[key] = torch.empty(block_size(theta.device), dtype=key[1], device=theta.device)
-        return buffers[key][: theta.numel() if numel is None else numel]
+                buffers[key] = torch.empty(max(block_size(theta.device), length), dtype=key[1], device=theta.device)
+        return buffers[key][:length]
 
     def perturb(self, seed: int, scale: float) -> None:
         """θ ← θ + scale·z(seed)."""
