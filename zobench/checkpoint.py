@@ -36,6 +36,8 @@ import torch
 
 from .errors import ZobenchError
 from .models import trained_parameters
+from .parallel import sharded_checkpoint as shards
+from .parallel.world import World
 from .run_dir import CHECKPOINT, HEX_DIGITS, MANIFEST, MARKER, RunDir, atomic_write_text, file_sha256
 from .safe_files import read_json
 
@@ -131,20 +133,27 @@ def read_trajectory(run_dir: Path, up_to: int | None = None) -> list[dict[str, A
 
 
 class Checkpointer:
-    """Records each step's trajectory line and saves/loads checkpoints through the run directory."""
+    """Records each step's trajectory line and saves/loads checkpoints through the run directory.
 
-    def __init__(self, directory: RunDir, model, optimizer, save_weights: bool):
+    Under torchrun (`world`) every rank calls save/restore; rank 0 alone has the run directory (the others get
+    None) and writes each rank's shards of an FSDP2 model (parallel/sharded_checkpoint.py)."""
+
+    def __init__(self, directory: RunDir | None, model, optimizer, save_weights: bool, world: World | None = None):
         self.directory = directory
         self.model, self.optimizer = model, optimizer
+        self.world = world or World()
+        self.sharded = self.world.distributed and shards.is_sharded(model)
         self.with_weights = save_weights or not getattr(optimizer, "replayable", False)
-        self._trajectory = directory.records(TRAJECTORY)
-        self._previous = _last_check(directory.path / TRAJECTORY)
+        self._trajectory = directory.records(TRAJECTORY) if directory is not None else None
+        self._previous = _last_check(directory.path / TRAJECTORY) if directory is not None else ""
 
     @property
     def mode(self) -> str:
         return "weights" if self.with_weights else "trajectory"
 
     def record_step(self, step: int, losses: list[float], lr: float) -> None:
+        if self._trajectory is None:  # not rank 0
+            return
         record = {"step": step, "lr": lr, "losses": losses}
         directions = getattr(self.optimizer, "last_projected_grads", None)
         if directions:
@@ -158,31 +167,46 @@ class Checkpointer:
 
     def save(self, step: int, job_state: dict[str, Any]) -> None:
         tensors: dict[str, torch.Tensor] = {}
+        directory = self.directory
         state = to_plain({"step": step, "mode": self.mode, "job": job_state,
                           "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                          "fingerprints": dict(self.directory.fingerprints), "records": self.directory.marks()},
-                         tensors)
-        files = {STATE_TENSORS: tensors}
+                          "fingerprints": dict(directory.fingerprints) if directory is not None else {},
+                          "records": directory.marks() if directory is not None else {}}, tensors)
+        files: dict[str, Any] = {STATE_TENSORS: tensors}
         if self.with_weights:
             files[WEIGHTS] = dict(trained_parameters(self.model))
-        write_checkpoint(self.directory, step, state, files)
+        if self.sharded:  # each rank's local shards, gathered file by file to rank 0
+            state["shards"] = self.world.size
+            files = shards.gather_files(files, self.world)
+        if self.world.main:  # DDP's replicas are rank 0's: it saves them as one process does
+            write_checkpoint(directory, step, state, files)
 
     @staticmethod
-    def load_state(directory: RunDir) -> dict[str, Any] | None:
-        """The checkpoint's state (tensors in place), checked file by file; None if there is none."""
-        loaded = read_checkpoint(directory)
+    def load_state(directory: RunDir | None, world: World | None = None) -> dict[str, Any] | None:
+        """The checkpoint's state (tensors in place), checked file by file; None if there is none. Under
+        torchrun every rank calls it (rank 0 with the directory): rank 0 checks, each rank gets its shards."""
+        world = world or World()
+        if world.distributed:
+            loaded = shards.scatter_checkpoint(lambda: read_checkpoint(directory), world)
+            where = "checkpoint/state.json"
+        else:
+            loaded = read_checkpoint(directory)
+            if loaded is not None:
+                from safetensors.torch import load_file
+
+                plain, paths = loaded
+                loaded = plain, {name: (lambda p=path: load_file(str(p))) for name, path in paths.items()}
+                where = paths[STATE_TENSORS]
         if loaded is None:
             return None
-        plain, paths = loaded
-        from safetensors.torch import load_file
-
+        plain, tensors = loaded
         try:
-            state = from_plain(plain, load_file(str(paths[STATE_TENSORS])))
+            state = from_plain(plain, _tensors(tensors[STATE_TENSORS]))
             state["step"], state["mode"], state["job"]  # noqa: B018  (present)
         except Exception as error:
-            raise ZobenchError(f"{paths.get(STATE_TENSORS, directory.path / 'checkpoint')} does not match its "
-                               f"state.json ({type(error).__name__}: {error}); cannot resume") from None
-        state["weights_path"] = paths.get(WEIGHTS)
+            raise ZobenchError(f"{where} does not match its state.json ({type(error).__name__}: {error}); "
+                               f"cannot resume") from None
+        state["weights"] = tensors.get(WEIGHTS)  # the saved weights (a loader of them in one process), or None
         return state
 
     def restore(self, state: dict[str, Any], best, best_step: int | None) -> bool:
@@ -193,7 +217,11 @@ class Checkpointer:
             raise ZobenchError(f"{self.directory.path}: the checkpoint holds a {state['mode']} checkpoint, this "
                                f"run writes {self.mode} checkpoints; cannot resume")
         if state["mode"] == "weights":
-            self.restore_weights(state["weights_path"])
+            if state.get("shards", 1) != (self.world.size if self.sharded else 1):
+                raise ZobenchError(f"checkpoint/state.json: the checkpoint holds the shards of {state.get('shards', 1)}"
+                                   f" rank(s), this run {self.world.size if self.sharded else 1}: resume with the "
+                                   f"same world size and parallel.fo as saved")
+            self.restore_weights(state["weights"])
             try:
                 self.optimizer.load_state_dict(state["optimizer"])
             except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
@@ -212,25 +240,28 @@ class Checkpointer:
         return best_kept
 
     @torch.no_grad()
-    def restore_weights(self, path: Path) -> None:
-        from safetensors import safe_open
-
-        if path is None:
-            raise ZobenchError(f"{self.directory.path / 'checkpoint'} holds no weights.safetensors; cannot resume")
-        params = trained_parameters(self.model)
-        with safe_open(str(path), framework="pt") as saved:
-            if set(saved.keys()) != set(params):
-                raise ZobenchError(f"{path} holds other parameters than the model trains; cannot resume")
-            for name in saved.keys():
-                value = saved.get_tensor(name)
-                if value.shape != params[name].shape:
-                    raise ZobenchError(f"{path}: {name} has shape {tuple(value.shape)}, the model's "
-                                       f"{tuple(params[name].shape)}; cannot resume")
-                params[name].copy_(value)
+    def restore_weights(self, saved) -> None:
+        """`saved`: the checkpoint's weights ({name: tensor}, or a loader of them); sharded, this rank's shards."""
+        path = "checkpoint/" + (shards.rank_file(WEIGHTS, self.world.rank) if self.sharded else WEIGHTS)
+        if saved is None:
+            raise ZobenchError(f"{path} is missing; cannot resume")
+        saved = _tensors(saved)
+        params = {name: shards.local(p) for name, p in trained_parameters(self.model).items()}
+        if set(saved) != set(params):
+            raise ZobenchError(f"{path} holds other parameters than the model trains; cannot resume")
+        for name, value in saved.items():
+            if value.shape != params[name].shape:
+                raise ZobenchError(f"{path}: {name} has shape {tuple(value.shape)}, the model's "
+                                   f"{tuple(params[name].shape)}; cannot resume")
+            params[name].copy_(value)
 
     def finish(self) -> None:
         """A completed run keeps its trajectory (for zobench-replay), not its bulky weights."""
         (self.directory.path / "checkpoint" / WEIGHTS).unlink(missing_ok=True)
+
+
+def _tensors(saved) -> dict[str, torch.Tensor]:
+    return saved() if callable(saved) else saved
 
 
 def _last_check(path: Path) -> str:
@@ -249,6 +280,7 @@ def write_checkpoint(directory: RunDir, step: int, state: dict[str, Any],
     def write(folder: Path) -> None:
         files = {}
         for name, named in tensors.items():
+            named = _tensors(named)  # a rank's shards arrive as rank 0 writes them (sharded_checkpoint.py)
             save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(folder / name),
                       metadata=directory.file_metadata(step))
             files[name] = {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
@@ -306,17 +338,21 @@ def check_manifest(manifest: Any, path: Path, run_id: str | None) -> tuple[int, 
             raise _Bad("format", f"{CHECKPOINT_FORMAT}")
         step = _count(manifest.get("step"), "step")
         files = _expect(manifest.get("files"), dict, "files")
-        if STATE_TENSORS not in files or not set(files) <= {STATE_TENSORS, WEIGHTS}:
-            raise _Bad("files", f"{STATE_TENSORS} and at most {WEIGHTS}")
+        state = _expect(manifest.get("state"), dict, "state")
+        ranks = _count(state.get("shards", 1), "state.shards")  # an FSDP2 run's: a file per rank and kind
+        names = [shards.rank_file(n, r) for r in range(ranks) for n in (STATE_TENSORS, WEIGHTS)] if ranks > 1 \
+            else [STATE_TENSORS, WEIGHTS]
+        if not ranks or not set(names[0::2]) <= set(files) <= set(names):
+            raise _Bad("files", f"{' '.join(names[0::2])} and at most {' '.join(names[1::2])}")
         for name, entry in files.items():
             _file_entry(entry, f"files.{name}")
-        state = _expect(manifest.get("state"), dict, "state")
         if state.get("step") != step or isinstance(state.get("step"), bool):
             raise _Bad("state.step", f"the manifest's step {step}")
         if state.get("mode") not in ("weights", "trajectory"):
             raise _Bad("state.mode", "'weights' or 'trajectory'")
-        if (state["mode"] == "weights") != (WEIGHTS in files):
-            raise _Bad("files", f"{WEIGHTS} exactly when state.mode is 'weights'")
+        held = set(names[1::2]) & set(files)
+        if held != (set(names[1::2]) if state["mode"] == "weights" else set()):
+            raise _Bad("files", f"{' '.join(names[1::2])} exactly when state.mode is 'weights'")
         for name, entry in _expect(state.get("records"), dict, "state.records").items():
             if name not in ("log.jsonl", "trajectory.jsonl"):
                 raise _Bad(f"state.records.{name}", "log.jsonl or trajectory.jsonl")
@@ -412,7 +448,7 @@ def to_plain(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return value.item()
     if isinstance(value, torch.Tensor):
         key = f"t{len(tensors)}"
-        tensors[key] = value.detach().cpu().contiguous()
+        tensors[key] = shards.local(value).detach().cpu().contiguous()  # an FSDP2 shard: this rank's part
         return {"$tensor": key}
     if isinstance(value, np.ndarray):
         key = f"t{len(tensors)}"

@@ -26,8 +26,12 @@ class PassCounter:
 
 
 class Objective:
-    def __init__(self, model, counter: PassCounter | None = None, loss_dtype: torch.dtype = torch.float32):
+    def __init__(self, model, counter: PassCounter | None = None, loss_dtype: torch.dtype = torch.float32,
+                 forward: torch.nn.Module | None = None):
         self.model = model
+        # `forward`: the module whose call runs the whole model under torchrun (FSDP2's root, DDP's wrapper;
+        # zobench/parallel): its hooks gather the shards and reduce the gradients, so the split below is off
+        self._forward = forward if forward is not None else model
         # the dtype the log-probs (and so the loss) are computed in: fp32 (zobench), or the weights' dtype as
         # MeZO/ZO-Bench do (utils.py: log_softmax of fp16 logits); see zobench/precision.py
         self.loss_dtype = loss_dtype
@@ -37,7 +41,7 @@ class Objective:
         self._head = model.get_output_embeddings()
         # The split needs a bare body: a wrapper whose base_model is itself a whole LM (PEFT prefix tuning,
         # whose own forward adds the prefix) runs its full forward.
-        if self._body is model or self._head is None or _has_lm_head(self._body):
+        if self._body is model or self._head is None or _has_lm_head(self._body) or forward is not None:
             self._body = None
 
     def option_logprobs(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +59,7 @@ class Objective:
             hidden = self._body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
             logits = self._head(hidden[:, :-1][target])
         else:
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][target]
+            logits = self._forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][target]
         tokens = batch.input_ids[:, 1:][target]
         # log_softmax is row by row, so the option rows alone give MeZO's values; masked_scatter places them
         # (deterministic, unlike index_add on CUDA)
@@ -72,7 +76,7 @@ class Objective:
         seen = {}
         handle = self._head.register_forward_hook(lambda module, args, output: seen.setdefault("hidden", args[0]))
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask)
+            self._forward(input_ids=input_ids, attention_mask=attention_mask)
         finally:
             handle.remove()
         return seen["hidden"]

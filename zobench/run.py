@@ -27,6 +27,8 @@ from .loggers import open_trackers
 from .models import input_device, parameter_count, trained_parameters
 from .objective import Objective
 from .optim.base import EVALUATION_ONLY
+from .parallel.first_order import FirstOrderParallel, parallelize
+from .parallel.world import from_env as world_from_env
 from .resume import resumable_state
 from .run_dir import RunDir
 from .run_record import RunRecord, device_name, scores
@@ -95,7 +97,7 @@ class Job:
         task = OmegaConf.to_container(cfg.task, resolve=True)
         if task["train_as_classification"] and task["kind"] == "generation":
             raise ZobenchError(f"task '{task['name']}' is a generation task: train_as_classification must be false")
-        check_method(cfg, task)
+        method_class = check_method(cfg, task)
         splits = self._data(task)
         if resolve_epochs(cfg.train, len(splits.train)):  # train.epochs: steps from this task's training size
             record.note(steps_planned=int(cfg.train.steps))
@@ -107,9 +109,14 @@ class Job:
         record.note(**encoded.record())
         precision = precision_of(cfg, dtype)
         record.note(precision=precision.record())
-        objective = Objective(model, record.counter, loss_dtype=precision.dtype_of(precision.loss_dtype))
+        # under torchrun a first-order method's model is sharded (FSDP2) or replicated (DDP) before it is built
+        parallel = parallelize(model, method_class, world_from_env(), FirstOrderParallel.from_config(cfg.parallel),
+                               precision)
+        objective = Objective(model, record.counter, loss_dtype=precision.dtype_of(precision.loss_dtype),
+                              forward=parallel.forward)
         recording = RecordingLoss(objective)  # the loss values of each step: the ZO trajectory
         method = build_method(cfg, model, recording, precision)
+        parallel.attach(method)
         trains = method.kind != EVALUATION_ONLY
         # counted once the method is built: head-tuning chooses its trained parameters there
         record.note(n_trainable_params=sum(p.numel() for p in trained_parameters(model).values()) if trains else 0)

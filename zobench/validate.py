@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import ZobenchError
+from .parallel.first_order import FirstOrderParallel
 from .precision import from_config as precision_from_config
 
 Rule = tuple[Callable[[Any], bool], str]
@@ -119,6 +120,7 @@ def validate(cfg: DictConfig) -> None:
     _check_early_stop(cfg)
     dtype = _check_device_dtype(str(cfg.device), str(cfg.dtype))
     precision_from_config(cfg.get("precision"), dtype)  # each precision key against its choices
+    FirstOrderParallel.from_config(cfg.parallel)  # parallel.fo and parallel.fsdp_param_dtype against their choices
     _check_task(cfg)
     _check_model(cfg)
 

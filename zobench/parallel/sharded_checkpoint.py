@@ -1,0 +1,180 @@
+"""Checkpoints of a run over several ranks, in zobench's checkpoint format (checkpoint.py): safetensors + JSON,
+no pickle anywhere (torch's distributed checkpoint writes its metadata as a pickle: not used here).
+
+Rank 0 owns the run folder, so the ranks move bytes, not files: each rank serializes its own tensors with
+safetensors and sends them to rank 0, which writes them as that rank's files (FSDP2: `state.rank<r>.safetensors`
+and `weights.rank<r>.safetensors`, each rank's local shards of the parameters and of the optimizer state) with
+their SHA-256 in the manifest. On resume rank 0 checks every file (checkpoint.read_checkpoint), then sends each
+rank the bytes of its files and the manifest's state as JSON; a refusal on rank 0 reaches every rank as the same
+one line. The ranks' files fit only the same world size: another is refused. DDP's ranks hold the same weights:
+rank 0 saves them as a one-process run does, and every rank restores from its files.
+Bytes travel as uint8 tensors (on the device for NCCL, one file at a time).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..errors import ZobenchError
+
+STATE, WEIGHTS = "state.safetensors", "weights.safetensors"  # checkpoint.py's one-process file names
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Are the model's parameters FSDP2 shards (DTensors)?"""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (the tensor itself otherwise)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def rank_file(name: str, rank: int) -> str:
+    """`state.safetensors` -> `state.rank1.safetensors`: rank `rank`'s part of a sharded checkpoint."""
+    stem, _, suffix = name.partition(".")
+    return f"{stem}.rank{rank}.{suffix}"
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter whole, on the CPU (a collective: all ranks call it)."""
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+            for n, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def shard_state_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """After load_state_dict from local shards: each state tensor of a DTensor parameter becomes a DTensor laid
+    out as the parameter (torch keeps them plain, and the next step would mix Tensor and DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    for param, state in optimizer.state.items():
+        if not isinstance(param, DTensor):
+            continue
+        shape = param.to_local().shape
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == shape \
+                    and value.dim() > 0:
+                state[key] = DTensor.from_local(value.to(param.device), param.device_mesh, param.placements,
+                                                run_check=False, shape=param.shape, stride=param.stride())
+
+
+# -- bytes between ranks -----------------------------------------------------------------------------------
+def _device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def send_bytes(data: bytes, dst: int) -> None:
+    import torch.distributed as dist
+
+    device = _device()
+    dist.send(torch.tensor([len(data)], dtype=torch.int64, device=device), dst)
+    if data:
+        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device), dst)
+
+
+def recv_bytes(src: int) -> bytes:
+    import torch.distributed as dist
+
+    device = _device()
+    size = torch.zeros(1, dtype=torch.int64, device=device)
+    dist.recv(size, src)
+    if not int(size):
+        return b""
+    buffer = torch.empty(int(size), dtype=torch.uint8, device=device)
+    dist.recv(buffer, src)
+    return buffer.cpu().numpy().tobytes()
+
+
+def broadcast_json(value, main: bool):
+    """Rank 0's JSON-able `value` on every rank (as UTF-8 JSON: nothing is unpickled)."""
+    import torch.distributed as dist
+
+    device = _device()
+    data = json.dumps(value).encode() if main else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, 0)
+    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if main else \
+        torch.empty(int(size), dtype=torch.uint8, device=device)
+    dist.broadcast(buffer, 0)
+    return json.loads(buffer.cpu().numpy().tobytes().decode())
+
+
+# -- saving: each rank's tensors to rank 0 ---------------------------------------------------------------------
+def _serialized(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: local(v).detach().contiguous().cpu() for k, v in tensors.items()})
+
+
+def gather_files(files: dict[str, dict[str, torch.Tensor]], world) -> dict[str, object] | None:
+    """Rank 0: {file name: tensors, or a callable that receives them}, every rank's files of a sharded
+    checkpoint in the order rank 0 will write them (it receives rank r's files as it writes them, so it holds
+    one rank's at a time); the other ranks send theirs and get None."""
+    from safetensors.torch import load
+
+    names = sorted(files)
+    if not world.main:
+        for name in names:
+            send_bytes(_serialized(files[name]), 0)
+        return None
+    gathered: dict[str, object] = {rank_file(name, 0): {k: local(v) for k, v in files[name].items()}
+                                   for name in names}
+    for rank in range(1, world.size):
+        for name in names:
+            gathered[rank_file(name, rank)] = lambda rank=rank: load(recv_bytes(rank))
+    return gathered
+
+
+# -- loading: rank 0 checks and reads, each rank gets its files ------------------------------------------------
+def scatter_checkpoint(read, world):
+    """(state, {file name: tensors}) of the checkpoint on every rank, `read()` (checkpoint.read_checkpoint:
+    (state, paths) or None) run on rank 0 alone; names are the one-process ones (`state.safetensors`), each rank
+    getting its own shards (a DDP run's: rank 0's files). A refusal on rank 0 is raised on every rank."""
+    from safetensors.torch import load
+
+    message = None
+    if world.main:
+        try:
+            loaded = read()
+            if loaded is not None:
+                _check_world(loaded[0], world)
+                message = {"state": loaded[0], "files": sorted(loaded[1])}
+        except ZobenchError as error:
+            message = {"error": str(error)}
+    message = broadcast_json(message, world.main)
+    if message is None:
+        return None
+    if "error" in message:
+        raise ZobenchError(message["error"])
+    sharded = message["state"].get("shards", 1) > 1
+    base = sorted({name for name in (STATE, WEIGHTS) if (rank_file(name, 0) if sharded else name) in message["files"]})
+    if world.main:
+        paths = loaded[1]
+        for rank in range(1, world.size):
+            for name in base:
+                send_bytes(_file_bytes(paths[rank_file(name, rank) if sharded else name]), rank)
+        tensors = {name: load(_file_bytes(paths[rank_file(name, 0) if sharded else name])) for name in base}
+    else:
+        tensors = {name: load(recv_bytes(0)) for name in base}
+    return message["state"], tensors
+
+
+def _file_bytes(path) -> bytes:
+    from ..safe_files import read_bytes
+
+    return read_bytes(path, path.stat().st_size)  # checked against its SHA-256 by read_checkpoint just before
+
+
+def _check_world(state, world) -> None:
+    """A sharded checkpoint fits only as many ranks as saved it."""
+    saved = state.get("shards", 1)
+    if saved > 1 and saved != world.size:
+        raise ZobenchError(f"checkpoint/state.json holds the shards of {saved} ranks, this run has {world.size}: "
+                           f"resume with torchrun --nproc_per_node={saved} (the world size that saved it)")
