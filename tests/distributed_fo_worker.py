@@ -79,7 +79,7 @@ class Checkpoints:
         from zobench.checkpoint import Checkpointer
         from zobench.run_dir import RunDir
 
-        self.world = world
+        self.world, self.path = world, path
         if world.main:
             fresh = not path.exists()
             self.directory = RunDir(path).claim()
@@ -88,6 +88,18 @@ class Checkpoints:
         else:
             self.directory = None
         self.checkpointer = Checkpointer(self.directory, model, method, True, world=world)
+
+    def follow(self) -> None:
+        """Another rank resumes from its own copy of rank 0's folder, as zobench/parallel/launch.py makes one."""
+        import shutil
+        import tempfile
+
+        from zobench.run_dir import RunDir
+
+        if not self.world.main:
+            copy = Path(tempfile.mkdtemp()) / "run"
+            shutil.copytree(self.path, copy, ignore=shutil.ignore_patterns("*.lock", ".lock*"))
+            self.directory = self.checkpointer.directory = RunDir(copy).claim()
 
     def save(self, step: int) -> None:
         job = {"metrics": {k: 0 for k in ("steps", "forward_passes", "backward_passes", "tokens",
@@ -100,6 +112,7 @@ class Checkpoints:
     def resume(self) -> int:
         from zobench.checkpoint import Checkpointer
 
+        self.follow()
         state = Checkpointer.load_state(self.directory, world=self.world)
         self.checkpointer.restore(state, None, None)
         return state["step"]

@@ -135,8 +135,9 @@ def read_trajectory(run_dir: Path, up_to: int | None = None) -> list[dict[str, A
 class Checkpointer:
     """Records each step's trajectory line and saves/loads checkpoints through the run directory.
 
-    Under torchrun (`world`) every rank calls save/restore; rank 0 alone has the run directory (the others get
-    None) and writes each rank's shards of an FSDP2 model (parallel/sharded_checkpoint.py)."""
+    Under torchrun (`world`) every rank calls save and restore; rank 0 alone writes the checkpoint, each rank's
+    shards of an FSDP2 model included (parallel/sharded_checkpoint.py); a rank without a run directory of its
+    own (`directory` None) records no trajectory."""
 
     def __init__(self, directory: RunDir | None, model, optimizer, save_weights: bool, world: World | None = None):
         self.directory = directory
@@ -182,31 +183,23 @@ class Checkpointer:
             write_checkpoint(directory, step, state, files)
 
     @staticmethod
-    def load_state(directory: RunDir | None, world: World | None = None) -> dict[str, Any] | None:
-        """The checkpoint's state (tensors in place), checked file by file; None if there is none. Under
-        torchrun every rank calls it (rank 0 with the directory): rank 0 checks, each rank gets its shards."""
-        world = world or World()
-        if world.distributed:
-            loaded = shards.scatter_checkpoint(lambda: read_checkpoint(directory), world)
-            where = "checkpoint/state.json"
-        else:
-            loaded = read_checkpoint(directory)
-            if loaded is not None:
-                from safetensors.torch import load_file
-
-                plain, paths = loaded
-                loaded = plain, {name: (lambda p=path: load_file(str(p))) for name, path in paths.items()}
-                where = paths[STATE_TENSORS]
+    def load_state(directory: RunDir, world: World | None = None) -> dict[str, Any] | None:
+        """The checkpoint's state (tensors in place), checked file by file; None if there is none. Under torchrun
+        (`world`) every rank reads its copy of the run folder and takes its own shards."""
+        loaded = read_checkpoint(directory)
         if loaded is None:
             return None
-        plain, tensors = loaded
+        plain, paths = loaded
+        paths = shards.own_files(plain, paths, world or World())
+        from safetensors.torch import load_file
+
         try:
-            state = from_plain(plain, _tensors(tensors[STATE_TENSORS]))
+            state = from_plain(plain, load_file(str(paths[STATE_TENSORS])))
             state["step"], state["mode"], state["job"]  # noqa: B018  (present)
         except Exception as error:
-            raise ZobenchError(f"{where} does not match its state.json ({type(error).__name__}: {error}); "
-                               f"cannot resume") from None
-        state["weights"] = tensors.get(WEIGHTS)  # the saved weights (a loader of them in one process), or None
+            raise ZobenchError(f"{paths.get(STATE_TENSORS, directory.path / 'checkpoint')} does not match its "
+                               f"state.json ({type(error).__name__}: {error}); cannot resume") from None
+        state["weights_path"] = paths.get(WEIGHTS)
         return state
 
     def restore(self, state: dict[str, Any], best, best_step: int | None) -> bool:
@@ -221,7 +214,7 @@ class Checkpointer:
                 raise ZobenchError(f"checkpoint/state.json: the checkpoint holds the shards of {state.get('shards', 1)}"
                                    f" rank(s), this run {self.world.size if self.sharded else 1}: resume with the "
                                    f"same world size and parallel.fo as saved")
-            self.restore_weights(state["weights"])
+            self.restore_weights(state["weights_path"])
             try:
                 self.optimizer.load_state_dict(state["optimizer"])
             except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
@@ -240,20 +233,22 @@ class Checkpointer:
         return best_kept
 
     @torch.no_grad()
-    def restore_weights(self, saved) -> None:
-        """`saved`: the checkpoint's weights ({name: tensor}, or a loader of them); sharded, this rank's shards."""
-        path = "checkpoint/" + (shards.rank_file(WEIGHTS, self.world.rank) if self.sharded else WEIGHTS)
-        if saved is None:
-            raise ZobenchError(f"{path} is missing; cannot resume")
-        saved = _tensors(saved)
+    def restore_weights(self, path: Path) -> None:
+        """The saved weights back into the model (sharded: this rank's shards, from its own file)."""
+        from safetensors import safe_open
+
+        if path is None:
+            raise ZobenchError(f"{self.directory.path / 'checkpoint'} holds no weights.safetensors; cannot resume")
         params = {name: shards.local(p) for name, p in trained_parameters(self.model).items()}
-        if set(saved) != set(params):
-            raise ZobenchError(f"{path} holds other parameters than the model trains; cannot resume")
-        for name, value in saved.items():
-            if value.shape != params[name].shape:
-                raise ZobenchError(f"{path}: {name} has shape {tuple(value.shape)}, the model's "
-                                   f"{tuple(params[name].shape)}; cannot resume")
-            params[name].copy_(value)
+        with safe_open(str(path), framework="pt") as saved:
+            if set(saved.keys()) != set(params):
+                raise ZobenchError(f"{path} holds other parameters than the model trains; cannot resume")
+            for name in saved.keys():
+                value = saved.get_tensor(name)
+                if value.shape != params[name].shape:
+                    raise ZobenchError(f"{path}: {name} has shape {tuple(value.shape)}, the model's "
+                                       f"{tuple(params[name].shape)}; cannot resume")
+                params[name].copy_(value)
 
     def finish(self) -> None:
         """A completed run keeps its trajectory (for zobench-replay), not its bulky weights."""
@@ -261,6 +256,7 @@ class Checkpointer:
 
 
 def _tensors(saved) -> dict[str, torch.Tensor]:
+    """A file's tensors, or a callable that gets them (a rank's shards, received as rank 0 writes them)."""
     return saved() if callable(saved) else saved
 
 
@@ -319,6 +315,7 @@ def read_checkpoint(directory: RunDir) -> tuple[dict[str, Any], dict[str, Path]]
 
 # -- the checkpoint manifest's shape: a crafted state.json is one line, not an OverflowError later ---------
 _MAX_COUNT = 10 ** 18  # steps, bytes, passes, tokens: far above any real run, far below float trouble
+_MAX_RANKS = 1 << 16  # ranks of a sharded checkpoint: each names two files in the manifest
 _COUNTS = ("steps", "forward_passes", "backward_passes", "tokens", "eval_forward_passes")
 
 
@@ -339,10 +336,12 @@ def check_manifest(manifest: Any, path: Path, run_id: str | None) -> tuple[int, 
         step = _count(manifest.get("step"), "step")
         files = _expect(manifest.get("files"), dict, "files")
         state = _expect(manifest.get("state"), dict, "state")
-        ranks = _count(state.get("shards", 1), "state.shards")  # an FSDP2 run's: a file per rank and kind
+        ranks = state.get("shards", 1)  # an FSDP2 run's: a file per rank and kind
+        if not isinstance(ranks, int) or isinstance(ranks, bool) or not 1 <= ranks <= _MAX_RANKS:
+            raise _Bad("state.shards", f"an integer from 1 to {_MAX_RANKS}")
         names = [shards.rank_file(n, r) for r in range(ranks) for n in (STATE_TENSORS, WEIGHTS)] if ranks > 1 \
             else [STATE_TENSORS, WEIGHTS]
-        if not ranks or not set(names[0::2]) <= set(files) <= set(names):
+        if not set(names[0::2]) <= set(files) <= set(names):
             raise _Bad("files", f"{' '.join(names[0::2])} and at most {' '.join(names[1::2])}")
         for name, entry in files.items():
             _file_entry(entry, f"files.{name}")

@@ -92,20 +92,6 @@ def recv_bytes(src: int) -> bytes:
     return buffer.cpu().numpy().tobytes()
 
 
-def broadcast_json(value, main: bool):
-    """Rank 0's JSON-able `value` on every rank (as UTF-8 JSON: nothing is unpickled)."""
-    import torch.distributed as dist
-
-    device = _device()
-    data = json.dumps(value).encode() if main else b""
-    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    dist.broadcast(size, 0)
-    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if main else \
-        torch.empty(int(size), dtype=torch.uint8, device=device)
-    dist.broadcast(buffer, 0)
-    return json.loads(buffer.cpu().numpy().tobytes().decode())
-
-
 # -- saving: each rank's tensors to rank 0 ---------------------------------------------------------------------
 def _serialized(tensors: dict[str, torch.Tensor]) -> bytes:
     from safetensors.torch import save
@@ -132,49 +118,16 @@ def gather_files(files: dict[str, dict[str, torch.Tensor]], world) -> dict[str, 
     return gathered
 
 
-# -- loading: rank 0 checks and reads, each rank gets its files ------------------------------------------------
-def scatter_checkpoint(read, world):
-    """(state, {file name: tensors}) of the checkpoint on every rank, `read()` (checkpoint.read_checkpoint:
-    (state, paths) or None) run on rank 0 alone; names are the one-process ones (`state.safetensors`), each rank
-    getting its own shards (a DDP run's: rank 0's files). A refusal on rank 0 is raised on every rank."""
-    from safetensors.torch import load
-
-    message = None
-    if world.main:
-        try:
-            loaded = read()
-            if loaded is not None:
-                _check_world(loaded[0], world)
-                message = {"state": loaded[0], "files": sorted(loaded[1])}
-        except ZobenchError as error:
-            message = {"error": str(error)}
-    message = broadcast_json(message, world.main)
-    if message is None:
-        return None
-    if "error" in message:
-        raise ZobenchError(message["error"])
-    sharded = message["state"].get("shards", 1) > 1
-    base = sorted({name for name in (STATE, WEIGHTS) if (rank_file(name, 0) if sharded else name) in message["files"]})
-    if world.main:
-        paths = loaded[1]
-        for rank in range(1, world.size):
-            for name in base:
-                send_bytes(_file_bytes(paths[rank_file(name, rank) if sharded else name]), rank)
-        tensors = {name: load(_file_bytes(paths[rank_file(name, 0) if sharded else name])) for name in base}
-    else:
-        tensors = {name: load(recv_bytes(0)) for name in base}
-    return message["state"], tensors
-
-
-def _file_bytes(path) -> bytes:
-    from ..safe_files import read_bytes
-
-    return read_bytes(path, path.stat().st_size)  # checked against its SHA-256 by read_checkpoint just before
-
-
-def _check_world(state, world) -> None:
-    """A sharded checkpoint fits only as many ranks as saved it."""
+# -- loading: each rank its own files ------------------------------------------------------------------------
+def own_files(state: dict, paths: dict, world) -> dict:
+    """{one-process file name: path} of this rank's files in a checked checkpoint (every rank resumes from a copy
+    of rank 0's folder, zobench/parallel/launch.py): a sharded checkpoint's `<name>.rank<r>` files, which fit
+    only the world size that saved them; a one-process or DDP checkpoint's files themselves."""
     saved = state.get("shards", 1)
-    if saved > 1 and saved != world.size:
-        raise ZobenchError(f"checkpoint/state.json holds the shards of {saved} ranks, this run has {world.size}: "
-                           f"resume with torchrun --nproc_per_node={saved} (the world size that saved it)")
+    if saved == 1:
+        return {name: path for name, path in paths.items()}
+    if saved != world.size:
+        raise ZobenchError(f"{next(iter(paths.values())).parent}: the checkpoint holds the shards of {saved} ranks, "
+                           f"this run has {world.size}: resume with torchrun --nproc_per_node={saved} (the world "
+                           f"size that saved it)")
+    return {name: paths[rank_file(name, world.rank)] for name in (STATE, WEIGHTS) if rank_file(name, world.rank) in paths}
