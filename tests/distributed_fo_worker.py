@@ -1,6 +1,7 @@
 """A first-order run's training steps built with zobench's own build functions, for tests/test_distributed_fo.py:
 `torchrun --nproc_per_node=2 tests/distributed_fo_worker.py OUT STEPS [OVERRIDES...]` (or plain python: one
-process). Writes OUT/losses.json and OUT/weights.safetensors (the whole trained weights, gathered), rank 0.
+process). Writes OUT/losses.json, OUT/weights.safetensors (the whole trained weights, gathered) and
+OUT/initial.safetensors (the weights before the first step it took), rank 0.
 
 Extra actions, as overrides-like words before the Hydra overrides:
   +save=K       checkpoint after step K into OUT/run (a RunDir), then go on
@@ -54,12 +55,13 @@ def main(out: Path, steps: int, words: list[str]) -> None:
     checkpoints = Checkpoints(out / "run", world, model, method) if any(a.startswith(("+save", "+resume"))
                                                                         for a in actions) else None
     start = checkpoints.resume() if "+resume" in actions else 0
+    initial = full_weights(model)
     for _ in range(start):
         next(batches)
-    losses = []
+    losses, classification = [], bool(cfg.task.train_as_classification)
     save_at = int(next((a.split("=")[1] for a in actions if a.startswith("+save=")), -1))
     for step in range(start + 1, steps + 1):
-        batch = collate([encoded.train[i] for i in next(batches)], tokenizer.pad_token_id, True)
+        batch = collate([encoded.train[i] for i in next(batches)], tokenizer.pad_token_id, classification)
         losses.append(method.step(batch))
         if step == save_at:
             checkpoints.save(step)
@@ -69,6 +71,7 @@ def main(out: Path, steps: int, words: list[str]) -> None:
 
         out.mkdir(parents=True, exist_ok=True)
         save_file(weights, str(out / "weights.safetensors"))
+        save_file(initial, str(out / "initial.safetensors"))  # where this run's steps started
         (out / "losses.json").write_text(json.dumps(losses))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .models import trained_parameters
+from .parallel.sharded_checkpoint import local
 
 MODES = ("disk", "host", "none")
 log = logging.getLogger(__name__)
@@ -27,6 +28,13 @@ class BestWeights:
             from .errors import ZobenchError
 
             raise ZobenchError(f"train.keep_best must be one of {', '.join(MODES)}, got {mode}")
+        from .parallel.sharded_checkpoint import is_sharded
+
+        if mode == "disk" and is_sharded(model):
+            from .errors import ZobenchError
+
+            raise ZobenchError("train.keep_best=disk does not keep FSDP2 shards yet: use train.keep_best=host (each "
+                               "rank keeps its own shards in host memory, 1/N of the weights) or none")
         self.model, self.mode = model, mode
         self.directory = run_dir if hasattr(run_dir, "file_metadata") else None
         self.path = Path(getattr(run_dir, "path", run_dir)) / "best_weights.safetensors"
@@ -43,7 +51,7 @@ class BestWeights:
     def save(self, step: int | None = None) -> None:
         step = self.step() if step is None else step
         if self.mode == "host":
-            self._host = {n: p.detach().to("cpu", copy=True) for n, p in self._parameters().items()}
+            self._host = {n: local(p).detach().to("cpu", copy=True) for n, p in self._parameters().items()}
         elif self.mode == "disk":
             from safetensors.torch import save_file
 
@@ -98,7 +106,7 @@ class BestWeights:
         params = self._parameters()
         if self.mode == "host":
             for name, value in self._host.items():
-                params[name].copy_(value)
+                local(params[name]).copy_(value)  # FSDP2: this rank's shard
             self._host = None
         else:
             from safetensors import safe_open

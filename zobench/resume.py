@@ -15,7 +15,7 @@ from .safe_files import YAML_LIMIT, read_text
 log = logging.getLogger(__name__)
 
 
-def resumable_state(directory: RunDir, cfg: DictConfig) -> dict[str, Any] | None:
+def resumable_state(directory: RunDir, cfg: DictConfig, world=None) -> dict[str, Any] | None:
     """None for a fresh directory, or for an unfinished run that left no checkpoint (it starts again from
     step 0, what it recorded moved to attempts/N); else the checkpoint of an unfinished run made with the
     same config, its records rewound to it."""
@@ -26,7 +26,7 @@ def resumable_state(directory: RunDir, cfg: DictConfig) -> dict[str, Any] | None
     run_dir, status = directory.path, metrics.get("status")
     if status == "completed":
         raise ZobenchError(f"{run_dir} already holds a completed run; zobench never overwrites results")
-    state = Checkpointer.load_state(directory)
+    state = Checkpointer.load_state(directory, world)  # under torchrun (`world`): this rank's shards
     if state is None and status == "diverged":  # a result, as a completed run is
         raise ZobenchError(f"{run_dir} holds a diverged run that left no checkpoint; zobench never overwrites "
                            f"results: start a new run")

@@ -44,7 +44,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     directory = RunDir(run_dir).claim()  # the lock, for the job's lifetime; refuses foreign and live folders
     job = None
     try:
-        resume_state = resumable_state(directory, cfg)
+        resume_state = resumable_state(directory, cfg, world_from_env())
         if resume_state is None:
             directory.start(OmegaConf.to_yaml(cfg, resolve=True), overrides)
         job = Job(cfg, directory, resume_state)
@@ -124,7 +124,8 @@ class Job:
         self.best = BestOnDev(model, str(cfg.train.keep_best) if trains else "none", self.directory, record,
                               select_by=str(cfg.train.select_by))
         if trains:
-            self.checkpointer = Checkpointer(self.directory, model, method, bool(cfg.checkpoint.weights))
+            self.checkpointer = Checkpointer(self.directory, model, method, bool(cfg.checkpoint.weights),
+                                             world=parallel.world)
             start = 0 if self.resume_state is None else self.best.resume(self.checkpointer, self.resume_state)
             self._train(method, recording, encoded, tokenizer.pad_token_id, evaluator, start)
             self.best.restore()

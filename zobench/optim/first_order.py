@@ -89,7 +89,7 @@ class TorchOptimizer(Optimizer):
         with self._forward_context():
             loss = self.loss_fn(batch)
         if self.share is not None:  # the whole batch's mean over the ranks (and its gradient)
-            loss, value = self.share.weigh(loss, batch.num_examples)
+            loss, value = self.share.weigh(loss, batch)
         else:
             value = float(loss.detach())
         if not math.isfinite(value):

@@ -6,8 +6,9 @@ share of every batch, so that N ranks take the one-process step on the whole bat
   replicates it (DistributedDataParallel, where the model fits one device). The HF `--fp16` regime
   (precision.master_weights on 16-bit weights) keeps fp32 master weights sharded and computes in 16-bit:
   MixedPrecisionPolicy(param_dtype=fp16, reduce_dtype=fp32) under the optimizer's autocast.
-- `RankShare` splits each step's examples over the ranks and weighs each rank's mean loss by its share, so
-  the averaged gradients are the gradient of the whole batch's mean (a short last batch included).
+- `RankShare` splits each step's examples over the ranks and weighs each rank's mean loss by its share of the
+  terms averaged (examples; an lm task's option tokens), so the averaged gradients are the gradient of the
+  whole batch's mean (a short last batch included).
 - The loss scaler's overflow and the clipping norm need no flag of their own: clip_grad_norm_ over DTensor
   gradients reduces the norm over all shards, so an inf in any shard is an inf norm on every rank (DDP's
   gradients are all-reduced before it), and every rank skips the same step.
@@ -81,6 +82,9 @@ def parallelize(model: torch.nn.Module, method_class: type, world: World, parall
         raise ZobenchError(f"{method_class.__name__} updates each parameter in place during backward, before the "
                            f"ranks have reduced its gradient: under torchrun use optimizer=sgd (FSDP2, the same rule "
                            f"with a gradient held per shard) or run it in one process")
+    if parallel_fo.mode == "ddp" and getattr(method_class, "freezes_after_build", False):
+        raise ZobenchError(f"{method_class.__name__} freezes the body once built, after DDP has planned a gradient "
+                           f"for every parameter: use parallel.fo=fsdp")
     if precision.half and precision.master_weights:
         _to_fp32(model)  # the master weights are what FSDP shards (and DDP replicates): fp32 before wrapping
     if parallel_fo.mode == "ddp":
@@ -122,13 +126,16 @@ class RankShare:
                                f"and the last batch of an epoch (data.n_train modulo it) at least {size}")
         return indices[n * rank // size: n * (rank + 1) // size]
 
-    def weigh(self, loss: torch.Tensor, examples: int) -> tuple[torch.Tensor, float]:
-        """(the loss to differentiate, the whole batch's mean loss): each rank's mean weighted by its share of
-        the examples times the world size, so the ranks' averaged gradients are the whole batch's mean's."""
+    def weigh(self, loss: torch.Tensor, batch) -> tuple[torch.Tensor, float]:
+        """(the loss to differentiate, the whole batch's mean loss): this rank's mean loss over `batch` weighted
+        by its share of the terms averaged (objective.py: examples; for an lm loss, option tokens) times the world
+        size, so the ranks' averaged gradients are the gradient of the whole batch's mean."""
         import torch.distributed as dist
 
-        sums = torch.tensor([float(examples), float(loss.detach()) * examples], dtype=torch.float64,
+        count = batch.num_examples if batch.classification else int(batch.option_mask[:, 1:].sum())
+
+        sums = torch.tensor([float(count), float(loss.detach()) * count], dtype=torch.float64,
                             device=loss.device)  # NCCL reduces device tensors, gloo host ones
         dist.all_reduce(sums)
         total, loss_sum = sums.tolist()
-        return loss * (examples * self.world.size / total), loss_sum / total
+        return loss * (count * self.world.size / total), loss_sum / total
