@@ -59,7 +59,8 @@ class Objective:
             hidden = self._body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
             logits = self._head(hidden[:, :-1][target])
         else:
-            logits = self._forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][target]
+            output = self._forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            logits = output.logits[:, :-1][target]
         tokens = batch.input_ids[:, 1:][target]
         # log_softmax is row by row, so the option rows alone give MeZO's values; masked_scatter places them
         # (deterministic, unlike index_add on CUDA)

@@ -4,16 +4,14 @@ no pickle anywhere (torch's distributed checkpoint writes its metadata as a pick
 Rank 0 owns the run folder, so the ranks move bytes, not files: each rank serializes its own tensors with
 safetensors and sends them to rank 0, which writes them as that rank's files (FSDP2: `state.rank<r>.safetensors`
 and `weights.rank<r>.safetensors`, each rank's local shards of the parameters and of the optimizer state) with
-their SHA-256 in the manifest. On resume rank 0 checks every file (checkpoint.read_checkpoint), then sends each
-rank the bytes of its files and the manifest's state as JSON; a refusal on rank 0 reaches every rank as the same
-one line. The ranks' files fit only the same world size: another is refused. DDP's ranks hold the same weights:
-rank 0 saves them as a one-process run does, and every rank restores from its files.
-Bytes travel as uint8 tensors (on the device for NCCL, one file at a time).
+their SHA-256 in the manifest; bytes travel as uint8 tensors (on the device for NCCL), one file at a time.
+On resume every rank reads its copy of rank 0's folder (zobench/parallel/launch.py), checks every file against
+the manifest as a one-process run does, and loads its own rank's files, which fit only the world size that
+saved them. DDP's ranks hold the same weights: rank 0 saves them as a one-process run does, and every rank
+restores from those files.
 """
 
 from __future__ import annotations
-
-import json
 
 import torch
 
@@ -125,9 +123,10 @@ def own_files(state: dict, paths: dict, world) -> dict:
     only the world size that saved them; a one-process or DDP checkpoint's files themselves."""
     saved = state.get("shards", 1)
     if saved == 1:
-        return {name: path for name, path in paths.items()}
+        return dict(paths)
     if saved != world.size:
         raise ZobenchError(f"{next(iter(paths.values())).parent}: the checkpoint holds the shards of {saved} ranks, "
                            f"this run has {world.size}: resume with torchrun --nproc_per_node={saved} (the world "
                            f"size that saved it)")
-    return {name: paths[rank_file(name, world.rank)] for name in (STATE, WEIGHTS) if rank_file(name, world.rank) in paths}
+    mine = {name: rank_file(name, world.rank) for name in (STATE, WEIGHTS)}
+    return {name: paths[file] for name, file in mine.items() if file in paths}
