@@ -6,6 +6,7 @@ OUT/initial.safetensors (the weights before the first step it took), rank 0.
 Extra actions, as overrides-like words before the Hydra overrides:
   +save=K       checkpoint after step K into OUT/run (a RunDir), then go on
   +resume       start from OUT/run's checkpoint instead of step 0
+  +save_model   save the trained model as save_model=true does (OUT/model)
   +stale        the stale-parameter check: evaluate, change a root weight, evaluate again (OUT/stale.json)
 """
 
@@ -31,7 +32,8 @@ QUICK = ["model=opt-tiny", "task.samples=true", "data.n_train=16", "data.n_dev=8
 
 
 def main(out: Path, steps: int, words: list[str]) -> None:
-    actions = [w for w in words if w.startswith("+") and w.split("=")[0] in ("+save", "+resume", "+stale")]
+    actions = [w for w in words if w.startswith("+") and w.split("=")[0] in ("+save", "+resume", "+stale",
+                                                                             "+save_model")]
     overrides = [w for w in words if w not in actions]
     cfg = compose(QUICK + overrides)
     torch.manual_seed(int(cfg.seed))
@@ -66,6 +68,10 @@ def main(out: Path, steps: int, words: list[str]) -> None:
         if step == save_at:
             checkpoints.save(step)
     weights = full_weights(model)
+    if "+save_model" in actions:  # save_model=true's folder, as the runner writes it (rank 0's)
+        from zobench.parallel.sharded_checkpoint import save_pretrained
+
+        save_pretrained(model, model, out / "model")
     if world.main:
         from safetensors.torch import save_file
 

@@ -87,6 +87,10 @@ def test_fsdp_adam_fp16_regime_equals_one_process(tmp_path, one_process):
     gaps = torch.cat([(weights_a[n] - weights_b[n]).abs().flatten() for n in weights_a])
     assert float(gaps.max()) <= 2 * 1e-5 * 5  # a sign flip on every step at most
     assert float((gaps > 1e-6).float().mean()) < 0.01
+    # parallel.fsdp_param_dtype=weights: fp16 gathers (HF Trainer's FSDP --fp16) run, near but not at the above
+    launch(tmp_path / "gather16", 5, *words, "parallel.fsdp_param_dtype=weights")
+    losses_c = result(tmp_path / "gather16")[0]
+    assert max(abs(x - y) for x, y in zip(losses_a, losses_c)) <= 1e-3, (losses_a, losses_c)
 
 
 @pytest.mark.slow
@@ -102,10 +106,17 @@ def test_ddp_adam_and_fsdp_sgd_equal_one_process(tmp_path, one_process):
 
 @pytest.mark.slow
 def test_fsdp_head_tuning_equals_one_process(tmp_path, one_process):
-    """Head-tuning on FSDP2: the body frozen once sharded, the tied head/embedding matrix trained through the head."""
+    """Head-tuning on FSDP2: the body frozen once sharded, the tied head/embedding matrix trained through the
+    head; and save_model=true's folder holds the whole trained weights."""
     words = ["optimizer=head_tuning", "optimizer.lr=1e-3"]
-    launch(tmp_path / "ht", 5, *words)
+    launch(tmp_path / "ht", 5, *words, "+save_model")
     assert_same_run(one_process("ht", *words), tmp_path / "ht", 1e-5)
+    # save_model=true: the shards gathered whole into rank 0's save_pretrained folder
+    from transformers import AutoModelForCausalLM
+
+    saved = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "ht" / "model").named_parameters())
+    trained = result(tmp_path / "ht")[1]
+    assert set(saved) == set(trained) and all(torch.equal(saved[n], trained[n]) for n in trained)
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from .models import input_device, parameter_count, trained_parameters
 from .objective import Objective
 from .optim.base import EVALUATION_ONLY
 from .parallel.first_order import FirstOrderParallel, parallelize
+from .parallel.sharded_checkpoint import save_pretrained
 from .parallel.world import from_env as world_from_env
 from .resume import resumable_state
 from .run_dir import RunDir
@@ -137,7 +138,8 @@ class Job:
                  _fmt(record.metrics["dev_metric"]), record.metrics["best_step"])
         if cfg.save_model:  # the tested weights (with PEFT: the adapter alone), moved into place once complete
             record.note(saved_model=str(self.directory.save_folder(
-                "model", lambda partial: (saveable.save_pretrained(partial), tokenizer.save_pretrained(partial)))))
+                "model", lambda partial: (save_pretrained(saveable, model, partial),  # FSDP2: gathered whole
+                                          tokenizer.save_pretrained(partial)))))
         if self.checkpointer is not None:
             self.checkpointer.finish()
 

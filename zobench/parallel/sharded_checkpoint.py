@@ -38,10 +38,32 @@ def rank_file(name: str, rank: int) -> str:
     return f"{stem}.rank{rank}.{suffix}"
 
 
-def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter whole, on the CPU (a collective: all ranks call it)."""
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
-            for n, p in model.named_parameters()}
+def full_weights(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Every parameter whole, on the CPU (a collective: all ranks call it); `keep` False: gathered one by one
+    and dropped (a rank that only helps another gather them)."""
+    weights = {}
+    for name, param in model.named_parameters():
+        whole = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach()
+        if keep:
+            weights[name] = whole.cpu().clone()
+    return weights
+
+
+def save_pretrained(saveable, model: torch.nn.Module, folder) -> None:
+    """`saveable.save_pretrained(folder)` (save_model=true); an FSDP2 model's shards gathered whole first, which
+    every rank takes part in, and written by rank 0 alone (the others' folders are their scratch ones)."""
+    if not is_sharded(model):
+        saveable.save_pretrained(folder)
+        return
+    if saveable is not model:
+        raise ZobenchError("save_model=true does not gather an adapter's FSDP2 shards yet: save the adapter from a "
+                           "one-process run, or set save_model=false")
+    import torch.distributed as dist
+
+    main = dist.get_rank() == 0
+    weights = full_weights(model, keep=main)
+    if main:
+        saveable.save_pretrained(folder, state_dict=weights)
 
 
 @torch.no_grad()
