@@ -122,8 +122,8 @@ def test_fsdp_head_tuning_equals_one_process(tmp_path, one_process):
 @pytest.mark.slow
 def test_sharded_checkpoint_resumes_exactly_and_refuses_an_edited_file(tmp_path, one_process):
     """Checkpoint at step 3 (each rank's shards in its own safetensors file, hashed in the manifest), resume
-    on 2 ranks: step 5 equals the uninterrupted run. A shard file edited by one byte is refused on every rank,
-    and so is a resume on another world size."""
+    on 2 ranks: step 5 equals the uninterrupted run (and DDP's from its one-process files). A shard file edited
+    by one byte is refused on every rank, and so is a resume on another world size or a crafted manifest."""
     launch(tmp_path / "a", 3, "+save=3")
     folder = tmp_path / "a" / "run" / "checkpoint"
     manifest = json.loads((folder / "state.json").read_text())
@@ -140,6 +140,11 @@ def test_sharded_checkpoint_resumes_exactly_and_refuses_an_edited_file(tmp_path,
             check_manifest(crafted, folder / "state.json", manifest["run_id"])
     launch(tmp_path / "a", 5, "+resume")
     assert_same_run(one_process("fp32"), tmp_path / "a", 1e-5)
+    launch(tmp_path / "ddp", 3, "+save=3", "parallel.fo=ddp")  # DDP: rank 0's replica, in one-process files
+    assert sorted(json.loads((tmp_path / "ddp" / "run" / "checkpoint" / "state.json").read_text())["files"]) == \
+        ["state.safetensors", "weights.safetensors"]
+    launch(tmp_path / "ddp", 5, "+resume", "parallel.fo=ddp")
+    assert_same_run(one_process("fp32"), tmp_path / "ddp", 1e-5)
 
     one = launch(tmp_path / "a", 5, "+resume", ranks=1, check=False)
     assert one.returncode != 0 and "holds the shards of 2 ranks, this run has 1" in one.stderr
