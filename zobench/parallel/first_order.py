@@ -4,8 +4,9 @@ share of every batch, so that N ranks take the one-process step on the whole bat
 - `parallelize` wraps the model once it is built, before the method is: `parallel.fo=fsdp` shards it with
   FSDP2 (shard.py: a unit per decoder layer + the root, MeZO's `--fsdp "full_shard auto_wrap"`), `ddp`
   replicates it (DistributedDataParallel, where the model fits one device). The HF `--fp16` regime
-  (precision.master_weights on 16-bit weights) keeps fp32 master weights sharded and computes in 16-bit:
-  MixedPrecisionPolicy(param_dtype=fp16, reduce_dtype=fp32) under the optimizer's autocast.
+  (precision.master_weights on 16-bit weights) keeps fp32 master weights sharded and computes in 16-bit under
+  the optimizer's autocast, from fp32 gathers (the one-process arithmetic) or, `parallel.fsdp_param_dtype=
+  weights`, fp16 ones (MixedPrecisionPolicy(param_dtype=fp16, reduce_dtype=fp32)).
 - `RankShare` splits each step's examples over the ranks and weighs each rank's mean loss by its share of the
   terms averaged (examples; an lm task's option tokens), so the averaged gradients are the gradient of the
   whole batch's mean (a short last batch included).
