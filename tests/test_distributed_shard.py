@@ -210,7 +210,7 @@ def _run(name, steps, overrides=(), sharding="shard_for_zo"):
         fully_shard(model)
         if sharding == "defaults+fresh_forwards":
             fresh_forwards(model)
-    method = build_method(spec, model, Objective(model, whole_forward=True))
+    method = build_method(spec, model, Objective(model, forward=model))
     losses, gs = _steps(method, batches, steps)
     evaluated = [Evaluator(objective, spec, tokenizer, torch.device("cpu"))(dev)
                  for objective in (one.loss_fn, method.loss_fn)]

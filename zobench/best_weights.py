@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .models import trained_parameters
+from .parallel.sharded_checkpoint import local
 
 MODES = ("disk", "host", "none")
 log = logging.getLogger(__name__)
@@ -29,6 +30,13 @@ class BestWeights:
             from .errors import ZobenchError
 
             raise ZobenchError(f"train.keep_best must be one of {', '.join(MODES)}, got {mode}")
+        from .parallel.sharded_checkpoint import is_sharded
+
+        if mode == "disk" and is_sharded(model):
+            from .errors import ZobenchError
+
+            raise ZobenchError("train.keep_best=disk does not keep FSDP2 shards yet: use train.keep_best=host (each "
+                               "rank keeps its own shards in host memory, 1/N of the weights) or none")
         self.model, self.mode = model, mode
         self.directory = run_dir if hasattr(run_dir, "file_metadata") else None
         self.path = Path(getattr(run_dir, "path", run_dir)) / "best_weights.safetensors"
@@ -47,11 +55,11 @@ class BestWeights:
         the last save (a second full copy never exists beside the first)."""
         step = self.step() if step is None else step
         if self.mode == "host":
-            params = self._parameters()
+            params = {n: local(p).detach() for n, p in self._parameters().items()}  # a rank's shards under FSDP2
             if self._host is None or self._host.keys() != params.keys():
                 self._host = {n: torch.empty_like(p, device="cpu") for n, p in params.items()}
             for name, param in params.items():
-                self._host[name].copy_(param.detach())
+                self._host[name].copy_(param)
         elif self.mode == "disk":
             from .run_dir import atomic_write
             from .tensor_files import write_safetensors
@@ -103,7 +111,7 @@ class BestWeights:
         params = self._parameters()
         if self.mode == "host":
             for name, value in self._host.items():
-                params[name].copy_(value)
+                local(params[name]).copy_(value)  # FSDP2: this rank's shard
             self._host = None
         else:
             from safetensors import safe_open

@@ -39,6 +39,8 @@ import torch
 
 from .errors import RefusedInput, ZobenchError
 from .models import trained_parameters
+from .parallel import sharded_checkpoint as shards
+from .parallel.world import World
 from .run_dir import CHECKPOINT, HEX_DIGITS, MANIFEST, MARKER, RunDir, atomic_write_text, file_sha256
 from .safe_files import read_json
 from .tensor_files import write_safetensors
@@ -140,14 +142,20 @@ def read_trajectory(run_dir: Path, up_to: int | None = None) -> list[dict[str, A
 
 
 class Checkpointer:
-    """Records each step's trajectory line and saves/loads checkpoints through the run directory."""
+    """Records each step's trajectory line and saves/loads checkpoints through the run directory.
 
-    def __init__(self, directory: RunDir, model, optimizer, save_weights: bool):
+    Under torchrun (`world`) every rank calls save and restore; rank 0 alone writes the checkpoint, each rank's
+    shards of an FSDP2 model included (parallel/sharded_checkpoint.py); a rank without a run directory of its
+    own (`directory` None) records no trajectory."""
+
+    def __init__(self, directory: RunDir | None, model, optimizer, save_weights: bool, world: World | None = None):
         self.directory = directory
         self.model, self.optimizer = model, optimizer
+        self.world = world or World()
+        self.sharded = self.world.distributed and shards.is_sharded(model)
         self.with_weights = save_weights or not getattr(optimizer, "replayable", False)
-        self._trajectory = directory.records(TRAJECTORY)
-        earlier = read_trajectory(directory.path)  # a resumed run's, rewound to its checkpoint
+        self._trajectory = directory.records(TRAJECTORY) if directory is not None else None  # rank 0's alone
+        earlier = read_trajectory(directory.path) if directory is not None else []  # a resumed run's, rewound
         self._previous = earlier[-1]["check"] if earlier else ""  # the chain goes on from its last line
         engine = perturbation_engine(optimizer)
         # noted on step 1's line: a resume goes on only where z is drawn the same way (check_z_source)
@@ -158,6 +166,8 @@ class Checkpointer:
         return "weights" if self.with_weights else "trajectory"
 
     def record_step(self, step: int, losses: list[float], lr: float) -> None:
+        if self._trajectory is None:  # not rank 0
+            return
         record = {"step": step, "lr": lr, "losses": losses}
         directions = getattr(self.optimizer, "last_projected_grads", None)
         if directions:
@@ -173,22 +183,29 @@ class Checkpointer:
 
     def save(self, step: int, job_state: dict[str, Any]) -> None:
         tensors: dict[str, torch.Tensor] = {}
+        directory = self.directory
         state = to_plain({"step": step, "mode": self.mode, "job": job_state,
                           "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                          "fingerprints": dict(self.directory.fingerprints), "records": self.directory.marks()},
-                         tensors)
-        files = {STATE_TENSORS: tensors}
+                          "fingerprints": dict(directory.fingerprints) if directory is not None else {},
+                          "records": directory.marks() if directory is not None else {}}, tensors)
+        files: dict[str, Any] = {STATE_TENSORS: tensors}
         if self.with_weights:
             files[WEIGHTS] = dict(trained_parameters(self.model))
-        write_checkpoint(self.directory, step, state, files)
+        if self.sharded:  # each rank's local shards, gathered file by file to rank 0
+            state["shards"] = self.world.size
+            files = shards.gather_files(files, self.world)
+        if self.world.main:  # DDP's replicas are rank 0's: it saves them as one process does
+            write_checkpoint(directory, step, state, files)
 
     @staticmethod
-    def load_state(directory: RunDir) -> dict[str, Any] | None:
-        """The checkpoint's state (tensors in place), checked file by file; None if there is none."""
+    def load_state(directory: RunDir, world: World | None = None) -> dict[str, Any] | None:
+        """The checkpoint's state (tensors in place), checked file by file; None if there is none. Under torchrun
+        (`world`) every rank reads its copy of the run folder and takes its own shards."""
         loaded = read_checkpoint(directory)
         if loaded is None:
             return None
         plain, paths = loaded
+        paths = shards.own_files(plain, paths, world or World())
         from safetensors import safe_open
 
         try:  # tensor by tensor, each onto the device it was saved from (to_plain): no host copy of the state
@@ -211,6 +228,10 @@ class Checkpointer:
         records = read_trajectory(self.directory.path, up_to=step)
         check_z_source(self.optimizer, records, self.directory.path / TRAJECTORY, "resume the run")
         if state["mode"] == "weights":
+            if state.get("shards", 1) != (self.world.size if self.sharded else 1):
+                raise ZobenchError(f"checkpoint/state.json: the checkpoint holds the shards of {state.get('shards', 1)}"
+                                   f" rank(s), this run {self.world.size if self.sharded else 1}: resume with the "
+                                   f"same world size and parallel.fo as saved")
             self.restore_weights(state["weights_path"])
             try:
                 self.optimizer.load_state_dict(state["optimizer"])
@@ -230,11 +251,12 @@ class Checkpointer:
 
     @torch.no_grad()
     def restore_weights(self, path: Path) -> None:
+        """The saved weights back into the model (sharded: this rank's shards, from its own file)."""
         from safetensors import safe_open
 
         if path is None:
             raise ZobenchError(f"{self.directory.path / 'checkpoint'} holds no weights.safetensors; cannot resume")
-        params = trained_parameters(self.model)
+        params = {name: shards.local(p) for name, p in trained_parameters(self.model).items()}
         with safe_open(str(path), framework="pt") as saved:
             if set(saved.keys()) != set(params):
                 raise ZobenchError(f"{path} holds other parameters than the model trains; cannot resume")
@@ -284,6 +306,11 @@ def check_z_source(optimizer, records: list[dict[str, Any]], path: Path, doing: 
                            f"precision.zo_generator=portable")
 
 
+def _tensors(saved) -> dict[str, torch.Tensor]:
+    """A file's tensors, or a callable that gets them (a rank's shards, received as rank 0 writes them)."""
+    return saved() if callable(saved) else saved
+
+
 # -- the checkpoint folder: safetensors files and their manifest (state.json) -----------------------------
 def write_checkpoint(directory: RunDir, step: int, state: dict[str, Any],
                      tensors: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -293,6 +320,7 @@ def write_checkpoint(directory: RunDir, step: int, state: dict[str, Any],
     def write(folder: Path) -> None:
         files = {}
         for name, named in tensors.items():
+            named = _tensors(named)  # a rank's shards arrive as rank 0 writes them (sharded_checkpoint.py)
             size, digest = write_safetensors(folder / name, named, directory.file_metadata(step))
             files[name] = {"bytes": size, "sha256": digest}
         atomic_write_text(folder / MANIFEST, json.dumps({"format": CHECKPOINT_FORMAT, "run_id": directory.run_id,
@@ -330,6 +358,7 @@ def read_checkpoint(directory: RunDir) -> tuple[dict[str, Any], dict[str, Path]]
 
 # -- the checkpoint manifest's shape: a crafted state.json is one line, not an OverflowError later ---------
 _MAX_COUNT = 10 ** 18  # steps, bytes, passes, tokens: far above any real run, far below float trouble
+_MAX_RANKS = 1 << 16  # ranks of a sharded checkpoint: each names two files in the manifest
 _COUNTS = ("steps", "forward_passes", "backward_passes", "tokens", "eval_forward_passes")
 
 
@@ -349,17 +378,23 @@ def check_manifest(manifest: Any, path: Path, run_id: str | None) -> tuple[int, 
             raise _Bad("format", f"{CHECKPOINT_FORMAT}")
         step = _count(manifest.get("step"), "step")
         files = _expect(manifest.get("files"), dict, "files")
-        if STATE_TENSORS not in files or not set(files) <= {STATE_TENSORS, WEIGHTS}:
-            raise _Bad("files", f"{STATE_TENSORS} and at most {WEIGHTS}")
+        state = _expect(manifest.get("state"), dict, "state")
+        ranks = state.get("shards", 1)  # an FSDP2 run's: a file per rank and kind
+        if not isinstance(ranks, int) or isinstance(ranks, bool) or not 1 <= ranks <= _MAX_RANKS:
+            raise _Bad("state.shards", f"an integer from 1 to {_MAX_RANKS}")
+        names = [shards.rank_file(n, r) for r in range(ranks) for n in (STATE_TENSORS, WEIGHTS)] if ranks > 1 \
+            else [STATE_TENSORS, WEIGHTS]
+        if not set(names[0::2]) <= set(files) <= set(names):
+            raise _Bad("files", f"{' '.join(names[0::2])} and at most {' '.join(names[1::2])}")
         for name, entry in files.items():
             _file_entry(entry, f"files.{name}")
-        state = _expect(manifest.get("state"), dict, "state")
         if state.get("step") != step or isinstance(state.get("step"), bool):
             raise _Bad("state.step", f"the manifest's step {step}")
         if state.get("mode") not in ("weights", "trajectory"):
             raise _Bad("state.mode", "'weights' or 'trajectory'")
-        if (state["mode"] == "weights") != (WEIGHTS in files):
-            raise _Bad("files", f"{WEIGHTS} exactly when state.mode is 'weights'")
+        held = set(names[1::2]) & set(files)
+        if held != (set(names[1::2]) if state["mode"] == "weights" else set()):
+            raise _Bad("files", f"{' '.join(names[1::2])} exactly when state.mode is 'weights'")
         for name, entry in _expect(state.get("records"), dict, "state.records").items():
             if name not in ("log.jsonl", "trajectory.jsonl"):
                 raise _Bad(f"state.records.{name}", "log.jsonl or trajectory.jsonl")
@@ -455,7 +490,8 @@ def to_plain(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return value.item()
     if isinstance(value, torch.Tensor):  # left where it is: the writer streams it to disk (tensor_files)
         key = f"t{len(tensors)}"
-        tensors[key] = value.detach()
+        value = shards.local(value).detach()  # an FSDP2 shard: this rank's part
+        tensors[key] = value
         return {"$tensor": key, **({"device": str(value.device)} if value.device.type != "cpu" else {})}
     if isinstance(value, np.ndarray):
         key = f"t{len(tensors)}"

@@ -27,8 +27,12 @@ class PassCounter:
 
 class Objective:
     def __init__(self, model, counter: PassCounter | None = None, loss_dtype: torch.dtype = torch.float32,
-                 whole_forward: bool = False):
+                 forward: torch.nn.Module | None = None):
         self.model = model
+        # `forward`: the module whose call runs the whole model under torchrun (FSDP2's root, DDP's wrapper;
+        # zobench/parallel): its hooks gather the shards and reduce the gradients, which calling the body and
+        # the head apart would bypass, so the split below is off
+        self._forward = forward if forward is not None else model
         # the dtype the log-probs (and so the loss) are computed in: fp32 (zobench), or the weights' dtype as
         # MeZO/ZO-Bench do (utils.py: log_softmax of fp16 logits); see zobench/precision.py
         self.loss_dtype = loss_dtype
@@ -38,9 +42,7 @@ class Objective:
         self._head = model.get_output_embeddings()
         # The split needs a bare body: a wrapper whose base_model is itself a whole LM (PEFT prefix tuning,
         # whose own forward adds the prefix) runs its full forward.
-        # `whole_forward`: a model sharded with FSDP2 gathers its weights in its own forward's hooks, which
-        # calling the body and the head apart would bypass (parallel.zo=shard).
-        if whole_forward or self._body is model or self._head is None or _has_lm_head(self._body):
+        if self._body is model or self._head is None or _has_lm_head(self._body) or forward is not None:
             self._body = None
 
     def option_logprobs(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,8 +64,8 @@ class Objective:
             rows = hidden[:, :-1][target.to(hidden.device)]
             logits = self._head(rows.to(next(self._head.parameters()).device))
         else:
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            logits = logits[:, :-1][target.to(logits.device)]
+            output = self._forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            logits = output.logits[:, :-1][target.to(output.logits.device)]
         tokens = batch.input_ids[:, 1:][target].to(logits.device)
         # log_softmax is row by row, so the option rows alone give MeZO's values; masked_scatter places them
         # (deterministic, unlike index_add on CUDA)
@@ -80,7 +82,7 @@ class Objective:
         seen = {}
         handle = self._head.register_forward_hook(lambda module, args, output: seen.setdefault("hidden", args[0]))
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask)
+            self._forward(input_ids=input_ids, attention_mask=attention_mask)
         finally:
             handle.remove()
         return seen["hidden"]

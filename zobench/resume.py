@@ -13,10 +13,11 @@ from .safe_files import YAML_LIMIT, read_text
 log = logging.getLogger(__name__)
 
 
-def resumable_state(directory: RunDir, config_yaml: str) -> dict[str, Any] | None:
-    """`config_yaml`: the run's config.yaml text (RunSpec.config_yaml). None for a fresh directory, or for an unfinished run that left no checkpoint (it starts again from
-    step 0, what it recorded moved to attempts/N); else the checkpoint of an unfinished run made with the
-    same config, its records rewound to it."""
+def resumable_state(directory: RunDir, config_yaml: str, world=None) -> dict[str, Any] | None:
+    """`config_yaml`: the run's config.yaml text (RunSpec.config_yaml); `world`: the torchrun world (a sharded
+    checkpoint is this rank's files). None for a fresh directory, or for an unfinished run that left no
+    checkpoint (it starts again from step 0, what it recorded moved to attempts/N); else the checkpoint of an
+    unfinished run made with the same config, its records rewound to it."""
     metrics = directory.read_json("metrics.json")
     if metrics is None:
         directory.refuse_leftovers()
@@ -24,7 +25,7 @@ def resumable_state(directory: RunDir, config_yaml: str) -> dict[str, Any] | Non
     run_dir, status = directory.path, metrics.get("status")
     if status == "completed":
         raise ZobenchError(f"{run_dir} already holds a completed run; zobench never overwrites results")
-    state = Checkpointer.load_state(directory)
+    state = Checkpointer.load_state(directory, world)  # under torchrun (`world`): this rank's shards
     if state is None and status == "diverged":  # a result, as a completed run is
         raise ZobenchError(f"{run_dir} holds a diverged run that left no checkpoint; zobench never overwrites "
                            f"results: start a new run")

@@ -25,6 +25,9 @@ from .loggers import open_trackers
 from .models import input_device, parameter_count, trained_parameters
 from .objective import Objective
 from .optim.base import EVALUATION_ONLY
+from .parallel.first_order import parallelize
+from .parallel.sharded_checkpoint import save_pretrained
+from .parallel.world import from_env as world_from_env
 from .resume import resumable_state
 from .run_dir import RunDir
 from .run_record import RunRecord, device_name
@@ -41,7 +44,7 @@ def run(cfg: DictConfig | RunSpec, run_dir: str | Path, overrides: list[str] | N
     job = None
     try:
         spec = _spec(cfg, directory, overrides)
-        resume_state = resumable_state(directory, spec.config_yaml)
+        resume_state = resumable_state(directory, spec.config_yaml, world_from_env())
         if resume_state is None:
             directory.start(spec.config_yaml, overrides)
         job = Job(spec, directory, resume_state)
@@ -112,9 +115,13 @@ class Job:
         record.note(**encoded.record())
         precision = spec.precision
         record.note(precision=precision.record())
-        objective = Objective(model, record.counter, loss_dtype=precision.dtype_of(precision.loss_dtype))
+        # under torchrun a first-order method's model is sharded (FSDP2) or replicated (DDP) before it is built
+        parallel = parallelize(model, spec.method.cls, world_from_env(), spec.parallel, precision)
+        objective = Objective(model, record.counter, loss_dtype=precision.dtype_of(precision.loss_dtype),
+                              forward=parallel.forward)
         recording = RecordingLoss(objective)  # the loss values of each step: the ZO trajectory
         method = build_method(spec, model, recording)
+        parallel.attach(method)
         trains = method.kind != EVALUATION_ONLY
         # counted once the method is built: head-tuning chooses its trained parameters there
         record.note(n_trainable_params=sum(p.numel() for p in trained_parameters(model).values()) if trains else 0)
@@ -122,7 +129,8 @@ class Job:
         self.best = BestOnDev(model, spec.train.keep_best if trains else "none", self.directory, record,
                               select_by=spec.train.select_by)
         if trains:
-            self.checkpointer = Checkpointer(self.directory, model, method, spec.checkpoint.weights)
+            self.checkpointer = Checkpointer(self.directory, model, method, spec.checkpoint.weights,
+                                             world=parallel.world)
             start = 0 if self.resume_state is None else self.best.resume(self.checkpointer, self.resume_state)
             self._train(method, recording, encoded, tokenizer.pad_token_id, evaluator, start)
             self.best.restore()
@@ -131,7 +139,8 @@ class Job:
         record.log_test(evaluator, encoded.test)
         if spec.save_model:  # the tested weights (with PEFT: the adapter alone), moved into place once complete
             record.note(saved_model=str(self.directory.save_folder(
-                "model", lambda partial: (saveable.save_pretrained(partial), tokenizer.save_pretrained(partial)))))
+                "model", lambda partial: (save_pretrained(saveable, model, partial),  # FSDP2: gathered whole
+                                          tokenizer.save_pretrained(partial)))))
 
     def _data(self):
         splits = sample_splits(self.spec)

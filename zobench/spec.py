@@ -28,9 +28,11 @@ KEEP_BEST = ("disk", "host", "none")
 SCORES = ("mean", "sum")
 ZO_MODES = ("data", "directions", "shard")
 FO_MODES = ("fsdp", "ddp")
+FSDP_PARAM_DTYPES = ("float32", "weights")
 # Keys added to conf/ after runs were recorded without them, and the value those runs behaved as: a received
 # config.yaml (zobench-replay) is read with them; a run's own config always has them (its YAML sets them).
-KEYS_ADDED = {"parallel.zo": "data", "parallel.fo": "fsdp", "precision.zo_generator": "device",
+KEYS_ADDED = {"parallel.zo": "data", "parallel.fo": "fsdp", "parallel.fsdp_param_dtype": "float32",
+              "precision.zo_generator": "device",
               "model.headroom_gib": 0}
 _ABSENT = object()
 SEED_MEANINGS = {"seed": "the optimizer seed: ZO directions and batch order",
@@ -92,6 +94,7 @@ class CheckpointSpec:
 class ParallelSpec:
     zo: str  # data | directions | shard (README "More than one GPU")
     fo: str  # fsdp | ddp
+    fsdp_param_dtype: str  # float32 | weights: what FSDP2 gathers in the 16-bit regime (parallel/first_order.py)
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,8 @@ class RunSpec:
             eval=EvalSpec(batch_size=c.int("eval.batch_size", 1), score=c.choice("eval.score", SCORES)),
             checkpoint=CheckpointSpec(every=c.int("checkpoint.every", 1), weights=c.flag("checkpoint.weights")),
             precision=_precision(c, dtype),
-            parallel=ParallelSpec(zo=c.choice("parallel.zo", ZO_MODES), fo=c.choice("parallel.fo", FO_MODES)),
+            parallel=ParallelSpec(zo=c.choice("parallel.zo", ZO_MODES), fo=c.choice("parallel.fo", FO_MODES),
+                                  fsdp_param_dtype=c.choice("parallel.fsdp_param_dtype", FSDP_PARAM_DTYPES)),
             method=method, model=_model(c, max_length), task=MappingProxyType(task), peft=MappingProxyType(peft),
             logger=MappingProxyType(c.mapping("logger")), config=MappingProxyType(plain),
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True))

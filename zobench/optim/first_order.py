@@ -39,6 +39,9 @@ TORCH_OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": t
 
 
 class TorchOptimizer(Optimizer):
+    # under torchrun, this rank's share of each batch (zobench/parallel/first_order.py RankShare); None: all of it
+    share = None
+
     @dataclass(frozen=True)
     class Settings(Optimizer.Settings):
         torch_class: str  # one of TORCH_OPTIMIZERS
@@ -98,13 +101,20 @@ class TorchOptimizer(Optimizer):
             return contextlib.nullcontext()
         return torch.autocast(self.params[0].device.type, dtype=self.autocast_dtype)
 
+    def batches(self, lengths, batch_size, seed):
+        batches = super().batches(lengths, batch_size, seed)
+        return batches if self.share is None else map(self.share.split, batches)
+
     def _step(self, batch) -> float:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         with self._forward_context():
             loss = self.loss_fn(batch)
-        value = float(loss.detach())
+        if self.share is not None:  # the whole batch's mean over the ranks (and its gradient)
+            loss, value = self.share.weigh(loss, batch)
+        else:
+            value = float(loss.detach())
         if not math.isfinite(value):
             raise Diverged(f"loss is {value}")
         if self.scaler is not None:
@@ -114,7 +124,7 @@ class TorchOptimizer(Optimizer):
             loss.backward()
         if self.scaler is not None or self.clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip if self.clip is not None else math.inf)
-            self.grad_norm = float(norm)
+            self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             if not math.isfinite(self.grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.scaler is None:
@@ -141,6 +151,9 @@ class TorchOptimizer(Optimizer):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        from ..parallel.sharded_checkpoint import shard_state_like_params
+
+        shard_state_like_params(self.optimizer)  # FSDP2: the loaded local shards laid out as the parameters
         if self.scaler is not None and "loss_scaler" in state:
             self.scaler.load_state_dict(state["loss_scaler"])
 
@@ -150,4 +163,5 @@ def _to_fp32(named) -> None:
     """Master weights: the trained parameters become fp32 in place (same Parameter objects, so tied
     weights stay tied and the runner's checkpoints and best-weights copies see the fp32 values)."""
     for _, param in named:
-        param.data = param.data.float()
+        if param.dtype != torch.float32:  # already fp32 where zobench/parallel made them so before sharding
+            param.data = param.data.float()

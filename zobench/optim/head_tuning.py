@@ -19,11 +19,12 @@ MeZO's flag applies to any task, classification included.
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import ZobenchError
+from ..parallel.sharded_checkpoint import is_sharded
 from .first_order import TorchOptimizer
 
 
@@ -35,6 +36,9 @@ def train_head_only(model: torch.nn.Module, untie: bool) -> torch.nn.Parameter:
     if head is None or embeddings is None:
         raise ZobenchError(f"optimizer=head_tuning: {type(model).__name__} has no LM head / input embeddings")
     tied = head.weight is embeddings.weight
+    if tied and untie and is_sharded(model):  # a new Parameter cannot join FSDP2's shards once they are made
+        raise ZobenchError("optimizer.untie=true copies the head, which FSDP2 cannot add to a sharded model: use "
+                           "optimizer.untie=false under torchrun, or one process")
     if tied and untie:  # MeZO --untie_emb: the head gets its own copy, the input embeddings stay frozen
         head.weight = torch.nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False  # save_pretrained keeps both matrices
@@ -53,6 +57,8 @@ class HeadTuning(TorchOptimizer):
     16-bit autocast (HF AMP); master weights for the head alone would leave frozen 16-bit LayerNorms meeting
     the fp32 embedding output (CPU: "mixed dtype")."""
 
+    freezes_after_build = True  # zobench/parallel/first_order.py: not under DDP, which expects every gradient
+
     @dataclass(frozen=True)
     class Settings(TorchOptimizer.Settings):
         max_grad_norm: float | None  # HF Trainer's default clipping (1.0); precision.grad_clip, when set, wins
@@ -63,6 +69,7 @@ class HeadTuning(TorchOptimizer):
 
     def __init__(self, model, loss_fn, settings, *, seed: int, total_steps: int, precision=None):
         train_head_only(model, untie=settings.untie)
-        if precision is not None and precision.half and precision.master_weights:
+        if precision is not None and precision.half and precision.master_weights and \
+                any(p.dtype != torch.float32 for p in model.parameters()):  # under torchrun: fp32 already
             model.float()  # in place: the same Parameter objects, so the tie and the hooks stay
         super().__init__(model, loss_fn, settings, seed=seed, total_steps=total_steps, precision=precision)
