@@ -292,7 +292,14 @@ def _prepare_command_line() -> None:
     """sys.argv as Hydra should see it: a resume expanded, the overrides checked, the run folder claimed."""
     from .configs import check_overrides, register_resolvers, register_tasks
 
+    from .parallel.launch import scratch_run_dir
+    from .parallel.world import from_env
+
     argv = sys.argv[1:]
+    world = from_env()  # under torchrun: rank 0 owns the run folder, the others run in scratch folders
+    if world.distributed and any(a in ("-m", "--multirun") for a in argv):
+        raise ZobenchError("torchrun runs one job over its ranks, not a sweep (-m): launch each job with torchrun, "
+                           "or sweep without torchrun")
     if any(a in ("-m", "--multirun") for a in argv) and any(a.split("=")[0] in ("-c", "--cfg") for a in argv):
         raise ZobenchError("--cfg prints one run's config, not a sweep's: list a sweep's jobs with "
                            "`zobench-plan OVERRIDES` (and `zobench-plan --cfg N OVERRIDES` for job N's config)")
@@ -301,7 +308,8 @@ def _prepare_command_line() -> None:
     check_overrides(overrides)
     register_resolvers()
     register_tasks()
-    sys.argv[1:] = claim_named_run_dir(sys.argv[1:])  # the lock before Hydra writes .hydra/ and zobench.log
+    # the lock before Hydra writes .hydra/ and zobench.log; a rank other than 0 writes into its own folder
+    sys.argv[1:] = claim_named_run_dir(sys.argv[1:]) if world.main else scratch_run_dir(sys.argv[1:], world)
 
 
 def _hydra_main() -> None:

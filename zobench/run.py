@@ -24,12 +24,16 @@ from .epochs import resolve_epochs
 from .errors import Diverged, Interrupted, ZobenchError
 from .failures import run_failure
 from .loggers import open_trackers
-from .models import input_device, parameter_count, trained_parameters
+from .models import input_device, parameter_count, resolve_device, trained_parameters
 from .objective import Objective
 from .optim.base import EVALUATION_ONLY
+from .parallel.launch import follow_run_folder, joined, send_run_folder
+from .parallel.world import World, from_env
+from .parallel.zo import Exchange, ZOParallel, spread_directions, summary as ranks_summary, training_loss
+from .parallel.zo import from_config as zo_parallel
 from .resume import resumable_state
 from .run_dir import RunDir
-from .run_record import RunRecord, device_name, scores
+from .run_record import RunRecord, device_name, peak_memory, scores
 from .stop_signals import signals_stop
 from .validate import validate
 
@@ -38,14 +42,25 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run one job into `run_dir`, or resume the interrupted/failed one there; returns metrics.json's
-    content. Raises after recording a failure. `overrides`: the command line, kept for `zobench resume=`."""
+    content. Raises after recording a failure. `overrides`: the command line, kept for `zobench resume=`.
+    Under torchrun every rank runs it, each into its own folder (zobench/parallel/launch.py)."""
+    world = from_env()
+    with joined(world, resolve_device(str(cfg.device)).type):
+        return _run(cfg, run_dir, overrides, world)
+
+
+def _run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None, world: World) -> dict[str, Any]:
+    if not world.main:  # rank 0's folder, copied into this rank's own when it resumes
+        follow_run_folder(world, Path(run_dir))
     directory = RunDir(run_dir).claim()  # the lock, for the job's lifetime; refuses foreign and live folders
     job = None
     try:
         resume_state = resumable_state(directory, cfg)
+        if world.main:
+            send_run_folder(world, directory.path, resuming=resume_state is not None)
         if resume_state is None:
             directory.start(OmegaConf.to_yaml(cfg, resolve=True), overrides)
-        job = Job(cfg, directory, resume_state)
+        job = Job(cfg, directory, resume_state, world)
         try:
             with signals_stop(job):
                 job.execute()
@@ -74,8 +89,11 @@ class Job:
     """One run: `execute()` builds its parts and runs the recipe; the record, the best on dev and the
     checkpointer are what run() reads when it ends, however it ends."""
 
-    def __init__(self, cfg: DictConfig, directory: RunDir, resume_state: dict[str, Any] | None = None):
+    def __init__(self, cfg: DictConfig, directory: RunDir, resume_state: dict[str, Any] | None = None,
+                 world: World = World()):
         self.cfg, self.directory, self.resume_state = cfg, directory, resume_state
+        self.world = world  # the torchrun job's ranks (a world of one without torchrun)
+        self.parallel: ZOParallel | None = None  # parallel.zo, checked before the model loads
         resumed = resume_state or {}
         self.record = RunRecord(cfg, directory, resumed.get("job"), resumed.get("step", 0))
         self.best: BestOnDev | None = None  # built with the model
@@ -95,7 +113,7 @@ class Job:
         task = OmegaConf.to_container(cfg.task, resolve=True)
         if task["train_as_classification"] and task["kind"] == "generation":
             raise ZobenchError(f"task '{task['name']}' is a generation task: train_as_classification must be false")
-        check_method(cfg, task)
+        self.parallel = zo_parallel(cfg, self.world, check_method(cfg, task))
         splits = self._data(task)
         if resolve_epochs(cfg.train, len(splits.train)):  # train.epochs: steps from this task's training size
             record.note(steps_planned=int(cfg.train.steps))
@@ -108,8 +126,11 @@ class Job:
         precision = precision_of(cfg, dtype)
         record.note(precision=precision.record())
         objective = Objective(model, record.counter, loss_dtype=precision.dtype_of(precision.loss_dtype))
-        recording = RecordingLoss(objective)  # the loss values of each step: the ZO trajectory
+        exchange = Exchange(self.world)  # the collectives of a torchrun job, the bytes sent counted
+        # the loss values of each step, the global ones under torchrun: the ZO trajectory
+        recording = RecordingLoss(training_loss(self.parallel, objective, exchange, device))
         method = build_method(cfg, model, recording, precision)
+        spread_directions(self.parallel, method, exchange, recording)
         trains = method.kind != EVALUATION_ONLY
         # counted once the method is built: head-tuning chooses its trained parameters there
         record.note(n_trainable_params=sum(p.numel() for p in trained_parameters(model).values()) if trains else 0)
@@ -124,6 +145,7 @@ class Job:
         else:
             evaluator = self._evaluate_only(method, objective, encoded, tokenizer.pad_token_id, evaluator)
         test = record.log_eval("test", record.metrics["steps"], evaluator, encoded.test)
+        record.note(**self._ranks_summary(exchange, model))
         record.note(test_metric=test["metric"], test_scores=scores(test))
         log.info("test %s = %s (dev %s = %s, best step %s)", task["metric"], _fmt(test["metric"]), task["metric"],
                  _fmt(record.metrics["dev_metric"]), record.metrics["best_step"])
@@ -176,7 +198,8 @@ class Job:
         try:
             with record.training():
                 for step in range(start + 1, steps + 1):
-                    batch = _collate_indices(next(batches), train, pad_id, classification, record.device)
+                    indices = self.parallel.local(next(batches))  # parallel.zo=data: this rank's slice
+                    batch = _collate_indices(indices, train, pad_id, classification, record.device) if indices else None
                     lr = method.lr
                     loss = method.step(batch)
                     self.checkpointer.record_step(step, recording.take(), lr)
@@ -215,6 +238,15 @@ class Job:
             self.best.offer(result, step)
         self.record.log_early_stop(step, self.stopper.record())
         log.info("stopped early at step %d: %s", step, self.record.metrics["stop_reason"])
+
+    def _ranks_summary(self, exchange: Exchange, model) -> dict[str, Any]:
+        """Under torchrun (every rank at the same point): world size, mode, per-rank memory and bytes sent."""
+        steps_here = self.record.metrics["steps"] - (self.record.metrics["resumed_at_step"] or 0)
+        fields = ranks_summary(self.parallel, exchange, model, steps_here, peak_memory(self.record.device)[0],
+                               self.record.device)
+        if fields.get("replicas_identical") is False:
+            log.warning("the ranks' weights differ (replica drift): %s", fields)
+        return fields
 
     def _job_state(self) -> dict[str, Any]:
         """Everything of the job a resume needs besides model and method."""

@@ -30,6 +30,9 @@ class MeZO(Optimizer):
             raise ZobenchError(f"optimizer.q (directions per step) must be >= 1, got {self.q}")
         self.engine = PerturbationEngine(model.named_parameters(), seed, precision=self.precision)
         self.last_projected_grads: list[tuple[int, float]] = []  # (seed, g) of the last step
+        # parallel.zo=directions (zobench/parallel/zo.py): the q directions spread over ranks, evaluated in the
+        # forward (θ untouched until the update); None: projected_gradients, in place
+        self.directions = None
 
     def _loss(self, batch) -> float:
         with torch.inference_mode():  # MeZO zo_forward: eval mode, no autograd graph
@@ -72,9 +75,22 @@ class MeZO(Optimizer):
         """What multiplies z in the update: g itself (ZO-SGD-Sign uses its sign)."""
         return g
 
+    def estimate(self, batch) -> tuple[list[tuple[int, float]], bool, float]:
+        """(q (seed, g) pairs, whether the update restores θ, the step's mean loss): the one hook every
+        ZO method's step goes through (zobench/parallel/zo.py spreads the directions over ranks here)."""
+        if self.directions is None:
+            pairs, loss = self.projected_gradients(batch)
+            return pairs, True, loss
+        pairs, loss = self.directions.projected_gradients(self, batch)
+        return pairs, not self.perturbs_in_place, loss
+
+    # MeZO's evaluations leave θ at −eps·z (the update's restore undoes it); Sparse MeZO's never move θ, and its
+    # update's restore replays MeZO's chain instead
+    perturbs_in_place = True
+
     def _step(self, batch) -> float:
         self.model.eval()
-        pairs, loss = self.projected_gradients(batch)
+        pairs, restore, loss = self.estimate(batch)
         lr = self.lr
-        self.update(pairs, lr, lr * self.weight_decay, restore=True)
+        self.update(pairs, lr, lr * self.weight_decay, restore=restore)
         return loss

@@ -33,6 +33,8 @@ from .mezo import MeZO
 
 
 class SparseMeZO(MeZO):
+    perturbs_in_place = False
+
     def __init__(self, model, loss_fn, cfg, *, seed: int, total_steps: int, precision=None):
         super().__init__(model, loss_fn, cfg, seed=seed, total_steps=total_steps, precision=precision)
         sparsity = float(cfg.sparsity)

@@ -1,0 +1,207 @@
+"""Zeroth-order methods over the ranks of a torchrun job: the ranks agree on the seeds and exchange scalars.
+
+- `data` (parallel.zo=data): each rank takes a slice of each step's batch; all ranks draw the same z. Each
+  ±eps·z loss is the one-process loss on the whole batch: the ranks all-reduce its numerator and denominator
+  (Objective.loss_parts: per-example CE summed / examples, or token NLL summed / tokens). Every rank then
+  perturbs and updates its replica with the same z and the same scalars, op for op, so the replicas stay
+  bit-identical (the ops that write θ see identical inputs; only the forwards see different data).
+- `directions` (parallel.zo=directions): the step's q seeds are drawn on every rank; each rank evaluates its
+  share of them on the whole batch, perturbing inside the forward (engine.perturbed_in_forward: θ is never
+  written, so no rank's rounding residue differs from another's), and the (loss+, loss−) pairs are
+  all-gathered; every rank applies the one-process q-direction update to an untouched θ.
+Dev/test evaluation needs no exchange: every rank evaluates the whole split itself, so every rank takes the
+same early-stopping and best-on-dev decisions (rank 0 alone records them).
+The trajectory keeps the global losses per step in the one-process order, so `zobench-replay` on one process
+rebuilds a multi-rank run's weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import Diverged, ZobenchError
+from .world import World
+
+MODES = ("data", "directions", "shard")
+
+
+@dataclass(frozen=True)
+class ZOParallel:
+    """The run's zeroth-order parallel mode over its world (from the config by `from_config`)."""
+    mode: str
+    world: World
+
+    @property
+    def splits_batch(self) -> bool:
+        return self.mode == "data" and self.world.distributed
+
+    def local(self, indices: list[int]) -> list[int]:
+        """This rank's slice of a step's examples (data mode: contiguous, sizes differing by at most one)."""
+        if not self.splits_batch:
+            return indices
+        size, rank = self.world.size, self.world.rank
+        return indices[rank * len(indices) // size: (rank + 1) * len(indices) // size]
+
+
+def from_config(cfg, world: World, method_class: type) -> ZOParallel:
+    """parallel.zo, checked with what the method can do in it before anything is loaded; one line per refusal."""
+    from ..optim.base import EVALUATION_ONLY, FIRST_ORDER
+    from ..optim.mezo import MeZO
+
+    mode, fo_mode, optimizer_name = str(cfg.parallel.zo), str(cfg.parallel.fo), str(cfg.optimizer.name)
+    q = cfg.optimizer.q if "q" in cfg.optimizer else 1  # q is MeZO-family only (MeZO's own default: 1)
+    if mode not in MODES:
+        raise ZobenchError(f"parallel.zo={mode!r} is not a zeroth-order parallel mode; valid: {', '.join(MODES)}")
+    kind = getattr(method_class, "kind", None)
+    if world.distributed and kind == FIRST_ORDER:
+        raise ZobenchError(f"optimizer={optimizer_name} takes gradients: under torchrun it needs parallel.fo={fo_mode}, "
+                           f"which lands with FSDP2; run it in one process (without torchrun) for now")
+    if not world.distributed or kind == EVALUATION_ONLY:
+        return ZOParallel(mode, world)  # one process, or nothing trained: every rank evaluates the same
+    if mode == "shard":
+        raise ZobenchError("parallel.zo=shard (weights sharded with FSDP2) is not available yet: use "
+                           "parallel.zo=data or parallel.zo=directions")
+    if not issubclass(method_class, MeZO):
+        raise ZobenchError(f"optimizer={optimizer_name} does not run under torchrun; use one process")
+    if mode == "directions" and q % world.size:
+        raise ZobenchError(f"parallel.zo=directions spreads optimizer.q={q} directions over {world.size} ranks: "
+                           f"set optimizer.q to a multiple of {world.size} (or use parallel.zo=data)")
+    return ZOParallel(mode, world)
+
+
+class Exchange:
+    """The collectives of one run, counting the bytes of the tensors this rank passes to them."""
+
+    def __init__(self, world: World):
+        self.world = world
+        self.bytes_sent = 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        dist.all_reduce(tensor)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[size, *tensor.shape]: every rank's tensor, in rank order."""
+        import torch.distributed as dist
+
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        parts = [torch.empty_like(tensor) for _ in range(self.world.size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts)
+
+
+class DataParallelLoss:
+    """data mode's loss closure: the one-process loss on the whole batch, from this rank's slice of it.
+
+    `batch` None: this rank's slice is empty (the last, short batch of an epoch): it adds nothing."""
+
+    def __init__(self, objective, exchange: Exchange, device: torch.device):
+        self.objective, self.exchange, self.device = objective, exchange, device
+
+    def __call__(self, batch) -> torch.Tensor:
+        if batch is None:
+            parts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        else:
+            numerator, denominator = self.objective.loss_parts(batch)
+            parts = torch.stack([numerator.double(), denominator.double()])
+        total = self.exchange.all_reduce_sum(parts)
+        return (total[0] / total[1].clamp(min=1)).float()
+
+
+class SpreadDirections:
+    """directions mode's step estimate for a MeZO-family method (MeZO.estimate calls it): the q seeds drawn on
+    every rank, this rank's share evaluated in the forward on the whole batch, the losses all-gathered.
+
+    `recording` is the run's RecordingLoss (the method's loss_fn during training): its inner closure evaluates
+    and the gathered losses are recorded in the one-process order. When the method's loss_fn is anything else
+    (a replay's recorded values), every value is taken from it in that order and nothing is evaluated or sent.
+    """
+
+    def __init__(self, exchange: Exchange | None, recording=None):
+        self.exchange, self.recording = exchange, recording
+
+    def projected_gradients(self, method, batch) -> tuple[list[tuple[int, float]], float]:
+        seeds = [method.engine.draw_seed() for _ in range(method.q)]
+        if self.recording is not None and method.loss_fn is self.recording:
+            losses = self._evaluate(method, batch, seeds)
+            self.recording.values.extend(losses)
+        else:
+            losses = [float(method.loss_fn(batch)) for _ in range(2 * len(seeds))]
+        pairs, means = [], []
+        for seed, plus, minus in zip(seeds, losses[0::2], losses[1::2]):
+            if not (math.isfinite(plus) and math.isfinite(minus)):
+                raise Diverged(f"loss is {plus if not math.isfinite(plus) else minus}")
+            pairs.append((seed, method.engine.numerics.projected_gradient(plus, minus, method.eps)))
+            means.append((plus + minus) / 2)
+        return pairs, sum(means) / len(means)
+
+    def _evaluate(self, method, batch, seeds: list[int]) -> list[float]:
+        """[loss+, loss−] per seed, in seed order: this rank's share evaluated, the others' gathered."""
+        world = self.exchange.world if self.exchange is not None else World()
+        share = len(seeds) // world.size
+        mine = seeds[world.rank * share: (world.rank + 1) * share]
+        evaluate = self.recording.loss_fn
+        values = []
+        for seed in mine:  # MeZO's chain: θ + eps·z, then (θ + eps·z) − 2eps·z, rounded as in place
+            for scales in ((method.eps,), (method.eps, -2 * method.eps)):
+                with method.engine.perturbed_in_forward(method.model, seed, *scales), torch.inference_mode():
+                    values.append(float(evaluate(batch)))
+        if not world.distributed:
+            return values
+        device = next(method.model.parameters()).device
+        gathered = self.exchange.all_gather(torch.tensor(values, dtype=torch.float64, device=device))
+        return gathered.reshape(-1).tolist()
+
+
+def training_loss(plan: ZOParallel, objective, exchange: Exchange, device: torch.device):
+    """The loss closure a run trains on: data mode's all-reduced whole-batch loss, else the objective itself."""
+    return DataParallelLoss(objective, exchange, device) if plan.splits_batch else objective
+
+
+def spread_directions(plan: ZOParallel, method, exchange: Exchange, recording) -> None:
+    """directions mode (any world size, so that one process replays the same arithmetic): the method's q
+    directions go through SpreadDirections."""
+    from ..optim.mezo import MeZO
+
+    if plan.mode == "directions" and isinstance(method, MeZO):
+        method.directions = SpreadDirections(exchange if plan.world.distributed else None, recording)
+
+
+def weights_digest(model) -> str:
+    """SHA-256 of the trained parameters' bytes, in order: equal digests mean bit-identical replicas."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def summary(plan: ZOParallel, exchange: Exchange, model, steps: int, peak_bytes: int,
+            device: torch.device) -> dict:
+    """metrics.json's fields for a multi-rank run, gathered from every rank (a collective: all ranks call it
+    at the same point): the mode, per-rank peak memory and bytes sent per step, and whether the replicas'
+    weights are bit-identical."""
+    world = plan.world
+    if not world.distributed:
+        return {}
+    own = torch.tensor([peak_bytes, exchange.bytes_sent] + list(bytes.fromhex(weights_digest(model))),
+                       dtype=torch.int64, device=device)
+    exchange_bytes = exchange.bytes_sent
+    rows = exchange.all_gather(own).cpu().tolist()
+    exchange.bytes_sent = exchange_bytes  # the summary's own exchange is not the steps'
+    peaks = [row[0] for row in rows]
+    return {
+        "world_size": world.size, "parallel": f"zo={plan.mode}",
+        "peak_memory_bytes_per_rank": peaks, "peak_memory_bytes_max": max(peaks),
+        "peak_memory_bytes_sum": sum(peaks),
+        "bytes_sent_per_step_per_rank": [row[1] / steps if steps else 0.0 for row in rows],
+        "replicas_identical": all(row[2:] == rows[0][2:] for row in rows),
+    }
