@@ -126,9 +126,9 @@ class Job:
         precision = precision_of(cfg, dtype)
         record.note(precision=precision.record())
         objective = Objective(model, record.counter, loss_dtype=precision.dtype_of(precision.loss_dtype))
-        exchange = Exchange(self.world)  # the collectives of a torchrun job, the bytes sent counted
+        exchange = Exchange(self.world, device)  # the collectives of a torchrun job, the bytes sent counted
         # the loss values of each step, the global ones under torchrun: the ZO trajectory
-        recording = RecordingLoss(training_loss(self.parallel, objective, exchange, device))
+        recording = RecordingLoss(training_loss(self.parallel, objective, exchange))
         method = build_method(cfg, model, recording, precision)
         spread_directions(self.parallel, method, exchange, recording)
         trains = method.kind != EVALUATION_ONLY
@@ -242,8 +242,7 @@ class Job:
     def _ranks_summary(self, exchange: Exchange, model) -> dict[str, Any]:
         """Under torchrun (every rank at the same point): world size, mode, per-rank memory and bytes sent."""
         steps_here = self.record.metrics["steps"] - (self.record.metrics["resumed_at_step"] or 0)
-        fields = ranks_summary(self.parallel, exchange, model, steps_here, peak_memory(self.record.device)[0],
-                               self.record.device)
+        fields = ranks_summary(self.parallel, exchange, model, steps_here, peak_memory(self.record.device)[0])
         if fields.get("replicas_identical") is False:
             log.warning("the ranks' weights differ (replica drift): %s", fields)
         return fields

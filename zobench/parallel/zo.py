@@ -6,9 +6,9 @@
   perturbs and updates its replica with the same z and the same scalars, op for op, so the replicas stay
   bit-identical (the ops that write θ see identical inputs; only the forwards see different data).
 - `directions` (parallel.zo=directions): the step's q seeds are drawn on every rank; each rank evaluates its
-  share of them on the whole batch, perturbing inside the forward (engine.perturbed_in_forward: θ is never
-  written, so no rank's rounding residue differs from another's), and the (loss+, loss−) pairs are
-  all-gathered; every rank applies the one-process q-direction update to an untouched θ.
+  share of them on the whole batch, and the (loss+, loss−) pairs are all-gathered; every rank then applies
+  the one-process q-direction update. Every rank makes all q perturbations in the same order (a forward only
+  for its own), so θ takes the same values, roundings included, on every rank and in one process.
 Dev/test evaluation needs no exchange: every rank evaluates the whole split itself, so every rank takes the
 same early-stopping and best-on-dev decisions (rank 0 alone records them).
 The trajectory keeps the global losses per step in the one-process order, so `zobench-replay` on one process
@@ -18,12 +18,11 @@ rebuilds a multi-rank run's weights.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import Diverged, ZobenchError
+from ..errors import ZobenchError
 from .world import World
 
 MODES = ("data", "directions", "shard")
@@ -76,8 +75,8 @@ def from_config(cfg, world: World, method_class: type) -> ZOParallel:
 class Exchange:
     """The collectives of one run, counting the bytes of the tensors this rank passes to them."""
 
-    def __init__(self, world: World):
-        self.world = world
+    def __init__(self, world: World, device: torch.device):
+        self.world, self.device = world, device  # the device of the tensors sent (NCCL: the rank's GPU)
         self.bytes_sent = 0
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -102,76 +101,63 @@ class DataParallelLoss:
 
     `batch` None: this rank's slice is empty (the last, short batch of an epoch): it adds nothing."""
 
-    def __init__(self, objective, exchange: Exchange, device: torch.device):
-        self.objective, self.exchange, self.device = objective, exchange, device
+    def __init__(self, objective, exchange: Exchange):
+        self.objective, self.exchange = objective, exchange
 
     def __call__(self, batch) -> torch.Tensor:
         if batch is None:
-            parts = torch.zeros(2, dtype=torch.float64, device=self.device)
+            parts = torch.zeros(2, dtype=torch.float64, device=self.exchange.device)
         else:
             numerator, denominator = self.objective.loss_parts(batch)
-            parts = torch.stack([numerator.double(), denominator.double()])
+            parts = torch.stack([numerator.double(), denominator.double()]).to(self.exchange.device)
         total = self.exchange.all_reduce_sum(parts)
         return (total[0] / total[1].clamp(min=1)).float()
 
 
 class SpreadDirections:
-    """directions mode's step estimate for a MeZO-family method (MeZO.estimate calls it): the q seeds drawn on
-    every rank, this rank's share evaluated in the forward on the whole batch, the losses all-gathered.
+    """directions mode's estimate for a MeZO-family method (MeZO.projected_gradients hands it the step): the q
+    seeds drawn on every rank, rank r evaluates directions r·q/N … (r+1)·q/N − 1 on the whole batch, and the
+    [loss+, loss−] values are all-gathered in direction order.
 
-    `recording` is the run's RecordingLoss (the method's loss_fn during training): its inner closure evaluates
-    and the gathered losses are recorded in the one-process order. When the method's loss_fn is anything else
-    (a replay's recorded values), every value is taken from it in that order and nothing is evaluated or sent.
+    Every rank makes every direction's perturbations (MeZO: in place, in order; Sparse MeZO: none, it perturbs
+    in the forward), evaluated or not, so θ goes through the same values on every rank and as in one process:
+    the replicas never drift and the step is the one-process step bit for bit, at the price of the perturbation
+    passes of the other ranks' directions (no forward). `recording` is the run's RecordingLoss: the gathered
+    values are recorded in one-process order. When the method's loss_fn is another (a resume's replay of
+    recorded values), all q directions take their values from it, as in one process, and nothing is sent.
     """
 
-    def __init__(self, exchange: Exchange | None, recording=None):
+    def __init__(self, exchange: Exchange, recording):
         self.exchange, self.recording = exchange, recording
 
     def projected_gradients(self, method, batch) -> tuple[list[tuple[int, float]], float]:
-        seeds = [method.engine.draw_seed() for _ in range(method.q)]
-        if self.recording is not None and method.loss_fn is self.recording:
-            losses = self._evaluate(method, batch, seeds)
-            self.recording.values.extend(losses)
-        else:
-            losses = [float(method.loss_fn(batch)) for _ in range(2 * len(seeds))]
-        pairs, means = [], []
-        for seed, plus, minus in zip(seeds, losses[0::2], losses[1::2]):
-            if not (math.isfinite(plus) and math.isfinite(minus)):
-                raise Diverged(f"loss is {plus if not math.isfinite(plus) else minus}")
-            pairs.append((seed, method.engine.numerics.projected_gradient(plus, minus, method.eps)))
-            means.append((plus + minus) / 2)
-        return pairs, sum(means) / len(means)
-
-    def _evaluate(self, method, batch, seeds: list[int]) -> list[float]:
-        """[loss+, loss−] per seed, in seed order: this rank's share evaluated, the others' gathered."""
-        world = self.exchange.world if self.exchange is not None else World()
-        share = len(seeds) // world.size
-        mine = seeds[world.rank * share: (world.rank + 1) * share]
-        evaluate = self.recording.loss_fn
-        values = []
-        for seed in mine:  # MeZO's chain: θ + eps·z, then (θ + eps·z) − 2eps·z, rounded as in place
-            for scales in ((method.eps,), (method.eps, -2 * method.eps)):
-                with method.engine.perturbed_in_forward(method.model, seed, *scales), torch.inference_mode():
-                    values.append(float(evaluate(batch)))
-        if not world.distributed:
-            return values
-        device = next(method.model.parameters()).device
-        gathered = self.exchange.all_gather(torch.tensor(values, dtype=torch.float64, device=device))
-        return gathered.reshape(-1).tolist()
+        if method.loss_fn is not self.recording:  # replaying recorded values: one process's arithmetic
+            return method.pairs_from(*method.direction_losses(batch, range(method.q)))
+        world = self.exchange.world
+        share = method.q // world.size
+        mine = range(world.rank * share, (world.rank + 1) * share)
+        method.loss_fn = self.recording.loss_fn  # evaluated here; recorded below, once gathered in order
+        try:
+            seeds, values = method.direction_losses(batch, mine)
+        finally:
+            method.loss_fn = self.recording
+        own = torch.tensor(values[2 * mine.start: 2 * mine.stop], dtype=torch.float64, device=self.exchange.device)
+        gathered = self.exchange.all_gather(own).reshape(-1).tolist()
+        self.recording.values.extend(gathered)
+        return method.pairs_from(seeds, gathered)
 
 
-def training_loss(plan: ZOParallel, objective, exchange: Exchange, device: torch.device):
+def training_loss(plan: ZOParallel, objective, exchange: Exchange):
     """The loss closure a run trains on: data mode's all-reduced whole-batch loss, else the objective itself."""
-    return DataParallelLoss(objective, exchange, device) if plan.splits_batch else objective
+    return DataParallelLoss(objective, exchange) if plan.splits_batch else objective
 
 
 def spread_directions(plan: ZOParallel, method, exchange: Exchange, recording) -> None:
-    """directions mode (any world size, so that one process replays the same arithmetic): the method's q
-    directions go through SpreadDirections."""
+    """directions mode under torchrun: the method's q directions go through SpreadDirections."""
     from ..optim.mezo import MeZO
 
-    if plan.mode == "directions" and isinstance(method, MeZO):
-        method.directions = SpreadDirections(exchange if plan.world.distributed else None, recording)
+    if plan.mode == "directions" and plan.world.distributed and isinstance(method, MeZO):
+        method.directions = SpreadDirections(exchange, recording)
 
 
 def weights_digest(model) -> str:
@@ -184,8 +170,7 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-def summary(plan: ZOParallel, exchange: Exchange, model, steps: int, peak_bytes: int,
-            device: torch.device) -> dict:
+def summary(plan: ZOParallel, exchange: Exchange, model, steps: int, peak_bytes: int) -> dict:
     """metrics.json's fields for a multi-rank run, gathered from every rank (a collective: all ranks call it
     at the same point): the mode, per-rank peak memory and bytes sent per step, and whether the replicas'
     weights are bit-identical."""
@@ -193,7 +178,7 @@ def summary(plan: ZOParallel, exchange: Exchange, model, steps: int, peak_bytes:
     if not world.distributed:
         return {}
     own = torch.tensor([peak_bytes, exchange.bytes_sent] + list(bytes.fromhex(weights_digest(model))),
-                       dtype=torch.int64, device=device)
+                       dtype=torch.int64, device=exchange.device)
     exchange_bytes = exchange.bytes_sent
     rows = exchange.all_gather(own).cpu().tolist()
     exchange.bytes_sent = exchange_bytes  # the summary's own exchange is not the steps'

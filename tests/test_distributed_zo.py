@@ -1,0 +1,191 @@
+"""Zeroth-order runs over 2 ranks (torchrun, gloo on CPU) equal the one-process run; rank 0 alone writes the
+run folder; a killed rank ends the job on every rank and the run resumes to where an uninterrupted one ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import QUICK, run_cli
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+FEW = QUICK + ["train.steps=3", "train.eval_interval=0", "save_model=true"]
+
+
+def torchrun(*args: str, timeout: float = 240, wait: bool = True):
+    """`OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m zobench ARGS`, as a user types it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "zobench", *args]
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def one_process(tmp_path: Path, name: str, *overrides: str) -> Path:
+    """The same run in this process (zobench.run.run, as the CLI's job calls it)."""
+    from zobench.configs import compose
+    from zobench.run import run
+
+    folder = tmp_path / name
+    folder.mkdir()
+    assert run(compose(FEW + list(overrides)), folder)["status"] == "completed"
+    return folder
+
+
+def losses(folder: Path) -> list[list[float]]:
+    lines = (folder / "trajectory.jsonl").read_text().splitlines()
+    return [json.loads(line)["losses"] for line in lines]
+
+
+def assert_same_run(one: Path, two: Path, tolerance: float = 1e-6) -> None:
+    """Per-step losses and the saved final weights agree to `tolerance` (fp32)."""
+    ones, twos = losses(one), losses(two)
+    assert len(ones) == len(twos) and ones
+    assert max(abs(a - b) for x, y in zip(ones, twos) for a, b in zip(x, y)) <= tolerance
+    first, second = (load_file(str(f / "model" / "model.safetensors")) for f in (one, two))
+    assert first.keys() == second.keys()
+    assert max(float((first[k] - second[k]).abs().max()) for k in first) <= tolerance
+
+
+def run_files(folder: Path) -> set[str]:
+    """The run folder's files (paths below it), Hydra's own aside; what each holds is compared elsewhere."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_data_mode_equals_one_process_and_rank_0_alone_writes_the_run_folder(tmp_path):
+    """MeZO, parallel.zo=data: each rank half of each batch, the loss parts all-reduced; the 2-rank run's
+    losses and weights are the one-process run's, its folder holds the same files (nothing of rank 1), and
+    metrics.json says how the ranks ran."""
+    two = tmp_path / "two"
+    result = torchrun(*FEW, "optimizer=mezo", f"hydra.run.dir={two}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one = tmp_path / "one"
+    single = run_cli(*FEW, "optimizer=mezo", f"hydra.run.dir={one}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert_same_run(one, two)
+    assert run_files(two) == run_files(one)
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["world_size"] == 2 and metrics["parallel"] == "zo=data"
+    assert metrics["replicas_identical"] is True  # the ranks' final weights are bit-identical (no drift)
+    peaks = metrics["peak_memory_bytes_per_rank"]
+    assert len(peaks) == 2 and metrics["peak_memory_bytes_max"] == max(peaks) > 0
+    assert metrics["peak_memory_bytes_sum"] == sum(peaks)
+    # two evaluations a step, each all-reducing (numerator, denominator) in float64: 32 bytes a step
+    assert metrics["bytes_sent_per_step_per_rank"] == [32.0, 32.0]
+    log_lines = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in log_lines if "loss" in line and "split" not in line] == [1, 2, 3]
+
+
+def test_directions_mode_equals_one_process_and_replays_on_one_process(tmp_path):
+    """ZO-Adam, parallel.zo=directions, q=2: a direction per rank, the (loss+, loss−) pairs gathered; equal to
+    the one-process q=2 run, and zobench-replay on one process rebuilds its weights from the trajectory."""
+    from zobench.replay import replay_run
+
+    two = tmp_path / "two"
+    result = torchrun(*FEW, "optimizer=zo_adam", "optimizer.q=2", "parallel.zo=directions", f"hydra.run.dir={two}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one = one_process(tmp_path, "one", "optimizer=zo_adam", "optimizer.q=2")
+    assert_same_run(one, two)
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert metrics["parallel"] == "zo=directions" and metrics["replicas_identical"] is True
+    assert metrics["bytes_sent_per_step_per_rank"] == [16.0, 16.0]  # its direction's two losses, float64
+    replayed = load_file(str(replay_run(two, out=tmp_path / "replayed") / "model.safetensors"))
+    trained = load_file(str(two / "model" / "model.safetensors"))
+    assert all(torch.equal(replayed[k], trained[k]) for k in trained)  # bit for bit: the same arithmetic
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, optimizer", [("data", "zo_adam"), ("data", "zo_sgd_momentum"),
+                                             ("directions", "mezo"), ("directions", "zo_sgd_momentum"),
+                                             ("directions", "sparse_mezo")])
+def test_more_optimizers_equal_one_process(tmp_path, mode, optimizer):
+    q = ["optimizer.q=2"] if mode == "directions" else []
+    two = tmp_path / "two"
+    result = torchrun(*FEW, f"optimizer={optimizer}", *q, f"parallel.zo={mode}", f"hydra.run.dir={two}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_same_run(one_process(tmp_path, "one", f"optimizer={optimizer}", *q), two)
+    assert json.loads((two / "metrics.json").read_text())["replicas_identical"] is True
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker `rank` (a child of its agent process, RANK in its environment)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_job_and_the_run_resumes_where_an_uninterrupted_one_ends(tmp_path):
+    run = QUICK + ["optimizer=mezo", "train.steps=40", "train.eval_interval=0", "checkpoint.every=1",
+                   "save_model=true"]
+    killed = tmp_path / "killed"
+    job = torchrun(*run, f"hydra.run.dir={killed}", wait=False)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((killed / "trajectory.jsonl").exists()
+                   and len((killed / "trajectory.jsonl").read_text().splitlines()) >= 3):
+            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read() if job.poll() else ""
+            time.sleep(0.05)
+        os.kill(_rank_pid(job.pid, 1), signal.SIGKILL)
+        ended = time.monotonic()
+        job.wait(timeout=60)  # every rank ends within a minute
+        assert time.monotonic() - ended < 60 and job.returncode != 0
+    finally:
+        if job.poll() is None:
+            job.kill()
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert metrics["status"] in ("failed", "interrupted") and metrics["steps"] < 40
+    resumed = torchrun(f"resume={killed}")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    whole = tmp_path / "whole"
+    assert torchrun(*run, f"hydra.run.dir={whole}").returncode == 0
+    assert json.loads((killed / "metrics.json").read_text())["status"] == "completed"
+    assert losses(killed) == losses(whole)
+    first, second = (load_file(str(f / "model" / "model.safetensors")) for f in (killed, whole))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_what_cannot_run_over_ranks_is_refused_in_one_line():
+    """Before any model loads: a first-order method (FSDP2 is another part's), directions that do not
+    divide over the ranks, the shard mode; and a sweep under torchrun, on the command line (exit 2)."""
+    from omegaconf import OmegaConf
+
+    from zobench.build import check_method
+    from zobench.configs import compose
+    from zobench.errors import ZobenchError
+    from zobench.parallel.world import World
+    from zobench.parallel.zo import from_config
+
+    two = World(rank=0, size=2, local_rank=0)
+    for overrides, words in ((["optimizer=adam"], "parallel.fo=fsdp"), (["optimizer=addax"], "parallel.fo=fsdp"),
+                             (["optimizer=mezo", "optimizer.q=3", "parallel.zo=directions"], "optimizer.q=3"),
+                             (["optimizer=adamezo", "parallel.zo=directions"], "optimizer.q=1"),
+                             (["optimizer=mezo", "parallel.zo=shard"], "parallel.zo=shard")):
+        cfg = compose(QUICK + overrides)
+        with pytest.raises(ZobenchError, match=words) as refused:
+            from_config(cfg, two, check_method(cfg, OmegaConf.to_container(cfg.task, resolve=True)))
+        assert "\n" not in str(refused.value)
+    cfg = compose(QUICK + ["optimizer=mezo", "optimizer.q=3", "parallel.zo=directions"])
+    assert from_config(cfg, World(), check_method(cfg, OmegaConf.to_container(cfg.task, resolve=True))).mode == "directions"  # one process
+    result = run_cli("-m", "optimizer=mezo,zo_adam", env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert result.returncode == 2 and "torchrun runs one job" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
