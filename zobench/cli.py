@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import ZobenchError
 from .failures import INTERRUPTED, Failure, classify, command, say
+from .parallel.world import from_env
 
 
 def _say(message: str) -> None:
@@ -42,6 +43,9 @@ def _job(cfg) -> str:
     tag = f"[job {hydra_cfg.job.num}] " if in_sweep else ""  # parallel jobs' lines interleave: each says whose
     if in_sweep:
         _tag_console(tag)
+    speaks = from_env().main  # under torchrun rank 0 speaks for the job; the others say only what goes wrong
+    if not speaks:
+        _quiet_console()
     try:
         check_target(cfg.optimizer.get("_target_"))  # zobench's own classes only, however the config was made
         validate(cfg)  # before anything is written or loaded: a bad value names its key
@@ -57,12 +61,15 @@ def _job(cfg) -> str:
     except (KeyboardInterrupt, Exception) as error:
         failure = classify(error)
         if failure.status == "interrupted":
-            _say(f"{tag}interrupted; what was done is recorded in {run_dir}; to go on from its last checkpoint: "
-                 f"{_resume_command(run_dir, in_sweep)}")
+            if speaks:
+                _say(f"{tag}interrupted; what was done is recorded in {run_dir}; to go on from its last checkpoint: "
+                     f"{_resume_command(run_dir, in_sweep)}")
             _hold_stop_signals()
             sys.exit(INTERRUPTED)
         where = f"traceback in {run_dir}/zobench.log" if failure.unexpected else f"run directory: {run_dir}"
         return _job_ended(failure, f" [{where}]", in_sweep, tag)
+    if not speaks:
+        return metrics["status"]
     value = metrics["test_metric"]
     shown = "n/a" if value is None else f"{value:.4f}"
     if metrics["status"] == "diverged":
@@ -117,6 +124,15 @@ def claim_named_run_dir(argv: list[str]) -> list[str]:
     run_dir_override(path)  # a newline in the name: refused before the folder exists
     claim_for_hydra(path)  # held until the process ends: the job's claim is reentrant
     return pin_run_dir(argv, path)
+
+
+def _quiet_console() -> None:
+    """A rank other than 0 of a torchrun job: its console shows warnings and errors only (rank 0 reports)."""
+    import logging
+
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.WARNING)
 
 
 def _tag_console(tag: str) -> None:
