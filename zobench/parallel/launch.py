@@ -14,8 +14,10 @@ it sends it once it has checked and rewound the folder, and the other ranks copy
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
+import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +27,7 @@ from ..errors import ZobenchError
 from .world import World, init_process_group
 
 _CHUNK = 16 << 20
+log = logging.getLogger(__name__)
 
 
 def scratch_run_dir(argv: list[str], world: World) -> list[str]:
@@ -38,15 +41,31 @@ def scratch_run_dir(argv: list[str], world: World) -> list[str]:
 
 @contextmanager
 def joined(world: World, device_type: str):
-    """The process group for the run's lifetime (a world of one joins none)."""
+    """The process group for the run's lifetime (a world of one joins none).
+
+    When a rank dies, torchrun's agent sends SIGTERM to the others at once, as their collectives fail: a rank
+    leaving its training loop with that error would be killed by it before its records are written. So
+    outside the training loop (which stops after its step on SIGTERM, stop_signals.py) a torchrun rank logs
+    and ignores SIGTERM; its collectives fail as soon as a peer's connection closes, which ends it."""
     import torch.distributed as dist
 
+    if not world.distributed:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _ignored)
     init_process_group(world, device_type)
     try:
         yield
     finally:
-        if world.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _ignored(signum, frame) -> None:
+    log.warning("signal %d: this rank ends with the job (a failed collective ends it)", signum)
 
 
 def send_run_folder(world: World, path: Path, resuming: bool) -> None:
