@@ -106,15 +106,17 @@ def test_directions_mode_equals_one_process_and_replays_on_one_process(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, optimizer", [("data", "zo_adam"), ("data", "zo_sgd_momentum"),
-                                             ("directions", "mezo"), ("directions", "zo_sgd_momentum"),
-                                             ("directions", "sparse_mezo")])
-def test_more_optimizers_equal_one_process(tmp_path, mode, optimizer):
-    q = ["optimizer.q=2"] if mode == "directions" else []
+@pytest.mark.parametrize("mode, optimizer, more", [
+    ("data", "zo_adam", []), ("data", "zo_sgd_momentum", []),
+    ("data", "adamezo", ["optimizer.horizon=2", "train.steps=5"]),  # steps 4 and 5 past its MeZO warm-up
+    ("data", "mezo", ["task.train_as_classification=false"]),  # the LM loss: token NLL sum / token count
+    ("data", "sparse_mezo", []), ("directions", "mezo", ["optimizer.q=2"]),
+    ("directions", "zo_sgd_momentum", ["optimizer.q=2"]), ("directions", "sparse_mezo", ["optimizer.q=4"])])
+def test_more_optimizers_equal_one_process(tmp_path, mode, optimizer, more):
     two = tmp_path / "two"
-    result = torchrun(*FEW, f"optimizer={optimizer}", *q, f"parallel.zo={mode}", f"hydra.run.dir={two}")
+    result = torchrun(*FEW, f"optimizer={optimizer}", *more, f"parallel.zo={mode}", f"hydra.run.dir={two}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert_same_run(one_process(tmp_path, "one", f"optimizer={optimizer}", *q), two)
+    assert_same_run(one_process(tmp_path, "one", f"optimizer={optimizer}", *more), two)
     assert json.loads((two / "metrics.json").read_text())["replicas_identical"] is True
 
 
@@ -164,7 +166,7 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_where_an_uninterrupted_o
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_what_cannot_run_over_ranks_is_refused_in_one_line():
+def test_what_cannot_run_over_ranks_is_refused_in_one_line(tmp_path):
     """Before any model loads: a first-order method (FSDP2 is another part's), directions that do not
     divide over the ranks, the shard mode; and a sweep under torchrun, on the command line (exit 2)."""
     from omegaconf import OmegaConf
@@ -185,7 +187,12 @@ def test_what_cannot_run_over_ranks_is_refused_in_one_line():
             from_config(cfg, two, check_method(cfg, OmegaConf.to_container(cfg.task, resolve=True)))
         assert "\n" not in str(refused.value)
     cfg = compose(QUICK + ["optimizer=mezo", "optimizer.q=3", "parallel.zo=directions"])
-    assert from_config(cfg, World(), check_method(cfg, OmegaConf.to_container(cfg.task, resolve=True))).mode == "directions"  # one process
-    result = run_cli("-m", "optimizer=mezo,zo_adam", env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    method = check_method(cfg, OmegaConf.to_container(cfg.task, resolve=True))
+    assert from_config(cfg, World(), method).mode == "directions"  # one process: nothing to spread
+    rank_0_of_2 = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}  # as torchrun sets them
+    result = run_cli("-m", "optimizer=mezo,zo_adam", env=rank_0_of_2)
     assert result.returncode == 2 and "torchrun runs one job" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    result = run_cli(*QUICK, "optimizer=adam", f"hydra.run.dir={tmp_path / 'adam'}", env=rank_0_of_2)
+    assert result.returncode == 2 and "parallel.fo=fsdp" in result.stderr  # before any process group or model
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "adam" / "metrics.json").exists()

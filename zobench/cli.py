@@ -33,7 +33,8 @@ def _job(cfg) -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .optim import check_target
+    from .optim import check_target, optimizer_class
+    from .parallel.zo import from_config as zo_parallel
     from .run import run
     from .validate import validate
 
@@ -49,6 +50,7 @@ def _job(cfg) -> str:
     try:
         check_target(cfg.optimizer.get("_target_"))  # zobench's own classes only, however the config was made
         validate(cfg)  # before anything is written or loaded: a bad value names its key
+        zo_parallel(cfg, from_env(), optimizer_class(cfg.optimizer.get("_target_")))  # what runs over ranks
     except ZobenchError as error:
         where = f" [job {hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)}]" if in_sweep else ""
         return _job_ended(classify(error, refused=(ZobenchError,)), where, in_sweep)

@@ -149,7 +149,8 @@ class Job:
         record.note(test_metric=test["metric"], test_scores=scores(test))
         log.info("test %s = %s (dev %s = %s, best step %s)", task["metric"], _fmt(test["metric"]), task["metric"],
                  _fmt(record.metrics["dev_metric"]), record.metrics["best_step"])
-        if cfg.save_model:  # the tested weights (with PEFT: the adapter alone), moved into place once complete
+        # the tested weights (with PEFT: the adapter alone), moved into place once complete; rank 0's alone
+        if cfg.save_model and self.world.main:
             record.note(saved_model=str(self.directory.save_folder(
                 "model", lambda partial: (saveable.save_pretrained(partial), tokenizer.save_pretrained(partial)))))
         if self.checkpointer is not None:
@@ -199,7 +200,8 @@ class Job:
             with record.training():
                 for step in range(start + 1, steps + 1):
                     indices = self.parallel.local(next(batches))  # parallel.zo=data: this rank's slice
-                    batch = _collate_indices(indices, train, pad_id, classification, record.device) if indices else None
+                    batch = (_collate_indices(indices, train, pad_id, classification, record.device)
+                             if indices else None)  # an empty slice (a short last batch) adds nothing
                     lr = method.lr
                     loss = method.step(batch)
                     self.checkpointer.record_step(step, recording.take(), lr)

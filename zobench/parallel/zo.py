@@ -57,8 +57,8 @@ def from_config(cfg, world: World, method_class: type) -> ZOParallel:
         raise ZobenchError(f"parallel.zo={mode!r} is not a zeroth-order parallel mode; valid: {', '.join(MODES)}")
     kind = getattr(method_class, "kind", None)
     if world.distributed and kind == FIRST_ORDER:
-        raise ZobenchError(f"optimizer={optimizer_name} takes gradients: under torchrun it needs parallel.fo={fo_mode}, "
-                           f"which lands with FSDP2; run it in one process (without torchrun) for now")
+        raise ZobenchError(f"optimizer={optimizer_name} takes gradients: under torchrun it needs "
+                           f"parallel.fo={fo_mode}, which lands with FSDP2; run it in one process (without torchrun) for now")
     if not world.distributed or kind == EVALUATION_ONLY:
         return ZOParallel(mode, world)  # one process, or nothing trained: every rank evaluates the same
     if mode == "shard":
