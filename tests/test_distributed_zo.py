@@ -197,3 +197,31 @@ def test_what_cannot_run_over_ranks_is_refused_in_one_line(tmp_path):
     result = run_cli(*QUICK, "optimizer=adam", f"hydra.run.dir={tmp_path / 'adam'}", env=rank_0_of_2)
     assert result.returncode == 2 and "parallel.fo=fsdp" in result.stderr  # before any process group or model
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "adam" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("classification", [True, False])
+def test_loss_parts_of_a_batchs_slices_add_up_to_its_loss(quick_cfg, classification):
+    """Objective.loss_parts, what data mode all-reduces: the parts of two slices of a batch, added, give the
+    one-process loss of the whole batch (classification: CE per example; LM: NLL per option token)."""
+    from omegaconf import OmegaConf
+
+    from zobench.encoding import Encoder, collate
+    from zobench.models import load_model
+    from zobench.objective import Objective
+    from zobench.tasks import PromptTemplate, load_task_definition
+
+    model, tokenizer = load_model(OmegaConf.to_container(quick_cfg().model, resolve=True), torch.device("cpu"),
+                                  torch.float32)
+    template, encoder = PromptTemplate(load_task_definition("sst2")), Encoder(tokenizer, 256)
+    rows = [{"sentence": s, "label": i % 2} for i, s in enumerate(["a bright story", "a dull and tired mess",
+                                                                   "warm, funny", "clumsy, loud and boring", "fine"])]
+    examples = [encoder.encode(template.render(row)) for row in rows]
+    objective = Objective(model)
+    with torch.no_grad():
+        whole = objective.loss(collate(examples, tokenizer.pad_token_id, classification))
+        parts = [objective.loss_parts(collate(part, tokenizer.pad_token_id, classification))
+                 for part in (examples[:2], examples[2:])]
+    numerator, denominator = (sum(p[i] for p in parts) for i in (0, 1))
+    assert float(denominator) == (5 if classification else float(sum(
+        collate(examples, tokenizer.pad_token_id, False).option_mask[:, 1:].sum(dim=1))))
+    assert abs(float(numerator / denominator) - float(whole)) <= 1e-6 * max(1.0, float(whole))
