@@ -309,9 +309,7 @@ def main() -> None:
 def _prepare_command_line() -> None:
     """sys.argv as Hydra should see it: a resume expanded, the overrides checked, the run folder claimed."""
     from .configs import check_overrides, register_resolvers, register_tasks
-
     from .parallel.launch import scratch_run_dir
-    from .parallel.world import from_env
 
     argv = sys.argv[1:]
     world = from_env()  # under torchrun: rank 0 owns the run folder, the others run in scratch folders
