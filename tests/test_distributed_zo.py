@@ -84,6 +84,9 @@ def test_data_mode_equals_one_process_and_rank_0_alone_writes_the_run_folder(tmp
     assert metrics["peak_memory_bytes_sum"] == sum(peaks)
     # two evaluations a step, each all-reducing (numerator, denominator) in float64: 32 bytes a step
     assert metrics["bytes_sent_per_step_per_rank"] == [32.0, 32.0]
+    # each rank reads its half of the batches: together the one-process run's training tokens
+    assert sum(metrics["tokens_per_rank"]) == json.loads((one / "metrics.json").read_text())["tokens"]
+    assert metrics["tokens"] == metrics["tokens_per_rank"][0]
     log_lines = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in log_lines if "loss" in line and "split" not in line] == [1, 2, 3]
 

@@ -244,7 +244,8 @@ class Job:
     def _ranks_summary(self, exchange: Exchange, model) -> dict[str, Any]:
         """Under torchrun (every rank at the same point): world size, mode, per-rank memory and bytes sent."""
         steps_here = self.record.metrics["steps"] - (self.record.metrics["resumed_at_step"] or 0)
-        fields = ranks_summary(self.parallel, exchange, model, steps_here, peak_memory(self.record.device)[0])
+        fields = ranks_summary(self.parallel, exchange, model, steps_here, peak_memory(self.record.device)[0],
+                               self.record.metrics["tokens"])
         if fields.get("replicas_identical") is False:
             log.warning("the ranks' weights differ (replica drift): %s", fields)
         return fields

@@ -170,14 +170,14 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-def summary(plan: ZOParallel, exchange: Exchange, model, steps: int, peak_bytes: int) -> dict:
+def summary(plan: ZOParallel, exchange: Exchange, model, steps: int, peak_bytes: int, tokens: int) -> dict:
     """metrics.json's fields for a multi-rank run, gathered from every rank (a collective: all ranks call it
-    at the same point): the mode, per-rank peak memory and bytes sent per step, and whether the replicas'
-    weights are bit-identical."""
+    at the same point): the mode, per-rank peak memory, bytes sent per step and training tokens (metrics.json's
+    `tokens` is rank 0's), and whether the replicas' weights are bit-identical."""
     world = plan.world
     if not world.distributed:
         return {}
-    own = torch.tensor([peak_bytes, exchange.bytes_sent] + list(bytes.fromhex(weights_digest(model))),
+    own = torch.tensor([peak_bytes, exchange.bytes_sent, tokens] + list(bytes.fromhex(weights_digest(model))),
                        dtype=torch.int64, device=exchange.device)
     exchange_bytes = exchange.bytes_sent
     rows = exchange.all_gather(own).cpu().tolist()
@@ -188,5 +188,6 @@ def summary(plan: ZOParallel, exchange: Exchange, model, steps: int, peak_bytes:
         "peak_memory_bytes_per_rank": peaks, "peak_memory_bytes_max": max(peaks),
         "peak_memory_bytes_sum": sum(peaks),
         "bytes_sent_per_step_per_rank": [row[1] / steps if steps else 0.0 for row in rows],
-        "replicas_identical": all(row[2:] == rows[0][2:] for row in rows),
+        "tokens_per_rank": [row[2] for row in rows],
+        "replicas_identical": all(row[3:] == rows[0][3:] for row in rows),
     }
