@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import RefusedInput, ZobenchError
 from .failures import INTERRUPTED, Failure, classify, command, say
+from .parallel.world import from_env
 
 
 def _say(message: str) -> None:
@@ -32,6 +33,7 @@ def _job(cfg) -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from .parallel.zo import from_spec as zo_parallel
     from .run import run
     from .spec import RunSpec
 
@@ -41,8 +43,12 @@ def _job(cfg) -> str:
     tag = f"[job {hydra_cfg.job.num}] " if in_sweep else ""  # parallel jobs' lines interleave: each says whose
     if in_sweep:
         _tag_console(tag)
+    speaks = from_env().main  # under torchrun rank 0 speaks for the job; the others say only what goes wrong
+    if not speaks:
+        _quiet_console()
     try:
         spec = RunSpec.from_cfg(cfg)  # before anything is written or loaded: a bad value names its key
+        zo_parallel(spec, from_env())  # what runs over the ranks
     except ZobenchError as error:
         where = f" [job {hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)}]" if in_sweep else ""
         return _job_ended(classify(error, refused=(ZobenchError,)), where, in_sweep)
@@ -55,12 +61,15 @@ def _job(cfg) -> str:
     except (KeyboardInterrupt, Exception) as error:
         failure = classify(error, refused=(RefusedInput,))  # e.g. a resume on a device that draws another z
         if failure.status == "interrupted":
-            _say(f"{tag}interrupted; what was done is recorded in {run_dir}; to go on from its last checkpoint: "
-                 f"{_resume_command(run_dir, in_sweep)}")
+            if speaks:
+                _say(f"{tag}interrupted; what was done is recorded in {run_dir}; to go on from its last checkpoint: "
+                     f"{_resume_command(run_dir, in_sweep)}")
             _hold_stop_signals()
             sys.exit(INTERRUPTED)
         where = f"traceback in {run_dir}/zobench.log" if failure.unexpected else f"run directory: {run_dir}"
         return _job_ended(failure, f" [{where}]", in_sweep, tag)
+    if not speaks:
+        return metrics["status"]
     value = metrics["test_metric"]
     shown = "n/a" if value is None else f"{value:.4f}"
     if metrics["status"] == "diverged":
@@ -115,6 +124,15 @@ def claim_named_run_dir(argv: list[str]) -> list[str]:
     run_dir_override(path)  # a newline in the name: refused before the folder exists
     claim_for_hydra(path)  # held until the process ends: the job's claim is reentrant
     return pin_run_dir(argv, path)
+
+
+def _quiet_console() -> None:
+    """A rank other than 0 of a torchrun job: its console shows warnings and errors only (rank 0 reports)."""
+    import logging
+
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.WARNING)
 
 
 def _tag_console(tag: str) -> None:
@@ -289,8 +307,13 @@ def main() -> None:
 def _prepare_command_line() -> None:
     """sys.argv as Hydra should see it: a resume expanded, the overrides checked, the run folder claimed."""
     from .configs import check_overrides, register_resolvers, register_tasks
+    from .parallel.launch import scratch_run_dir
 
     argv = sys.argv[1:]
+    world = from_env()  # under torchrun: rank 0 owns the run folder, the others run in scratch folders
+    if world.distributed and any(a in ("-m", "--multirun") for a in argv):
+        raise ZobenchError("torchrun runs one job over its ranks, not a sweep (-m): launch each job with torchrun, "
+                           "or sweep without torchrun")
     if any(a in ("-m", "--multirun") for a in argv) and any(a.split("=")[0] in ("-c", "--cfg") for a in argv):
         raise ZobenchError("--cfg prints one run's config, not a sweep's: list a sweep's jobs with "
                            "`zobench-plan OVERRIDES` (and `zobench-plan --cfg N OVERRIDES` for job N's config)")
@@ -299,7 +322,8 @@ def _prepare_command_line() -> None:
     check_overrides(overrides)
     register_resolvers()
     register_tasks()
-    sys.argv[1:] = claim_named_run_dir(sys.argv[1:])  # the lock before Hydra writes .hydra/ and zobench.log
+    # the lock before Hydra writes .hydra/ and zobench.log; a rank other than 0 writes into its own folder
+    sys.argv[1:] = claim_named_run_dir(sys.argv[1:]) if world.main else scratch_run_dir(sys.argv[1:], world)
 
 
 def _hydra_main() -> None:

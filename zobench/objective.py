@@ -96,6 +96,20 @@ class Objective:
             loss.register_hook(self._count_backward)
         return loss
 
+    def loss_parts(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(numerator, denominator), loss = numerator / denominator, each a sum over the batch's examples, so
+        that the parts of slices of a batch add up to the whole batch's (parallel.zo=data adds them over
+        ranks): classification: the per-example cross-entropies' sum (in float64) and the example count;
+        lm: the option tokens' NLL sum and their count."""
+        if batch.classification:
+            sums, counts = self.option_logprobs(batch)
+            scores = candidate_scores(batch, sums, counts, "mean")  # -inf where an example has fewer candidates
+            losses = F.cross_entropy(scores, batch.gold, reduction="none")
+            return losses.double().sum(), torch.tensor(float(batch.num_examples), dtype=torch.float64,
+                                                       device=losses.device)
+        table, target = self._option_table(batch), batch.option_mask[:, 1:]
+        return -table.double().sum(), target.sum().double()
+
     def _count_backward(self, grad):
         self.counter.backward_passes += 1
         return grad

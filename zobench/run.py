@@ -26,11 +26,15 @@ from .models import input_device, parameter_count, trained_parameters
 from .objective import Objective
 from .optim.base import EVALUATION_ONLY
 from .parallel.first_order import parallelize
-from .parallel.sharded_checkpoint import save_pretrained
-from .parallel.world import from_env as world_from_env
+from .parallel.launch import follow_run_folder, joined, send_run_folder
+from .parallel.sharded_checkpoint import is_sharded, save_pretrained
+from .parallel.world import World, from_env
+from .parallel.zo import Exchange, ZOParallel, spread_directions, summary as ranks_summary, training_loss
+from .parallel.zo import from_spec as zo_parallel
+from .parallel.zo_shard import shard_for_zo
 from .resume import resumable_state
 from .run_dir import RunDir
-from .run_record import RunRecord, device_name
+from .run_record import RunRecord, device_name, peak_memory
 from .spec import RunSpec
 from .stop_signals import signals_stop
 
@@ -39,15 +43,26 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig | RunSpec, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run one job into `run_dir`, or resume the interrupted/failed one there; returns metrics.json's
-    content. Raises after recording a failure. `overrides`: the command line, kept for `zobench resume=`."""
+    content. Raises after recording a failure. `overrides`: the command line, kept for `zobench resume=`.
+    Under torchrun every rank runs it, each into its own folder (zobench/parallel/launch.py)."""
+    world = from_env()
+    spec = _spec(cfg, run_dir, overrides)  # every check, before any data or model is read
+    with joined(world, spec.device.type):
+        return _run(spec, run_dir, overrides, world)
+
+
+def _run(spec: RunSpec, run_dir: str | Path, overrides: list[str] | None, world: World) -> dict[str, Any]:
+    if not world.main:  # rank 0's folder, copied into this rank's own when it resumes
+        follow_run_folder(world, Path(run_dir))
     directory = RunDir(run_dir).claim()  # the lock, for the job's lifetime; refuses foreign and live folders
     job = None
     try:
-        spec = _spec(cfg, directory, overrides)
-        resume_state = resumable_state(directory, spec.config_yaml, world_from_env())
+        resume_state = resumable_state(directory, spec.config_yaml, world)
+        if world.main:
+            send_run_folder(world, directory.path, resuming=resume_state is not None)
         if resume_state is None:
             directory.start(spec.config_yaml, overrides)
-        job = Job(spec, directory, resume_state)
+        job = Job(spec, directory, resume_state, world)
         try:
             with signals_stop(job):
                 job.execute()
@@ -72,14 +87,18 @@ def run(cfg: DictConfig | RunSpec, run_dir: str | Path, overrides: list[str] | N
     return job.record.metrics
 
 
-def _spec(cfg: DictConfig | RunSpec, directory: RunDir, overrides: list[str] | None) -> RunSpec:
+def _spec(cfg: DictConfig | RunSpec, run_dir: str | Path, overrides: list[str] | None) -> RunSpec:
     """Every check before any data or model is read. The CLI refuses a bad config before it calls run() (exit
     2); a caller of run() itself finds the refusal recorded in the folder too."""
     try:
         return cfg if isinstance(cfg, RunSpec) else RunSpec.from_cfg(cfg)
     except ZobenchError as error:
-        directory.start(OmegaConf.to_yaml(cfg), overrides)
-        directory.write_metrics({"status": "failed", "error": str(error), "steps": 0}, final=True)
+        directory = RunDir(run_dir).claim()
+        try:
+            directory.start(OmegaConf.to_yaml(cfg), overrides)
+            directory.write_metrics({"status": "failed", "error": str(error), "steps": 0}, final=True)
+        finally:
+            directory.release()
         raise
 
 
@@ -87,8 +106,11 @@ class Job:
     """One run: `execute()` builds its parts and runs the recipe; the record, the best on dev and the
     checkpointer are what run() reads when it ends, however it ends."""
 
-    def __init__(self, spec: RunSpec, directory: RunDir, resume_state: dict[str, Any] | None = None):
+    def __init__(self, spec: RunSpec, directory: RunDir, resume_state: dict[str, Any] | None = None,
+                 world: World = World()):
         self.spec, self.directory, self.resume_state = spec, directory, resume_state
+        self.world = world  # the torchrun job's ranks (a world of one without torchrun)
+        self.parallel: ZOParallel | None = None  # parallel.zo, checked before the model loads
         resumed = resume_state or {}
         self.record = RunRecord(spec, directory, resumed.get("job"), resumed.get("step", 0))
         self.best: BestOnDev | None = None  # built with the model
@@ -103,11 +125,14 @@ class Job:
         record.log.attach(open_trackers(self.spec, self.directory.path, resumed=self.resume_state is not None))
         record.start_clocks(self.spec.device)
         torch.manual_seed(self.spec.seed)
+        self.parallel = zo_parallel(self.spec, self.world)  # what runs over the ranks, refused before the data
         splits = self._data()
         spec = self.spec = self.spec.for_training_size(len(splits.train))  # train.epochs: steps from this size
         if spec.train.epochs is not None:
             record.note(steps_planned=spec.train.steps)
         model, tokenizer, saveable = build_model(spec, max_length=spec.max_length)
+        if self.parallel.mode == "shard":  # before the objective and method: FSDP2 replaces the parameters
+            shard_for_zo(model)
         record.device = device = input_device(model)  # batches go where the (first shard of the) model is
         record.note(device=device_name(device), dtype=str(spec.dtype).removeprefix("torch."),
                     n_params=parameter_count(model))
@@ -116,12 +141,16 @@ class Job:
         precision = spec.precision
         record.note(precision=precision.record())
         # under torchrun a first-order method's model is sharded (FSDP2) or replicated (DDP) before it is built
-        parallel = parallelize(model, spec.method.cls, world_from_env(), spec.parallel, precision)
+        fo = parallelize(model, spec.method.cls, self.world, spec.parallel, precision)
+        sharded_zo = model if self.parallel.mode == "shard" else None  # FSDP2's root runs the whole forward
         objective = Objective(model, record.counter, loss_dtype=precision.dtype_of(precision.loss_dtype),
-                              forward=parallel.forward)
-        recording = RecordingLoss(objective)  # the loss values of each step: the ZO trajectory
+                              forward=fo.forward or sharded_zo)
+        exchange = Exchange(self.world, device)  # the collectives of a torchrun job, the bytes sent counted
+        # the loss values of each step, the global ones under torchrun: the ZO trajectory
+        recording = RecordingLoss(training_loss(self.parallel, objective, exchange))
         method = build_method(spec, model, recording)
-        parallel.attach(method)
+        fo.attach(method)
+        spread_directions(self.parallel, method, exchange, recording)
         trains = method.kind != EVALUATION_ONLY
         # counted once the method is built: head-tuning chooses its trained parameters there
         record.note(n_trainable_params=sum(p.numel() for p in trained_parameters(model).values()) if trains else 0)
@@ -130,14 +159,17 @@ class Job:
                               select_by=spec.train.select_by)
         if trains:
             self.checkpointer = Checkpointer(self.directory, model, method, spec.checkpoint.weights,
-                                             world=parallel.world)
+                                             world=self.world)
             start = 0 if self.resume_state is None else self.best.resume(self.checkpointer, self.resume_state)
             self._train(method, recording, encoded, tokenizer.pad_token_id, evaluator, start)
             self.best.restore()
         else:
             evaluator = self._evaluate_only(method, objective, encoded, tokenizer.pad_token_id, evaluator)
         record.log_test(evaluator, encoded.test)
-        if spec.save_model:  # the tested weights (with PEFT: the adapter alone), moved into place once complete
+        record.note(**self._ranks_summary(exchange, model))
+        # the tested weights (with PEFT: the adapter alone), moved into place once complete; rank 0's alone (an
+        # FSDP2 model's shards are gathered whole by every rank, rank 0 writing)
+        if spec.save_model and (self.world.main or is_sharded(model)):
             record.note(saved_model=str(self.directory.save_folder(
                 "model", lambda partial: (save_pretrained(saveable, model, partial),  # FSDP2: gathered whole
                                           tokenizer.save_pretrained(partial)))))
@@ -185,7 +217,9 @@ class Job:
         try:
             with record.training():
                 for step in range(start + 1, steps + 1):
-                    batch = _collate_indices(next(batches), train, pad_id, classification, record.device)
+                    indices = self.parallel.local(next(batches))  # parallel.zo=data: this rank's slice
+                    batch = (_collate_indices(indices, train, pad_id, classification, record.device)
+                             if indices else None)  # an empty slice (a short last batch) adds nothing
                     lr = method.lr
                     loss = method.step(batch)
                     self.checkpointer.record_step(step, recording.take(), lr)
@@ -224,6 +258,15 @@ class Job:
             self.best.offer(result, step)
         self.record.log_early_stop(step, self.stopper.record())
         log.info("stopped early at step %d: %s", step, self.record.metrics["stop_reason"])
+
+    def _ranks_summary(self, exchange: Exchange, model) -> dict[str, Any]:
+        """Under torchrun (every rank at the same point): world size, mode, per-rank memory and bytes sent."""
+        steps_here = self.record.metrics["steps"] - (self.record.metrics["resumed_at_step"] or 0)
+        fields = ranks_summary(self.parallel, exchange, model, steps_here, peak_memory(self.record.device)[0],
+                               self.record.metrics["tokens"])
+        if fields.get("replicas_identical") is False:
+            log.warning("the ranks' weights differ (replica drift): %s", fields)
+        return fields
 
     def _job_state(self) -> dict[str, Any]:
         """Everything of the job a resume needs besides model and method."""

@@ -30,25 +30,48 @@ class MeZO(Optimizer):
         self.eps, self.q = settings.eps, settings.q
         self.engine = PerturbationEngine(model.named_parameters(), seed, precision=self.precision)
         self.last_projected_grads: list[tuple[int, float]] = []  # (seed, g) of the last step
+        # parallel.zo=directions under torchrun (zobench/parallel/zo.py): the q directions spread over ranks
+        self.directions = None
 
     def _loss(self, batch) -> float:
         with torch.inference_mode():  # MeZO zo_forward: eval mode, no autograd graph
             return float(self.loss_fn(batch))
 
     def projected_gradients(self, batch) -> tuple[list[tuple[int, float]], float]:
-        """q (seed, g) pairs at θ; θ is left perturbed by −eps·z of the last direction."""
-        pairs, losses = [], []
+        """q (seed, g) pairs at θ; θ is left perturbed by −eps·z of the last direction. Under torchrun with
+        parallel.zo=directions the ranks share the directions out (zobench/parallel/zo.py SpreadDirections)."""
+        if self.directions is not None:
+            return self.directions.projected_gradients(self, batch)
+        return self.pairs_from(*self.direction_losses(batch, range(self.q)))
+
+    def direction_losses(self, batch, evaluated) -> tuple[list[int], list[float | None]]:
+        """The step's q seeds and [loss+, loss−] of each, of those directions k in `evaluated` (the others
+        None): every direction's perturbations are made in place, in order, evaluated or not, so θ moves
+        through the same values (and roundings) on every rank."""
+        seeds, values = [], []
         for k in range(self.q):
             seed = self.engine.draw_seed()
+            seeds.append(seed)
             self.engine.perturb(seed, self.eps)
-            loss_plus = self._loss(batch)
+            loss_plus = self._loss(batch) if k in evaluated else None
             self.engine.perturb(seed, -2 * self.eps)
-            loss_minus = self._loss(batch)
-            if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+            loss_minus = self._loss(batch) if k in evaluated else None
+            if self.directions is None and not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
                 self.engine.perturb(seed, self.eps)
                 raise Diverged(f"loss is {loss_plus if not math.isfinite(loss_plus) else loss_minus}")
             if k < self.q - 1:  # every direction is evaluated at the same θ
                 self.engine.perturb(seed, self.eps)
+            values += [loss_plus, loss_minus]
+        return seeds, values
+
+    def pairs_from(self, seeds: list[int], values: list[float]) -> tuple[list[tuple[int, float]], float]:
+        """(seed, g) per direction from its [loss+, loss−], and the step's mean loss; a loss that is not finite
+        (seen first here under torchrun, once every rank has it) restores θ and ends the run as diverged."""
+        pairs, losses = [], []
+        for seed, loss_plus, loss_minus in zip(seeds, values[0::2], values[1::2]):
+            if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+                self.restore([(seeds[-1], 0.0)])
+                raise Diverged(f"loss is {loss_plus if not math.isfinite(loss_plus) else loss_minus}")
             pairs.append((seed, self.engine.numerics.projected_gradient(loss_plus, loss_minus, self.eps)))
             losses.append((loss_plus + loss_minus) / 2)
         return pairs, sum(losses) / len(losses)

@@ -56,19 +56,23 @@ class SparseMeZO(MeZO):
             return None
         return torch.abs(theta, out=self.engine.scratch(theta, "mask")).le_(threshold)
 
-    def projected_gradients(self, batch) -> tuple[list[tuple[int, float]], float]:
-        """q (seed, g) pairs at θ; θ itself is never moved."""
-        pairs, losses = [], []
-        for _ in range(self.q):
+    def direction_losses(self, batch, evaluated) -> tuple[list[int], list[float | None]]:
+        """The step's q seeds and [loss+, loss−] of the directions k in `evaluated` (others None); θ itself is
+        never moved."""
+        seeds, values = [], []
+        for k in range(self.q):
             seed = self.engine.draw_seed()
+            seeds.append(seed)
+            if k not in evaluated:
+                values += [None, None]
+                continue
             # θ + eps·z, then (θ + eps·z) − 2eps·z: MeZO's in-place chain, rounded as MeZO's (sparsity 0 ≡ MeZO)
             loss_plus = self._loss_at(batch, seed, self.eps)
             loss_minus = self._loss_at(batch, seed, self.eps, -2 * self.eps)
-            if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+            if self.directions is None and not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
                 raise Diverged(f"loss is {loss_plus if not math.isfinite(loss_plus) else loss_minus}")
-            pairs.append((seed, self.engine.numerics.projected_gradient(loss_plus, loss_minus, self.eps)))
-            losses.append((loss_plus + loss_minus) / 2)
-        return pairs, sum(losses) / len(losses)
+            values += [loss_plus, loss_minus]
+        return seeds, values
 
     def _loss_at(self, batch, seed: int, *scales: float) -> float:
         with self.engine.perturbed_in_forward(self.model, seed, *scales):

@@ -44,6 +44,19 @@ class Parallel:
             method.share = RankShare(self.world)
 
 
+def check_method(method_class: type, fo_mode: str) -> None:
+    """Refuses, in one line before anything loads, a first-order method that cannot run over the ranks."""
+    from ..optim.first_order import TorchOptimizer
+
+    if not issubclass(method_class, TorchOptimizer):
+        raise ZobenchError(f"{method_class.__name__} updates each parameter in place during backward, before the "
+                           f"ranks have reduced its gradient: under torchrun use optimizer=sgd (FSDP2, the same rule "
+                           f"with a gradient held per shard) or run it in one process")
+    if fo_mode == "ddp" and getattr(method_class, "freezes_after_build", False):
+        raise ZobenchError(f"{method_class.__name__} freezes the body once built, after DDP has planned a gradient "
+                           f"for every parameter: use parallel.fo=fsdp")
+
+
 def parallelize(model: torch.nn.Module, method_class: type, world: World, parallel, precision) -> Parallel:
     """Shards (fsdp) or replicates (ddp) `model` over the world's ranks when the method takes real gradients;
     a world of one, or a zeroth-order/evaluation method, gets the model as it is.
@@ -56,15 +69,7 @@ def parallelize(model: torch.nn.Module, method_class: type, world: World, parall
     float32 gathers 6e-6; at lr 1e-3: 1.5e-3 and 1.2e-4)."""
     if not world.distributed or method_class.kind != FIRST_ORDER:
         return Parallel(world)
-    from ..optim.first_order import TorchOptimizer
-
-    if not issubclass(method_class, TorchOptimizer):
-        raise ZobenchError(f"{method_class.__name__} updates each parameter in place during backward, before the "
-                           f"ranks have reduced its gradient: under torchrun use optimizer=sgd (FSDP2, the same rule "
-                           f"with a gradient held per shard) or run it in one process")
-    if parallel.fo == "ddp" and getattr(method_class, "freezes_after_build", False):
-        raise ZobenchError(f"{method_class.__name__} freezes the body once built, after DDP has planned a gradient "
-                           f"for every parameter: use parallel.fo=fsdp")
+    check_method(method_class, parallel.fo)
     if precision.half and precision.master_weights:
         _to_fp32(model)  # the master weights are what FSDP shards (and DDP replicates): fp32 before wrapping
     if parallel.fo == "ddp":
