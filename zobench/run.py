@@ -131,7 +131,7 @@ class Job:
         if spec.train.epochs is not None:
             record.note(steps_planned=spec.train.steps)
         model, tokenizer, saveable = build_model(spec, max_length=spec.max_length)
-        if self.parallel.mode == "shard":  # before the objective and method: FSDP2 replaces the parameters
+        if self.parallel.shards_weights:  # before the objective and method: FSDP2 replaces the parameters
             shard_for_zo(model)
         record.device = device = input_device(model)  # batches go where the (first shard of the) model is
         record.note(device=device_name(device), dtype=str(spec.dtype).removeprefix("torch."),
@@ -142,7 +142,7 @@ class Job:
         record.note(precision=precision.record())
         # under torchrun a first-order method's model is sharded (FSDP2) or replicated (DDP) before it is built
         fo = parallelize(model, spec.method.cls, self.world, spec.parallel, precision)
-        sharded_zo = model if self.parallel.mode == "shard" else None  # FSDP2's root runs the whole forward
+        sharded_zo = model if self.parallel.shards_weights else None  # FSDP2's root runs the whole forward
         objective = Objective(model, record.counter, loss_dtype=precision.dtype_of(precision.loss_dtype),
                               forward=fo.forward or sharded_zo)
         exchange = Exchange(self.world, device)  # the collectives of a torchrun job, the bytes sent counted

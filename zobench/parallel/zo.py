@@ -41,6 +41,11 @@ class ZOParallel:
         return f"{'fo' if self.mode in FIRST_ORDER_MODES else 'zo'}={self.mode}"
 
     @property
+    def shards_weights(self) -> bool:
+        """parallel.zo=shard over more than one rank (zo_shard.py); one process runs as it always does."""
+        return self.mode == "shard" and self.world.distributed
+
+    @property
     def splits_batch(self) -> bool:
         return self.mode == "data" and self.world.distributed
 
@@ -67,10 +72,10 @@ def from_spec(spec, world: World) -> ZOParallel:
         from .first_order import check_method
 
         check_method(method.cls, spec.parallel.fo)
-        return ZOParallel(spec.parallel.fo, world)
+        return _unsharded_best_refused(ZOParallel(spec.parallel.fo, world), spec)
     if mode == "shard":
         check_shard_method(method.cls, method.name)
-        return ZOParallel(mode, world)
+        return _unsharded_best_refused(ZOParallel(mode, world), spec)
     if not issubclass(method.cls, MeZO):
         raise ZobenchError(f"optimizer={method.name} does not run under torchrun; use one process")
     q = method.settings.q
@@ -78,6 +83,14 @@ def from_spec(spec, world: World) -> ZOParallel:
         raise ZobenchError(f"parallel.zo=directions spreads optimizer.q={q} directions over {world.size} ranks: "
                            f"set optimizer.q to a multiple of {world.size} (or use parallel.zo=data)")
     return ZOParallel(mode, world)
+
+
+def _unsharded_best_refused(plan: ZOParallel, spec) -> ZOParallel:
+    """best_weights.py keeps FSDP2 shards in host memory only: refused here, before anything loads."""
+    if plan.mode in SHARDED and spec.train.keep_best == "disk":
+        raise ZobenchError("train.keep_best=disk does not keep FSDP2 shards yet: use train.keep_best=host (each "
+                           "rank keeps its own shards in host memory, 1/N of the weights) or none")
+    return plan
 
 
 class Exchange:
