@@ -108,6 +108,14 @@ class SequenceBatch:
         return SequenceBatch(**moved)
 
 
+def collate_indices(indices, examples: Sequence[EncodedExample], pad_id: int, classification: bool, device):
+    """A step's index list becomes one batch on `device`; a tuple of index lists a tuple of batches (see
+    Optimizer.batches)."""
+    if isinstance(indices, tuple):
+        return tuple(collate_indices(part, examples, pad_id, classification, device) for part in indices)
+    return collate([examples[i] for i in indices], pad_id, classification).to(device)
+
+
 def collate(examples: Sequence[EncodedExample], pad_id: int, classification: bool,
             pad_to_multiple: int = 8) -> SequenceBatch:
     rows, example_index, candidate_index = [], [], []

@@ -12,29 +12,25 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from .best_weights import BestOnDev
 from .build import Evaluator, build_method, build_model, encode_splits, sample_splits
 from .checkpoint import Checkpointer, RecordingLoss
 from .early_stopping import EarlyStopping
-from .encoding import collate
+from .encoding import collate_indices
 from .errors import Diverged, Interrupted, ZobenchError
 from .failures import run_failure
 from .loggers import open_trackers
 from .models import input_device, parameter_count, trained_parameters
 from .objective import Objective
 from .optim.base import EVALUATION_ONLY
-from .parallel.first_order import parallelize
 from .parallel.launch import follow_run_folder, joined, send_run_folder
-from .parallel.sharded_checkpoint import is_sharded, save_pretrained
+from .parallel.ranks import Ranks
+from .parallel.sharded_checkpoint import save_model_folder
 from .parallel.world import World, from_env
-from .parallel.zo import Exchange, ZOParallel, spread_directions, summary as ranks_summary, training_loss
-from .parallel.zo import from_spec as zo_parallel
-from .parallel.zo_shard import shard_for_zo
 from .resume import resumable_state
 from .run_dir import RunDir
-from .run_record import RunRecord, device_name, peak_memory
+from .run_record import RunRecord, device_name
 from .spec import RunSpec
 from .stop_signals import signals_stop
 
@@ -88,17 +84,11 @@ def _run(spec: RunSpec, run_dir: str | Path, overrides: list[str] | None, world:
 
 
 def _spec(cfg: DictConfig | RunSpec, run_dir: str | Path, overrides: list[str] | None) -> RunSpec:
-    """Every check before any data or model is read. The CLI refuses a bad config before it calls run() (exit
-    2); a caller of run() itself finds the refusal recorded in the folder too."""
+    """Every check before any data or model is read (the CLI's exit 2); run()'s caller finds it recorded too."""
     try:
         return cfg if isinstance(cfg, RunSpec) else RunSpec.from_cfg(cfg)
     except ZobenchError as error:
-        directory = RunDir(run_dir).claim()
-        try:
-            directory.start(OmegaConf.to_yaml(cfg), overrides)
-            directory.write_metrics({"status": "failed", "error": str(error), "steps": 0}, final=True)
-        finally:
-            directory.release()
+        RunDir(run_dir).record_refusal(OmegaConf.to_yaml(cfg), overrides, str(error))
         raise
 
 
@@ -109,8 +99,7 @@ class Job:
     def __init__(self, spec: RunSpec, directory: RunDir, resume_state: dict[str, Any] | None = None,
                  world: World = World()):
         self.spec, self.directory, self.resume_state = spec, directory, resume_state
-        self.world = world  # the torchrun job's ranks (a world of one without torchrun)
-        self.parallel: ZOParallel | None = None  # parallel.zo, checked before the model loads
+        self.ranks = Ranks(spec, world)  # what runs over torchrun's ranks (a world of one without), checked here
         resumed = resume_state or {}
         self.record = RunRecord(spec, directory, resumed.get("job"), resumed.get("step", 0))
         self.best: BestOnDev | None = None  # built with the model
@@ -125,32 +114,28 @@ class Job:
         record.log.attach(open_trackers(self.spec, self.directory.path, resumed=self.resume_state is not None))
         record.start_clocks(self.spec.device)
         torch.manual_seed(self.spec.seed)
-        self.parallel = zo_parallel(self.spec, self.world)  # what runs over the ranks, refused before the data
-        splits = self._data()
+        ranks, splits = self.ranks, sample_splits(self.spec)
+        self.directory.fingerprint("data", [splits.train, splits.dev, splits.test])  # a resume refuses other data
+        record.note(data_source=splits.source, n_train=len(splits.train), n_dev=len(splits.dev),
+                    n_test=len(splits.test))
         spec = self.spec = self.spec.for_training_size(len(splits.train))  # train.epochs: steps from this size
         if spec.train.epochs is not None:
             record.note(steps_planned=spec.train.steps)
         model, tokenizer, saveable = build_model(spec, max_length=spec.max_length)
-        if self.parallel.shards_weights:  # before the objective and method: FSDP2 replaces the parameters
-            shard_for_zo(model)
         record.device = device = input_device(model)  # batches go where the (first shard of the) model is
+        forward = ranks.place(model, device)  # sharded or wrapped under torchrun, before objective and method
         record.note(device=device_name(device), dtype=str(spec.dtype).removeprefix("torch."),
                     n_params=parameter_count(model))
         encoded = encode_splits(spec, splits, tokenizer)
         record.note(**encoded.record())
         precision = spec.precision
         record.note(precision=precision.record())
-        # under torchrun a first-order method's model is sharded (FSDP2) or replicated (DDP) before it is built
-        fo = parallelize(model, spec.method.cls, self.world, spec.parallel, precision)
-        sharded_zo = model if self.parallel.shards_weights else None  # FSDP2's root runs the whole forward
         objective = Objective(model, record.counter, loss_dtype=precision.dtype_of(precision.loss_dtype),
-                              forward=fo.forward or sharded_zo)
-        exchange = Exchange(self.world, device)  # the collectives of a torchrun job, the bytes sent counted
+                              forward=forward)
         # the loss values of each step, the global ones under torchrun: the ZO trajectory
-        recording = RecordingLoss(training_loss(self.parallel, objective, exchange))
+        recording = RecordingLoss(ranks.training_loss(objective))
         method = build_method(spec, model, recording)
-        fo.attach(method)
-        spread_directions(self.parallel, method, exchange, recording)
+        ranks.attach(method, recording)
         trains = method.kind != EVALUATION_ONLY
         # counted once the method is built: head-tuning chooses its trained parameters there
         record.note(n_trainable_params=sum(p.numel() for p in trained_parameters(model).values()) if trains else 0)
@@ -158,28 +143,16 @@ class Job:
         self.best = BestOnDev(model, spec.train.keep_best if trains else "none", self.directory, record,
                               select_by=spec.train.select_by)
         if trains:
-            self.checkpointer = Checkpointer(self.directory, model, method, spec.checkpoint.weights,
-                                             world=self.world)
+            self.checkpointer = Checkpointer(self.directory, model, method, spec.checkpoint.weights, ranks.world)
             start = 0 if self.resume_state is None else self.best.resume(self.checkpointer, self.resume_state)
             self._train(method, recording, encoded, tokenizer.pad_token_id, evaluator, start)
             self.best.restore()
         else:
             evaluator = self._evaluate_only(method, objective, encoded, tokenizer.pad_token_id, evaluator)
         record.log_test(evaluator, encoded.test)
-        record.note(**self._ranks_summary(exchange, model))
-        # the tested weights (with PEFT: the adapter alone), moved into place once complete; rank 0's alone (an
-        # FSDP2 model's shards are gathered whole by every rank, rank 0 writing)
-        if spec.save_model and (self.world.main or is_sharded(model)):
-            record.note(saved_model=str(self.directory.save_folder(
-                "model", lambda partial: (save_pretrained(saveable, model, partial),  # FSDP2: gathered whole
-                                          tokenizer.save_pretrained(partial)))))
-
-    def _data(self):
-        splits = sample_splits(self.spec)
-        self.directory.fingerprint("data", [splits.train, splits.dev, splits.test])  # a resume refuses other data
-        self.record.note(data_source=splits.source, n_train=len(splits.train), n_dev=len(splits.dev),
-                         n_test=len(splits.test))
-        return splits
+        record.note(**ranks.summary(model, record))
+        if spec.save_model:  # the tested weights (with PEFT: the adapter alone), moved into place once complete
+            record.note(saved_model=save_model_folder(self.directory, ranks.world, saveable, model, tokenizer))
 
     def _evaluate_only(self, method, objective, encoded, pad_id: int, evaluator):
         """Zero-shot and ICL: the model as loaded. A method that fits an evaluator first (linear probing, on
@@ -210,23 +183,18 @@ class Job:
         if start == 0 and stopper.due(0, regular=False):  # AdaMeZO evaluates the initial weights too
             stopper.observe(0, self._dev_eval(evaluator, encoded.dev, 0, select=False))
         classification = spec.task["train_as_classification"]
-        bar = tqdm(total=steps, initial=start, desc=f"{spec.method.name} {spec.task['name']}", unit="step",
-                   dynamic_ncols=True, disable=None)
         self.in_training_loop = True
-        record.start_progress(steps, start)  # lines for a log without a terminal; the bar stays for terminals
+        record.start_progress(steps, start, desc=f"{spec.method.name} {spec.task['name']}")
         try:
             with record.training():
                 for step in range(start + 1, steps + 1):
-                    indices = self.parallel.local(next(batches))  # parallel.zo=data: this rank's slice
-                    batch = (_collate_indices(indices, train, pad_id, classification, record.device)
+                    indices = self.ranks.local(next(batches))  # parallel.zo=data: this rank's slice
+                    batch = (collate_indices(indices, train, pad_id, classification, record.device)
                              if indices else None)  # an empty slice (a short last batch) adds nothing
                     lr = method.lr
                     loss = method.step(batch)
                     self.checkpointer.record_step(step, recording.take(), lr)
-                    mean = record.log_train(step, loss, lr, line=step % log_every == 0 or step == steps)
-                    if mean is not None:
-                        bar.set_postfix(loss=f"{mean:.4f}")
-                    bar.update(1)
+                    record.log_train(step, loss, lr, line=step % log_every == 0 or step == steps)
                     regular = (eval_every > 0 and step % eval_every == 0) or step == steps
                     early = stopper.due(step, regular)
                     if regular or early:
@@ -241,7 +209,7 @@ class Job:
                         break
         finally:
             self.in_training_loop = False
-            bar.close()
+            record.stop_progress()
 
     def _dev_eval(self, evaluator, dev, step: int, select: bool = True) -> dict[str, Any] | None:
         """Evaluates on dev; `select`: the weights may become the kept best-on-dev ones."""
@@ -258,15 +226,6 @@ class Job:
             self.best.offer(result, step)
         self.record.log_early_stop(step, self.stopper.record())
         log.info("stopped early at step %d: %s", step, self.record.metrics["stop_reason"])
-
-    def _ranks_summary(self, exchange: Exchange, model) -> dict[str, Any]:
-        """Under torchrun (every rank at the same point): world size, mode, per-rank memory and bytes sent."""
-        steps_here = self.record.metrics["steps"] - (self.record.metrics["resumed_at_step"] or 0)
-        fields = ranks_summary(self.parallel, exchange, model, steps_here, peak_memory(self.record.device)[0],
-                               self.record.metrics["tokens"])
-        if fields.get("replicas_identical") is False:
-            log.warning("the ranks' weights differ (replica drift): %s", fields)
-        return fields
 
     def _job_state(self) -> dict[str, Any]:
         """Everything of the job a resume needs besides model and method."""
@@ -288,16 +247,4 @@ class Job:
             self.record.finish()
         if self.checkpointer is not None and self.record.metrics["status"] == "completed":
             self.checkpointer.finish()
-            self.record.note(disk_bytes=self.directory.disk_bytes())
-            try:
-                self.record.save()
-            except OSError as error:  # the run is recorded completed already; only the figure is stale
-                log.warning("could not update disk_bytes in %s (%s)", self.directory.path / "metrics.json",
-                            error.strerror or error)
-
-
-def _collate_indices(indices, examples, pad_id, classification, device):
-    """An index list becomes one batch; a tuple of index lists a tuple of batches (see Optimizer.batches)."""
-    if isinstance(indices, tuple):
-        return tuple(_collate_indices(part, examples, pad_id, classification, device) for part in indices)
-    return collate([examples[i] for i in indices], pad_id, classification).to(device)
+            self.record.note_disk_bytes()

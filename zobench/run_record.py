@@ -75,14 +75,25 @@ class JsonlLog:
 
 
 class Progress:
-    """The lines a log without a terminal shows (SLURM output, zobench.log): step/steps, mean loss, steps/s
-    and ETA at a train line at most every PROGRESS_EVERY_S seconds, and always at the last step."""
+    """Training's progress: a tqdm bar on a terminal, and the lines a log without one shows (SLURM output,
+    zobench.log): step/steps, mean loss, steps/s and ETA at a train line at most every PROGRESS_EVERY_S
+    seconds, and always at the last step."""
 
-    def __init__(self, steps: int, start: int):
+    def __init__(self, steps: int, start: int, desc: str):
+        from tqdm import tqdm
+
         self.steps = steps
         self.since_step, self.since = start, time.monotonic()  # the rate is measured from the last line
+        self.bar = tqdm(total=steps, initial=start, desc=desc, unit="step", dynamic_ncols=True, disable=None)
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
     def train_line(self, step: int, loss: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}")
         now = time.monotonic()
         if step < self.steps and now - self.since < PROGRESS_EVERY_S:
             return
@@ -144,6 +155,16 @@ class RunRecord:
         """Fields of metrics.json (written at the next save)."""
         self.metrics.update(fields)
 
+    def note_disk_bytes(self) -> None:
+        """metrics.json's disk_bytes again, once a completed run's checkpoint tensors are gone; the run is
+        recorded completed already, so a write that fails leaves only this figure stale."""
+        self.note(disk_bytes=self.directory.disk_bytes())
+        try:
+            self.save()
+        except OSError as error:
+            log.warning("could not update disk_bytes in %s (%s)", self.directory.path / "metrics.json",
+                        error.strerror or error)
+
     def save(self, final: bool = False) -> None:
         """metrics.json from the record's state: the one place it is written."""
         self.directory.write_metrics(self.metrics, final=final)
@@ -186,6 +207,8 @@ class RunRecord:
         self.metrics["steps"] = step
         if not math.isfinite(loss):
             raise Diverged(f"loss is {loss}")
+        if self.progress is not None:
+            self.progress.step()
         self.recent_losses.append(float(loss))
         if not line:
             return None
@@ -197,8 +220,14 @@ class RunRecord:
             self.progress.train_line(step, mean)
         return mean
 
-    def start_progress(self, steps: int, start: int) -> None:
-        self.progress = Progress(steps, start)
+    def start_progress(self, steps: int, start: int, desc: str) -> None:
+        """Training's bar (terminals) and progress lines (logs), from step `start` of `steps`."""
+        self.progress = Progress(steps, start, desc)
+
+    def stop_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
 
     def echo_dev(self, step: int, result: dict[str, Any], best: bool) -> None:
         """A dev result in the log, and whether its weights are the new best."""

@@ -49,6 +49,16 @@ def full_weights(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.T
     return weights
 
 
+def save_model_folder(directory, world, saveable, model: torch.nn.Module, tokenizer) -> str | None:
+    """save_model=true: the tested weights (with PEFT: the adapter alone) written to the run folder's `model`,
+    moved into place once complete; rank 0's alone (an FSDP2 model's shards are gathered whole by every rank,
+    rank 0 writing). Returns the folder, None on a rank that writes none."""
+    if not (world.main or is_sharded(model)):
+        return None
+    return str(directory.save_folder(
+        "model", lambda partial: (save_pretrained(saveable, model, partial), tokenizer.save_pretrained(partial))))
+
+
 def save_pretrained(saveable, model: torch.nn.Module, folder) -> None:
     """`saveable.save_pretrained(folder)` (save_model=true); an FSDP2 model's shards gathered whole first, which
     every rank takes part in, and written by rank 0 alone (the others' folders are their scratch ones)."""

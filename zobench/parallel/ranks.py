@@ -1,0 +1,65 @@
+"""What a run does differently over the ranks of a torchrun job, behind one object the runner calls.
+
+The runner's recipe stays the one-process one; at each point where ranks matter it asks its `Ranks`:
+where the model is placed (zo_shard.py shards θ for parallel.zo=shard; first_order.py wraps a first-order
+method's model in FSDP2 or DDP), which loss the method trains on (zo.py: data mode's all-reduced loss),
+how the method's directions are spread (directions mode), which examples of a step are this rank's, and what
+metrics.json says of the ranks at the end. A world of one gets the one-process run, unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .first_order import Parallel, parallelize
+from .world import World
+from .zo import Exchange, ZOParallel, from_spec, spread_directions, summary, training_loss
+from .zo_shard import shard_for_zo
+
+log = logging.getLogger(__name__)
+
+
+class Ranks:
+    def __init__(self, spec, world: World):
+        """Checks what runs over the ranks (one line per refusal) before any data or model is read."""
+        self.spec, self.world = spec, world
+        self.plan: ZOParallel = from_spec(spec, world)
+        self.first_order: Parallel | None = None
+        self.exchange: Exchange | None = None
+
+    def place(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module | None:
+        """Shards or wraps the built model before the objective and the method are built (FSDP2 replaces the
+        parameters); returns the module whose call runs the whole model (None: the objective's own split)."""
+        self.exchange = Exchange(self.world, device)  # the collectives of the job, the bytes sent counted
+        if self.plan.shards_weights:
+            shard_for_zo(model)
+        self.first_order = parallelize(model, self.spec.method.cls, self.world, self.spec.parallel,
+                                       self.spec.precision)
+        return self.first_order.forward or (model if self.plan.shards_weights else None)
+
+    def training_loss(self, objective):
+        """The loss the method trains on: data mode's whole-batch loss from every rank's share."""
+        return training_loss(self.plan, objective, self.exchange)
+
+    def attach(self, method, recording) -> None:
+        """A first-order method takes its rank's share of each batch; directions mode spreads the q directions."""
+        self.first_order.attach(method)
+        spread_directions(self.plan, method, self.exchange, recording)
+
+    def local(self, indices):
+        """This rank's examples of a step (data mode: a slice; otherwise all of them)."""
+        return self.plan.local(indices)
+
+    def summary(self, model, record) -> dict[str, Any]:
+        """metrics.json's fields of a multi-rank run (a collective: every rank calls it at the same point)."""
+        metrics = record.metrics
+        steps_here = metrics["steps"] - (metrics["resumed_at_step"] or 0)
+        from ..run_record import peak_memory
+
+        fields = summary(self.plan, self.exchange, model, steps_here, peak_memory(record.device)[0], metrics["tokens"])
+        if fields.get("replicas_identical") is False:
+            log.warning("the ranks' weights differ (replica drift): %s", fields)
+        return fields
