@@ -115,9 +115,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from .failures import command
 
-    logging.basicConfig(format="%(message)s")  # progress lines (model load, replayed steps) on stderr
-    logging.getLogger("zobench").setLevel(logging.INFO)
-
     parser = argparse.ArgumentParser(prog="zobench-replay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
@@ -131,7 +128,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from .errors import RefusedInput
 
-    return command("zobench-replay", body, refused=(RefusedInput,))  # one line: exit 2 for another z, else 1
+    # progress lines (model load, replayed steps) on stderr, for this command's lifetime only
+    handler, logger = logging.StreamHandler(sys.stderr), logging.getLogger("zobench")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return command("zobench-replay", body, refused=(RefusedInput,))  # one line: exit 2 for another z, else 1
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 if __name__ == "__main__":
