@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import zobench.optim.engine as engine_module
 from zobench.optim.adamezo import AdaMeZO
+from zobench.optim.settings import preset_settings
 from zobench.run import run
 
 
@@ -18,8 +18,8 @@ def toy(optimizer_class, **settings):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
     batch = SimpleNamespace(x=torch.randn(16, 6), y=torch.randn(16, 1))
-    cfg = OmegaConf.create({"lr": 1e-2, "eps": 1e-3, "weight_decay": 0.0, **settings})
-    optimizer = optimizer_class(model, lambda b: ((model(b.x) - b.y) ** 2).mean(), cfg, seed=0, total_steps=100)
+    chosen = preset_settings(optimizer_class, **{"lr": 1e-2, "eps": 1e-3, "weight_decay": 0.0, **settings})
+    optimizer = optimizer_class(model, lambda b: ((model(b.x) - b.y) ** 2).mean(), chosen, seed=0, total_steps=100)
     return model, optimizer, batch
 
 

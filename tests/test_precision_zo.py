@@ -24,6 +24,7 @@ from zobench.models import load_model
 from zobench.objective import Objective
 from zobench.optim import build_optimizer
 from zobench.optim.engine import PerturbationEngine
+from zobench.optim.settings import preset_settings
 from zobench.precision import Precision
 from zobench.tasks import PromptTemplate, load_task_definition
 
@@ -220,9 +221,9 @@ def test_zo_adam_eps_survives_an_underflowing_second_moment():
     param = torch.nn.Parameter(torch.zeros(4096, dtype=torch.float16))
     model = torch.nn.Module()
     model.w = param
-    cfg = OmegaConf.create({"lr": 1e-5, "eps": 1e-3, "q": 1, "betas": [0.9, 0.999], "adam_eps": 1e-8})
+    settings = preset_settings(ZOAdam, lr=1e-5, eps=1e-3, q=1, betas=[0.9, 0.999], adam_eps=1e-8)
     precision = Precision(weights=torch.float16, state_dtype="weights")
-    optimizer = ZOAdam(model, lambda batch: torch.tensor(0.0), cfg, seed=0, total_steps=1, precision=precision)
+    optimizer = ZOAdam(model, lambda batch: torch.tensor(0.0), settings, seed=0, total_steps=1, precision=precision)
     optimizer.update([(11, 1e-3)], lr=1e-5, lr_times_wd=0.0, restore=False)  # ĝ = 1e-3·z: v underflows
     exp_avg, exp_avg_sq = optimizer.state[0]
     assert (exp_avg_sq == 0).float().mean() > 0.5 and (exp_avg != 0).any()

@@ -39,8 +39,8 @@ class AdaMeZO(MeZO):
     def check_settings(cls, settings, prefix: str) -> None:
         super().check_settings(settings, prefix)
         if settings.q != 1:
-            raise ZobenchError(f"{prefix}.q must be 1: adamezo keeps one direction per step (as its reference "
-                               f"code), got {settings.q}")
+            raise ZobenchError(f"{prefix}.q must be 1: adamezo keeps one direction per step (q=1, as its reference "
+                               f"code), got q={settings.q}")
 
     def __init__(self, model, loss_fn, settings, *, seed: int, total_steps: int, precision=None):
         super().__init__(model, loss_fn, settings, seed=seed, total_steps=total_steps, precision=precision)

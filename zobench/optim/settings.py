@@ -84,6 +84,7 @@ def read_settings(cls: type, node: Mapping, prefix: str = "optimizer"):
     given = {key: node[key] for key in node if key not in NOT_SETTINGS}
     unknown = sorted(set(given) - set(fields))
     if unknown:  # a preset's setting for another method (quickstart's eps, then optimizer=adam): unused, said
+        check_numbers({key: given[key] for key in unknown}, prefix)  # a value out of range is still a mistake
         log.warning("%s: not a setting of %s, ignored: %s (its settings: %s)", prefix,
                     node.get("name") or cls.__name__, ", ".join(unknown), ", ".join(sorted(fields)) or "none")
     missing = sorted(set(fields) - set(given))
@@ -96,6 +97,21 @@ def read_settings(cls: type, node: Mapping, prefix: str = "optimizer"):
     if check is not None:
         check(settings, prefix)
     return settings
+
+
+def preset_settings(cls: type, **values):
+    """`cls.Settings` from its conf/optimizer/<name>.yaml (the first preset naming the class), with `values`
+    over it: the defaults of a method built alone (tests, benchmarks) are the YAML's, as a run's are."""
+    from omegaconf import OmegaConf
+
+    from ..paths import conf_dir
+
+    target = f"{cls.__module__}.{cls.__qualname__}"
+    for path in sorted((conf_dir() / "optimizer").glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        if node.get("_target_") == target:
+            return read_settings(cls, {**node, **values})
+    raise ZobenchError(f"no conf/optimizer/*.yaml names {target}")
 
 
 def typed(key: str, value: Any, kind) -> Any:
