@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 COUNTER = Path(__file__).with_name("_count_collectives.py")
 
@@ -77,8 +79,6 @@ def measure(row: str, args, scratch: Path) -> dict:
     one, two = (json.loads((d / "metrics.json").read_text()) for d in (one_dir, two_dir))
     assert two["world_size"] == 2, two["parallel"]
     ranks = [json.loads((counts / f"rank{r}.json").read_text()) for r in range(2)]
-    import torch
-
     return {
         "parallel": two["parallel"],
         "step_s": [m["train_wall_clock_s"] / m["steps"] for m in (one, two)],
