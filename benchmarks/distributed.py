@@ -84,7 +84,7 @@ def measure(row: str, args, scratch: Path) -> dict:
         "step_s": [m["train_wall_clock_s"] / m["steps"] for m in (one, two)],
         "sent": max(r["bytes_in_steps"] / r["steps"] for r in ranks),
         "calls": ranks[0]["calls"],
-        "zobench_sent": None if two["bytes_sent_per_step_per_rank"] is None else max(two["bytes_sent_per_step_per_rank"]),
+        "zobench_sent": max(two["bytes_sent_per_step_per_rank"] or [None]),  # None: FSDP2's/DDP's, uncounted
         "peak": [one["peak_memory_bytes"], two["peak_memory_bytes_max"]],
         "param_bytes": one["n_params"] * torch.empty((), dtype=getattr(torch, one["dtype"])).element_size(),
         "n_params": one["n_params"], "dtype": one["dtype"],
