@@ -50,6 +50,8 @@ if [ "$DEVICE" != cpu ]; then
         python benchmarks/zo_step.py --device cuda --model opt-125m --repeats 5
     part "benchmarks/zo_generator.py (portable z: drawn on the host and copied, against CUDA's generator)" 30 \
         python benchmarks/zo_generator.py --device cuda --model opt-125m --repeats 3
+    # issue 20, not in this check's time budget (needs 2 GPUs: NCCL takes one per rank), run by hand:
+    #   python benchmarks/distributed.py --device cuda --model opt-125m --steps 10
 fi
 
 echo "== gpu_check.sh: $((SECONDS - START)) s in all"

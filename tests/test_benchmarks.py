@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -52,3 +54,19 @@ def test_received_files_prints_the_costs_of_the_checks():
     assert re.search(r"rendering \d+ sample rows: .* ratio [0-9.]+", out.stdout), out.stdout
     assert re.search(r"SHA-256 of a 4 MiB file: [0-9.]+ CPU s per GiB", out.stdout), out.stdout
     assert re.search(r"read_jsonl .* ratio [0-9.]+", out.stdout), out.stdout
+
+
+@pytest.mark.slow
+def test_distributed_prints_each_row_and_zo_data_sends_scalars_where_ddp_sends_gradients():
+    """Issue 20: every row runs at 1 and 2 ranks (torchrun, gloo); the bytes each rank passes to torch.distributed's
+    collectives per step are counted, and ZO data's (a few scalars) are under 1% of DDP's (the gradients)."""
+    text = _run("distributed.py", "--steps", "1", "--batch-size", "2")
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line[:1].strip()}  # the table's
+    for row in ("zo-data", "zo-directions", "zo-shard", "fsdp-adam", "ddp-adam"):
+        assert row in rows, text
+    params = int(re.search(r"= ([0-9,]+) bytes in float32", text).group(1).replace(",", ""))
+    sent = {row: float(rows[row][5].replace(",", "")) for row in ("zo-data", "ddp-adam", "fsdp-adam")}
+    assert 0 < sent["zo-data"] < 0.01 * sent["ddp-adam"], text
+    assert sent["ddp-adam"] >= params and sent["fsdp-adam"] >= params, text  # the gradients, all of them
+    assert float(rows["zo-data"][7]) == sent["zo-data"], text  # the counter agrees with zobench's own count
+    assert 0 < _ratio(text, "ZO data / DDP bytes sent per rank per step:") < 0.01
