@@ -30,7 +30,7 @@ from .parallel.sharded_checkpoint import save_model_folder
 from .parallel.world import World, from_env
 from .resume import resumable_state
 from .run_dir import RunDir
-from .run_record import RunRecord, device_name
+from .run_record import RunRecord, device_name, record_refusal
 from .spec import RunSpec
 from .stop_signals import signals_stop
 
@@ -88,7 +88,7 @@ def _spec(cfg: DictConfig | RunSpec, run_dir: str | Path, overrides: list[str] |
     try:
         return cfg if isinstance(cfg, RunSpec) else RunSpec.from_cfg(cfg)
     except ZobenchError as error:
-        RunDir(run_dir).record_refusal(OmegaConf.to_yaml(cfg), overrides, str(error))
+        record_refusal(RunDir(run_dir), OmegaConf.to_yaml(cfg), overrides, str(error))
         raise
 
 

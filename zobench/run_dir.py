@@ -141,16 +141,6 @@ class RunDir:
         for tmp in current.glob("*.tmp") if current.is_dir() else ():
             tmp.unlink(missing_ok=True)
 
-    def record_refusal(self, config_yaml: str, overrides: list[str] | None, message: str) -> None:
-        """A config refused before the run started (zobench.run called directly; the CLI refuses before it
-        makes a folder): the folder says so as a run's does, its config and a failed metrics.json."""
-        self.claim()
-        try:
-            self.start(config_yaml, overrides)
-            self.write_metrics({"status": "failed", "error": message, "steps": 0}, final=True)
-        finally:
-            self.release()
-
     def start(self, config_yaml: str, overrides: list[str] | None) -> None:
         """A fresh run: its config (and the command line `zobench resume=` repeats) before anything else."""
         self.write_text("config.yaml", config_yaml)

@@ -297,6 +297,17 @@ class RunRecord:
                 self.log.close()
 
 
+def record_refusal(directory: RunDir, config_yaml: str, overrides: list[str] | None, message: str) -> None:
+    """A config refused before the run started (zobench.run called directly; the CLI refuses before it makes
+    a folder): the folder says so as a run's does, its config and a failed metrics.json."""
+    directory.claim()
+    try:
+        directory.start(config_yaml, overrides)
+        directory.write_metrics({"status": "failed", "error": message, "steps": 0}, final=True)
+    finally:
+        directory.release()
+
+
 def scores(result: dict[str, Any]) -> dict[str, float]:
     """An evaluation's task scores (accuracy, F1, exact match), as log.jsonl and metrics.json keep them."""
     return {k: v for k, v in result.items() if k in ("accuracy", "f1", "em")}
