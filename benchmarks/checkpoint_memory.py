@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -104,11 +102,10 @@ def measure(case: str, model_name: str, layers: int, device: str) -> dict:
 
 def run_case(case: str, model_name: str, layers: int, device: str) -> dict:
     """`measure` in a fresh process (each peak its own)."""
-    out = subprocess.run([sys.executable, __file__, "--case", case, "--model", model_name, "--layers", str(layers),
-                          "--device", device], capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(f"{case} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from common import run_self
+
+    return run_self(__file__, "--case", case, "--model", model_name, "--layers", str(layers), "--device", device,
+                    timeout=600)
 
 
 def main() -> None:

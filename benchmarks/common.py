@@ -31,3 +31,16 @@ def benchmark_setup(model_name: str, batch_size: int, device: str, overrides=())
     template, encoder = PromptTemplate(task), Encoder(tokenizer, 512)
     rows = [pools["train"][i % len(pools["train"])] for i in range(batch_size)]
     return cfg, model, tokenizer, [encoder.encode(template.render(r)) for r in rows], dev
+
+
+def run_self(script: str, *args: str, env=None, timeout: float | None = None) -> dict:
+    """`python SCRIPT ARGS` in a fresh process (a peak of its own), its last stdout line read as JSON; a
+    failure raises with the child's stderr."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -27,7 +27,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -133,13 +132,10 @@ def probe_memory(args, name: str) -> None:
 
 
 def _child(args, *probe: str, env=None) -> dict:
-    out = subprocess.run([sys.executable, __file__, *probe, "--model", args.model, "--batch-size",
-                          str(args.batch_size), "--steps", str(args.steps), "--device", args.device,
-                          "--dtype", args.dtype],
-                         capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"{' '.join(probe)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from common import run_self
+
+    return run_self(__file__, *probe, "--model", args.model, "--batch-size", str(args.batch_size), "--steps",
+                    str(args.steps), "--device", args.device, "--dtype", args.dtype, env=env)
 
 
 def main() -> None:

@@ -19,8 +19,6 @@ import argparse
 import ctypes
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -154,15 +152,15 @@ def memory_probe(args) -> None:
 
 
 def memory(args) -> None:
+    from common import run_self
+
     peaks = {}
     for mode in ("eval", "mezo", "mezo-reference"):
         runs = []
         for _ in range(args.probe_repeats):
-            out = subprocess.run([sys.executable, __file__, "--probe", mode, "--model", args.model,
-                                  "--batch-size", str(args.batch_size), "--device", args.device,
-                                  *(["--engine-threads", str(args.engine_threads)] if args.engine_threads else [])],
-                                 capture_output=True, text=True, check=True)
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs.append(run_self(__file__, "--probe", mode, "--model", args.model, "--batch-size",
+                                 str(args.batch_size), "--device", args.device,
+                                 *(["--engine-threads", str(args.engine_threads)] if args.engine_threads else [])))
         peaks[mode] = {"bytes": statistics.median(r["bytes"] for r in runs), "method": runs[0]["method"]}
     method = peaks["eval"]["method"]
     print(f"peak memory ({method}, each in its own process; median of {args.probe_repeats}):")
