@@ -22,6 +22,16 @@ MODES = ("disk", "host", "none")
 log = logging.getLogger(__name__)
 
 
+def check_keep_best(mode: str, sharded: bool) -> None:
+    """FSDP2 shards are kept in host memory only (each rank its own): `disk` is refused for them, in one line
+    (the run spec's parallel plan refuses it before anything loads, through here)."""
+    if mode == "disk" and sharded:
+        from .errors import ZobenchError
+
+        raise ZobenchError("train.keep_best=disk does not keep FSDP2 shards yet: use train.keep_best=host (each "
+                           "rank keeps its own shards in host memory, 1/N of the weights) or none")
+
+
 class BestWeights:
     def __init__(self, model: torch.nn.Module, mode: str, run_dir, step=lambda: None):
         """`run_dir`: the RunDir (its run id goes into the file's metadata; a bare path: none); `step()` says
@@ -32,11 +42,7 @@ class BestWeights:
             raise ZobenchError(f"train.keep_best must be one of {', '.join(MODES)}, got {mode}")
         from .parallel.sharded_checkpoint import is_sharded
 
-        if mode == "disk" and is_sharded(model):
-            from .errors import ZobenchError
-
-            raise ZobenchError("train.keep_best=disk does not keep FSDP2 shards yet: use train.keep_best=host (each "
-                               "rank keeps its own shards in host memory, 1/N of the weights) or none")
+        check_keep_best(mode, is_sharded(model))
         self.model, self.mode = model, mode
         self.directory = run_dir if hasattr(run_dir, "file_metadata") else None
         self.path = Path(getattr(run_dir, "path", run_dir)) / "best_weights.safetensors"

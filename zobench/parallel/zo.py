@@ -86,10 +86,10 @@ def from_spec(spec, world: World) -> ZOParallel:
 
 
 def _unsharded_best_refused(plan: ZOParallel, spec) -> ZOParallel:
-    """best_weights.py keeps FSDP2 shards in host memory only: refused here, before anything loads."""
-    if plan.mode in SHARDED and spec.train.keep_best == "disk":
-        raise ZobenchError("train.keep_best=disk does not keep FSDP2 shards yet: use train.keep_best=host (each "
-                           "rank keeps its own shards in host memory, 1/N of the weights) or none")
+    """best_weights.py's rule for FSDP2 shards, before anything loads."""
+    from ..best_weights import check_keep_best
+
+    check_keep_best(spec.train.keep_best, plan.mode in SHARDED)
     return plan
 
 
