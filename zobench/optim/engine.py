@@ -116,9 +116,10 @@ class PerturbationEngine:
         self.portable = precision is not None and precision.zo_generator == "portable"  # z drawn on the host
         self._seeds = np.random.RandomState(seed)
         self._local = threading.local()  # a generator per device and thread: see _each_block
-        self._pool: ThreadPoolExecutor | None = None
-        self._host_pool: ThreadPoolExecutor | None = None  # the portable z's host draws (_fill_on_host)
-        self._host_pool_lock = threading.Lock()
+        # thread pools by use: "z", the blocks (_run); "host-z", the portable z's host draws (_fill_on_host), a
+        # pool of its own since a block's work on the first may wait on it
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._pools_lock = threading.Lock()
         self.threads: int | None = None  # threads sharing CPU blocks; None: torch.get_num_threads()
 
     def draw_seed(self) -> int:
@@ -178,31 +179,16 @@ class PerturbationEngine:
         multiple of BLOCK), so block b of the host's z is the same numbers on every device. The host blocks of
         one device block are drawn on the engine's threads (the host's generator is the cost: a CUDA block is
         16 of them), each with its own generator and buffer."""
-        start, size = block * block_size(out.device), out.numel()
-        inference = torch.is_inference_mode_enabled()
+        start, size, host = block * block_size(out.device), out.numel(), torch.device("cpu")
 
         def draw(first: int) -> None:
-            with torch.inference_mode(inference), torch.no_grad():  # grad modes are per thread: the caller's
-                length = min(BLOCK, start + size - first)  # the parameter's last host block may be short
-                generator = self._generator(torch.device("cpu"))
-                generator.manual_seed(_block_seed(seed, index, first // BLOCK))
-                buffers = self._local.__dict__.setdefault("buffers", {})
-                key = ("host z", out.dtype, torch.device("cpu"))
-                if key not in buffers:
-                    with torch.inference_mode(False):
-                        buffers[key] = torch.empty(BLOCK, dtype=out.dtype)
-                out[first - start: first - start + length].copy_(buffers[key][:length].normal_(generator=generator))
+            length = min(BLOCK, start + size - first)  # the parameter's last host block may be short
+            generator = self._generator(host)
+            generator.manual_seed(_block_seed(seed, index, first // BLOCK))
+            z = self.scratch(out, "host z", numel=length, device=host).normal_(generator=generator)
+            out[first - start: first - start + length].copy_(z)
 
-        firsts = range(start, start + size, BLOCK)
-        threads = self.threads or torch.get_num_threads()
-        if threads > 1 and len(firsts) > 1:
-            with self._host_pool_lock:  # its own pool: a CPU block may come here from the block pool's threads
-                if self._host_pool is None:
-                    self._host_pool = ThreadPoolExecutor(threads, thread_name_prefix="zobench-host-z")
-            list(self._host_pool.map(draw, firsts))
-        else:
-            for first in firsts:
-                draw(first)
+        self._on_threads("host-z", draw, list(range(start, start + size, BLOCK)))
         return out
 
     def z_source(self) -> str:
@@ -242,36 +228,40 @@ class PerturbationEngine:
     def _run(self, work, items) -> None:
         """work(*item) for each item (a block's arguments, its tensors on one device or another): CPU items
         shared among the pool's threads, the others in order on this thread."""
+        self._on_threads("z", lambda item: work(*item), [item for item in items if item[-1].device.type == "cpu"])
+        self._on_threads(None, lambda item: work(*item), [item for item in items if item[-1].device.type != "cpu"])
+
+    def _on_threads(self, pool: str | None, work, items: list) -> None:
+        """work(item) for each item, in the caller's grad mode (modes are per thread): shared among the threads
+        of the engine's pool `pool`, or in order on this thread (pool None, one thread, or one item)."""
         inference = torch.is_inference_mode_enabled()
 
         def guarded(item):
-            with torch.inference_mode(inference), torch.no_grad():  # grad modes are per thread: the caller's
-                work(*item)
+            with torch.inference_mode(inference), torch.no_grad():
+                work(item)
 
-        on_cpu = [item for item in items if item[-1].device.type == "cpu"]
         threads = self.threads or torch.get_num_threads()
-        if threads > 1 and len(on_cpu) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="zobench-z")
-            list(self._pool.map(guarded, on_cpu))
-        else:
-            for item in on_cpu:
+        if pool is None or threads <= 1 or len(items) <= 1:
+            for item in items:
                 guarded(item)
-        for item in items:
-            if item[-1].device.type != "cpu":
-                guarded(item)
+            return
+        with self._pools_lock:
+            if pool not in self._pools:
+                self._pools[pool] = ThreadPoolExecutor(threads, thread_name_prefix=f"zobench-{pool}")
+        list(self._pools[pool].map(guarded, items))
 
     def scratch(self, theta: torch.Tensor, slot: str = "z", dtype: torch.dtype | None = None,
-                numel: int | None = None) -> torch.Tensor:
-        """This thread's block-sized buffer `slot` (one per slot, dtype and device), as long as `theta` (or `numel`):
-        no allocation per block, which in worker threads would leave freed blocks in per-thread malloc
-        arenas (+90 MiB measured). Rules use their own slots (AdaMeZO's m and v, say)."""
+                numel: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+        """This thread's block-sized buffer `slot` (one per slot, dtype and device), as long as `theta` (or `numel`),
+        in θ's dtype and on its device unless `dtype`/`device` say otherwise: no allocation per block, which in
+        worker threads would leave freed blocks in per-thread malloc arenas (+90 MiB measured). Rules use their
+        own slots (AdaMeZO's m and v, say)."""
         buffers = self._local.__dict__.setdefault("buffers", {})
-        key = (slot, dtype or theta.dtype, theta.device)
+        key = (slot, dtype or theta.dtype, device or theta.device)
         length = theta.numel() if numel is None else numel
         if key not in buffers or buffers[key].numel() < length:  # (a block is never longer than block_size)
             with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
-                buffers[key] = torch.empty(max(block_size(theta.device), length), dtype=key[1], device=theta.device)
+                buffers[key] = torch.empty(max(block_size(key[2]), length), dtype=key[1], device=key[2])
         return buffers[key][:length]
 
     def perturb(self, seed: int, scale: float) -> None:
