@@ -104,17 +104,21 @@ class Objective:
         if batch.classification:
             sums, counts = self.option_logprobs(batch)
             scores = candidate_scores(batch, sums, counts, "mean")  # -inf where an example has fewer candidates
-            losses = F.cross_entropy(scores, batch.gold, reduction="none")
-            return losses.double().sum(), torch.tensor(float(batch.num_examples), dtype=torch.float64,
-                                                       device=losses.device)
-        table, target = self._option_table(batch), batch.option_mask[:, 1:]
-        return -table.double().sum(), target.sum().double()
+            numerator = F.cross_entropy(scores, batch.gold, reduction="none").double().sum()
+        else:
+            numerator = -self._option_table(batch).double().sum()
+        return numerator, torch.tensor(float(loss_terms(batch)), dtype=torch.float64, device=numerator.device)
 
     def _count_backward(self, grad):
         self.counter.backward_passes += 1
         return grad
 
     __call__ = loss
+
+
+def loss_terms(batch: SequenceBatch) -> int:
+    """How many terms the training loss averages: examples (classification), else option tokens (lm)."""
+    return batch.num_examples if batch.classification else int(batch.option_mask[:, 1:].sum())
 
 
 def _has_lm_head(module) -> bool:

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import ZobenchError
 from ..models import trained_parameters
+from ..objective import loss_terms
 from ..optim.base import FIRST_ORDER
 from .world import World
 
@@ -105,11 +106,11 @@ class RankShare:
     world: World
 
     def split(self, indices: list[int]) -> list[int]:
-        n, size, rank = len(indices), self.world.size, self.world.rank
+        n, size = len(indices), self.world.size
         if n < size:
             raise ZobenchError(f"a batch of {n} examples cannot be split over {size} ranks: make train.batch_size "
                                f"and the last batch of an epoch (data.n_train modulo it) at least {size}")
-        return indices[n * rank // size: n * (rank + 1) // size]
+        return self.world.share(indices)
 
     def weigh(self, loss: torch.Tensor, batch) -> tuple[torch.Tensor, float]:
         """(the loss to differentiate, the whole batch's mean loss): this rank's mean loss over `batch` weighted
@@ -117,7 +118,7 @@ class RankShare:
         size, so the ranks' averaged gradients are the gradient of the whole batch's mean."""
         import torch.distributed as dist
 
-        count = batch.num_examples if batch.classification else int(batch.option_mask[:, 1:].sum())
+        count = loss_terms(batch)
 
         sums = torch.tensor([float(count), float(loss.detach()) * count], dtype=torch.float64,
                             device=loss.device)  # NCCL reduces device tensors, gloo host ones

@@ -32,6 +32,12 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
+    def share(self, items: list) -> list:
+        """This rank's contiguous slice of `items`, the ranks' sizes differing by at most one (empty where there
+        are fewer items than ranks)."""
+        n = len(items)
+        return items[n * self.rank // self.size: n * (self.rank + 1) // self.size]
+
 
 def from_env(environ=os.environ) -> World:
     """This process's place in the run, from torchrun's variables (a world of one without them)."""

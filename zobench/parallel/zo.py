@@ -51,10 +51,7 @@ class ZOParallel:
 
     def local(self, indices: list[int]) -> list[int]:
         """This rank's slice of a step's examples (data mode: contiguous, sizes differing by at most one)."""
-        if not self.splits_batch:
-            return indices
-        size, rank = self.world.size, self.world.rank
-        return indices[rank * len(indices) // size: (rank + 1) * len(indices) // size]
+        return self.world.share(indices) if self.splits_batch else indices
 
 
 def from_spec(spec, world: World) -> ZOParallel:
