@@ -72,14 +72,18 @@ def send_run_folder(world: World, path: Path, resuming: bool) -> None:
     """Rank 0, once its folder is claimed and (on a resume) checked and rewound: its path to the others,
     and whether they resume from it; returns when they have copied what they need."""
     if world.distributed:
-        _broadcast_bytes((("R" if resuming else "N") + str(path)).encode())
+        from .transport import broadcast_bytes
+
+        broadcast_bytes((("R" if resuming else "N") + str(path)).encode())
         _barrier()
 
 
 def follow_run_folder(world: World, scratch: Path) -> Path:
     """Another rank, before it claims its scratch folder: rank 0's folder, copied into `scratch` when the
     run resumes from it."""
-    message = _broadcast_bytes(None).decode()
+    from .transport import broadcast_bytes
+
+    message = broadcast_bytes(None).decode()
     lead = Path(message[1:])
     if message[0] == "R":
         _copy_run_files(lead, scratch)
@@ -105,27 +109,6 @@ def _copy_run_files(source: Path, target: Path) -> None:
         with os.fdopen(fd, "rb") as reader, safe_files.open_for_write(there, "wb") as writer:
             while chunk := reader.read(_CHUNK):
                 writer.write(chunk)
-
-
-def _device():
-    import torch
-    import torch.distributed as dist
-
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _broadcast_bytes(data: bytes | None) -> bytes:
-    """Rank 0's bytes on every rank (its length first, then the bytes: no pickle)."""
-    import torch
-    import torch.distributed as dist
-
-    length = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64, device=_device())
-    dist.broadcast(length, src=0)
-    buffer = torch.zeros(int(length), dtype=torch.uint8, device=_device())
-    if data is not None:
-        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    dist.broadcast(buffer, src=0)
-    return bytes(buffer.cpu().tolist())
 
 
 def _barrier() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ZobenchError
+from .transport import recv_bytes, send_bytes
 
 STATE, WEIGHTS = "state.safetensors", "weights.safetensors"  # checkpoint.py's one-process file names
 
@@ -91,35 +92,6 @@ def shard_state_like_params(optimizer: torch.optim.Optimizer) -> None:
                     and value.dim() > 0:
                 state[key] = DTensor.from_local(value.to(param.device), param.device_mesh, param.placements,
                                                 run_check=False, shape=param.shape, stride=param.stride())
-
-
-# -- bytes between ranks -----------------------------------------------------------------------------------
-def _device() -> torch.device:
-    import torch.distributed as dist
-
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def send_bytes(data: bytes, dst: int) -> None:
-    import torch.distributed as dist
-
-    device = _device()
-    dist.send(torch.tensor([len(data)], dtype=torch.int64, device=device), dst)
-    if data:
-        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device), dst)
-
-
-def recv_bytes(src: int) -> bytes:
-    import torch.distributed as dist
-
-    device = _device()
-    size = torch.zeros(1, dtype=torch.int64, device=device)
-    dist.recv(size, src)
-    if not int(size):
-        return b""
-    buffer = torch.empty(int(size), dtype=torch.uint8, device=device)
-    dist.recv(buffer, src)
-    return buffer.cpu().numpy().tobytes()
 
 
 # -- saving: each rank's tensors to rank 0 ---------------------------------------------------------------------
