@@ -39,7 +39,6 @@ from typing import Any
 from .errors import ZobenchError
 
 RUNTIME_GPU = 800 * 2**20  # CUDA context + cuBLAS workspace + allocator slack: what nvidia-smi shows beyond tensors
-Z_BLOCK_CPU, Z_BLOCK_CUDA = 1 << 20, 1 << 24  # zobench.optim.engine.BLOCK / CUDA_BLOCK
 MAX_GPUS = 4096
 TRAJECTORY_LINE = 90  # bytes of a trajectory.jsonl line with its checksum, before the loss values
 LOSS_VALUE = 22  # bytes per recorded loss value (a float printed by json) and per direction entry
@@ -224,7 +223,9 @@ def _per_device(job: JobShape, world: int, runtime: int) -> dict[str, int]:
     if method.kind == "zo":
         parts["optimizer_state"] = method.states * model.trained * job.state_bytes
     if method.kind in ("zo", "addax"):
-        block = Z_BLOCK_CUDA if job.device == "cuda" else Z_BLOCK_CPU
+        from .optim.engine import BLOCK, CUDA_BLOCK  # the engine's own block sizes (z's scratch per thread)
+
+        block = CUDA_BLOCK if job.device == "cuda" else BLOCK
         parts["z_block"] = block * (e + 4 + 4 * method.states) * (job.threads if job.device == "cpu" else 1)
     rows = job.train_rows
     if job.parallel in ("data", "fsdp", "ddp"):  # the batch split over ranks
