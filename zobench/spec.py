@@ -18,13 +18,13 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .best_weights import MODES as KEEP_BEST
 from .errors import ZobenchError
 from .optim.settings import MethodSpec, check_rule, flag, is_number, read_method, whole_number
 from .precision import Precision
 from .precision import from_config as precision_from_config
 
 SELECT_BY = ("loss", "metric")
-KEEP_BEST = ("disk", "host", "none")
 SCORES = ("mean", "sum")
 ZO_MODES = ("data", "directions", "shard")
 FO_MODES = ("fsdp", "ddp")
