@@ -171,8 +171,8 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_where_an_uninterrupted_o
 
 
 def test_what_cannot_run_over_ranks_is_refused_in_one_line(tmp_path):
-    """Before any model loads: a method that steps inside backward (IP-SGD, Addax), directions that do not
-    divide over the ranks; and a sweep under torchrun, on the command line (exit 2)."""
+    """Before any model loads: a method that steps inside backward (IP-SGD), directions that do not divide over
+    the ranks; and a sweep under torchrun, on the command line (exit 2)."""
     from zobench.configs import compose
     from zobench.errors import ZobenchError
     from zobench.parallel.world import World
@@ -180,7 +180,7 @@ def test_what_cannot_run_over_ranks_is_refused_in_one_line(tmp_path):
     from zobench.spec import RunSpec
 
     two = World(rank=0, size=2, local_rank=0)
-    for overrides, words in ((["optimizer=ip_sgd"], "optimizer=sgd"), (["optimizer=addax"], "optimizer=sgd"),
+    for overrides, words in ((["optimizer=ip_sgd"], "optimizer=sgd"),
                              (["optimizer=mezo", "optimizer.q=3", "parallel.zo=directions"], "optimizer.q=3"),
                              (["optimizer=adamezo", "parallel.zo=directions"], "optimizer.q=1")):
         spec = RunSpec.from_cfg(compose(QUICK + overrides))

@@ -92,7 +92,11 @@ class Objective:
             loss = loss_from_logprobs(batch, *self.option_logprobs(batch))
         else:  # MeZO's reduction needs each option token's position, not the per-sequence sums
             loss = lm_loss(self._option_table(batch), batch.option_mask[:, 1:])
-        if loss.requires_grad:  # counts a backward pass when one runs through this loss
+        return self.counting_backward(loss)
+
+    def counting_backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """`loss`, a backward pass through it counted (also a loss built from loss_parts: parallel/zo.py)."""
+        if loss.requires_grad:
             loss.register_hook(self._count_backward)
         return loss
 

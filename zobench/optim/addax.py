@@ -15,6 +15,8 @@ conf/optimizer/<zo>.yaml defaults and `zo_options` on top): a combination no pap
 α = 0 is IP-SGD on B1 (no ZO passes), α = 1 the ZO method on B0 (no backward).
 The FO half is IP-SGD's step (ip_sgd.InPlaceSGDStep) with its 16-bit numerics: per-parameter fp32 update
 arithmetic and, in fp16, LOMO's loss scaling (an overflowing FO half is skipped; the ZO half still applies).
+Under torchrun (every parallel.zo mode) the ZO half runs as a ZO method does and the FO half as
+zobench/parallel/in_place.py says.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class Addax(Optimizer):
         self.zo = build_optimizer(zo_half(settings), model, loss_fn, seed=seed, total_steps=total_steps,
                                   precision=precision)
         self.fo = InPlaceSGDStep(model, self.precision)  # the FO half: IP-SGD's numerics and loss scaler
+        # under torchrun, the FO half's own loss: the whole B1's from this rank's slice (parallel/in_place.py)
+        self.fo_loss_fn = None
 
     # -- data: the split by length and the pair of batches per step --------------------------------
     def split(self, lengths: list[int]) -> tuple[list[int], list[int], int]:
@@ -92,15 +96,16 @@ class Addax(Optimizer):
                                "for the first-order half), as Addax.batches yields them")
         long_batch, short_batch = batch
         lr, alpha = self.lr, self.alpha
+        fo_loss_fn = self.loss_fn if self.fo_loss_fn is None else self.fo_loss_fn
         if alpha == 0.0:
-            return self.fo(self.loss_fn, short_batch, lr, self.weight_decay)
+            return self.fo(fo_loss_fn, short_batch, lr, self.weight_decay)
         self.model.eval()  # the ZO half as MeZO: no dropout
         pairs, zo_loss = self.zo.projected_gradients(long_batch)
         if alpha == 1.0:
             self.zo.update(pairs, lr, lr * self.weight_decay, restore=True)
             return zo_loss
         self.zo.restore(pairs)  # g1 is taken at θ_t, as g0
-        fo_loss = self.fo(self.loss_fn, short_batch, (1.0 - alpha) * lr)
+        fo_loss = self.fo(fo_loss_fn, short_batch, (1.0 - alpha) * lr)
         self.zo.update(pairs, alpha * lr, lr * self.weight_decay, restore=False)
         return (self.k0 * zo_loss + self.k1 * fo_loss) / (self.k0 + self.k1)
 

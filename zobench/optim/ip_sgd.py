@@ -48,6 +48,9 @@ class InPlaceSGDStep:
         self.clip = precision.grad_clip
         self.scaler = scaler_for(precision)
         self.grad_norm: float | None = None  # the last measured (unscaled, unclipped) gradient norm
+        # under torchrun (parallel/in_place.py): each gradient summed over the ranks before it is measured or
+        # applied, so every rank steps with the whole batch's gradient; None in one process
+        self.reduce_gradient = None
 
     def __call__(self, loss_fn, batch, lr: float, weight_decay: float = 0.0) -> float:
         """One forward and backward on `batch`, each gradient applied and freed as soon as it is complete."""
@@ -83,7 +86,7 @@ class InPlaceSGDStep:
         @torch.no_grad()
         def measure(param: torch.Tensor) -> None:
             squares.extend(torch.linalg.vector_norm(part, dtype=torch.float32).square()
-                           for part in _chunks(param.grad))
+                           for part in chunks(self._gradient(param)))
             param.grad = None
 
         self._backward(named, lambda name: measure, scaled, retain_graph=True)
@@ -95,20 +98,28 @@ class InPlaceSGDStep:
 
             @torch.no_grad()
             def apply(param: torch.Tensor) -> None:
-                grad = param.grad
+                grad = self._gradient(param)
                 param.grad = None
-                if param.dtype == self.update_dtype:
-                    _sgd_update(param, grad, lr, wd, factor)
-                    return
-                whole = not (param.is_contiguous() and grad.is_contiguous())
-                pairs = [(param, grad)] if whole else zip(_chunks(param), _chunks(grad))
-                for theta, part in pairs:  # fp32 a chunk at a time
-                    upcast = theta.to(self.update_dtype)
-                    _sgd_update(upcast, part.to(self.update_dtype), lr, wd, factor)
-                    theta.copy_(upcast)  # the one rounding into the weights' dtype
+                self.apply(param, grad, lr, wd, factor)
             return apply
 
         self._backward(named, hook_for, scaled, retain_graph=False)
+
+    def _gradient(self, param: torch.Tensor) -> torch.Tensor:
+        return param.grad if self.reduce_gradient is None else self.reduce_gradient(param.grad)
+
+    def apply(self, theta: torch.Tensor, grad: torch.Tensor, lr: float, wd: float, factor: float) -> None:
+        """θ ← θ − lr·(factor·g + wd·θ) for one parameter (or its shard, parallel/in_place.py), in update_dtype and
+        rounded once into θ's dtype; `grad` is overwritten."""
+        if theta.dtype == self.update_dtype:
+            _sgd_update(theta, grad, lr, wd, factor)
+            return
+        whole = not (theta.is_contiguous() and grad.is_contiguous())
+        pairs = [(theta, grad)] if whole else zip(chunks(theta), chunks(grad))
+        for piece, part in pairs:  # fp32 a chunk at a time
+            upcast = piece.to(self.update_dtype)
+            _sgd_update(upcast, part.to(self.update_dtype), lr, wd, factor)
+            piece.copy_(upcast)  # the one rounding into the weights' dtype
 
     @staticmethod
     def _backward(named, hook_for, scaled: torch.Tensor, retain_graph: bool) -> None:
@@ -137,7 +148,7 @@ def sum_on_one_device(parts: list[torch.Tensor]) -> torch.Tensor:
 def _sgd_update(theta: torch.Tensor, grad: torch.Tensor, lr: float, wd: float, factor: float) -> None:
     """θ ← θ − lr·(factor·g + wd·θ), each operation rounded into θ's dtype; `grad` is overwritten."""
     if theta.dtype in (torch.float16, torch.bfloat16):  # update_dtype=weights on 16-bit weights
-        for t, g in zip(_chunks(theta), _chunks(grad)) if theta.is_contiguous() and grad.is_contiguous() \
+        for t, g in zip(chunks(theta), chunks(grad)) if theta.is_contiguous() and grad.is_contiguous() \
                 else [(theta, grad)]:
             _sgd_update_16bit(t, g, lr, wd, factor)
         return
@@ -160,7 +171,7 @@ def _sgd_update_16bit(theta: torch.Tensor, grad: torch.Tensor, lr: float, wd: fl
     theta.copy_(theta32.add_(grad32, alpha=-lr))
 
 
-def _chunks(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def chunks(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Flat views of `tensor`, CHUNK elements each, so a 16-bit embedding matrix is never upcast whole."""
     return tensor.view(-1).split(CHUNK) if tensor.is_contiguous() else (tensor,)
 

@@ -13,8 +13,9 @@ share of every batch, so that N ranks take the one-process step on the whole bat
 - The loss scaler's overflow and the clipping norm need no flag of their own: clip_grad_norm_ over DTensor
   gradients reduces the norm over all shards, so an inf in any shard is an inf norm on every rank (DDP's
   gradients are all-reduced before it), and every rank skips the same step.
-Only torch optimizers (Adam, SGD, AdamW, head-tuning) run here: IP-SGD and Addax's first-order half update
-each parameter inside backward, before FSDP has reduced its gradient, so they are refused under torchrun.
+Only torch optimizers (Adam, SGD, AdamW, head-tuning) run here: IP-SGD updates each parameter inside backward,
+before FSDP has reduced its gradient, so it is refused under torchrun. (Addax runs in a parallel.zo mode, its
+first-order half as in_place.py says.)
 """
 
 from __future__ import annotations

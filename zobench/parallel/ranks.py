@@ -3,8 +3,9 @@
 The runner's recipe stays the one-process one; at each point where ranks matter it asks its `Ranks`:
 where the model is placed (zo_shard.py shards θ for parallel.zo=shard; first_order.py wraps a first-order
 method's model in FSDP2 or DDP), which loss the method trains on (zo.py: data mode's all-reduced loss),
-how the method's directions are spread (directions mode), which examples of a step are this rank's, and what
-metrics.json says of the ranks at the end. A world of one gets the one-process run, unchanged.
+how the method's directions are spread (directions mode), how Addax's first-order half exchanges its gradients
+(in_place.py), which examples of a step are this rank's, and what metrics.json says of the ranks at the end.
+A world of one gets the one-process run, unchanged.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any
 
 import torch
 
+from . import in_place
 from .first_order import Parallel, parallelize
 from .world import World
-from .zo import Exchange, ZOParallel, from_spec, spread_directions, summary, training_loss
+from .zo import FIRST_ORDER_MODES, Exchange, ZOParallel, from_spec, spread_directions, summary, training_loss
 from .zo_shard import shard_for_zo
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ class Ranks:
         self.plan: ZOParallel = from_spec(spec, world)
         self.first_order: Parallel | None = None
         self.exchange: Exchange | None = None
+        self.objective = None  # the run's Objective (training_loss)
 
     def place(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module | None:
         """Shards or wraps the built model before the objective and the method are built (FSDP2 replaces the
@@ -36,18 +39,22 @@ class Ranks:
         self.exchange = Exchange(self.world, device)  # the collectives of the job, the bytes sent counted
         if self.plan.shards_weights:
             shard_for_zo(model)
+        wrapped = self.plan.mode in FIRST_ORDER_MODES  # FSDP2/DDP; Addax runs in a ZO mode (its FO half: in_place.py)
         self.first_order = parallelize(model, self.spec.method.cls, self.world, self.spec.parallel,
-                                       self.spec.precision)
+                                       self.spec.precision) if wrapped else Parallel(self.world)
         return self.first_order.forward or (model if self.plan.shards_weights else None)
 
     def training_loss(self, objective):
         """The loss the method trains on: data mode's whole-batch loss from every rank's share."""
+        self.objective = objective
         return training_loss(self.plan, objective, self.exchange)
 
     def attach(self, method, recording) -> None:
-        """A first-order method takes its rank's share of each batch; directions mode spreads the q directions."""
+        """A first-order method takes its rank's share of each batch; directions mode spreads the q directions;
+        Addax's first-order half takes its share of B1 and exchanges its gradients."""
         self.first_order.attach(method)
         spread_directions(self.plan, method, self.exchange, recording)
+        in_place.attach(self.plan, method, self.exchange, self.objective, recording)
 
     def local(self, indices):
         """This rank's examples of a step (data mode: a slice; otherwise all of them)."""

@@ -49,36 +49,44 @@ class ZOParallel:
     def splits_batch(self) -> bool:
         return self.mode == "data" and self.world.distributed
 
-    def local(self, indices: list[int]) -> list[int]:
-        """This rank's slice of a step's examples (data mode: contiguous, sizes differing by at most one)."""
+    def local(self, indices):
+        """This rank's examples of a step (data mode: a contiguous slice, sizes differing by at most one). Addax's
+        pair (B0, B1): B0 as any ZO batch, B1 sliced in every mode (in_place.py)."""
+        if isinstance(indices, tuple):
+            zeroth, first = indices
+            return self.local(zeroth), self.world.share(first)
         return self.world.share(indices) if self.splits_batch else indices
 
 
 def from_spec(spec, world: World) -> ZOParallel:
     """The run's parallel plan (`spec`: zobench/spec.RunSpec), checked with what the method can do in it before
     anything is loaded; one line per refusal. A first-order method runs as parallel.fo says (first_order.py)."""
+    from ..optim.addax import Addax, zo_half
     from ..optim.base import EVALUATION_ONLY, FIRST_ORDER
     from ..optim.mezo import MeZO
-    from .zo_shard import check_method as check_shard_method
 
-    method = spec.method
+    method, q_key = spec.method, "optimizer.q"
     mode, kind = spec.parallel.zo, method.cls.kind
     if not world.distributed or kind == EVALUATION_ONLY:
         return ZOParallel(mode, world)  # one process, or nothing trained: every rank evaluates the same
-    if kind == FIRST_ORDER:
+    if issubclass(method.cls, Addax):  # its FO half as in_place.py says; its ZO half as the ZO methods below
+        from .in_place import check_split
+
+        check_split(method.settings, mode, world)
+        method, q_key = zo_half(method.settings), "optimizer.zo_options.q"
+    elif kind == FIRST_ORDER:
         from .first_order import check_method
 
         check_method(method.cls, spec.parallel.fo)
         return _unsharded_best_refused(ZOParallel(spec.parallel.fo, world), spec)
     if mode == "shard":
-        check_shard_method(method.cls, method.name)
         return _unsharded_best_refused(ZOParallel(mode, world), spec)
     if not issubclass(method.cls, MeZO):
         raise ZobenchError(f"optimizer={method.name} does not run under torchrun; use one process")
     q = method.settings.q
     if mode == "directions" and q % world.size:
-        raise ZobenchError(f"parallel.zo=directions spreads optimizer.q={q} directions over {world.size} ranks: "
-                           f"set optimizer.q to a multiple of {world.size} (or use parallel.zo=data)")
+        raise ZobenchError(f"parallel.zo=directions spreads {q_key}={q} directions over {world.size} ranks: "
+                           f"set {q_key} to a multiple of {world.size} (or use parallel.zo=data)")
     return ZOParallel(mode, world)
 
 
@@ -117,19 +125,42 @@ class Exchange:
 class DataParallelLoss:
     """data mode's loss closure: the one-process loss on the whole batch, from this rank's slice of it.
 
-    `batch` None: this rank's slice is empty (the last, short batch of an epoch): it adds nothing."""
+    `batch` None: this rank's slice is empty (the last, short batch of an epoch): it adds nothing.
+    Differentiated (Addax's first-order half, parallel/in_place.py), its gradient on each rank is this rank's part
+    of the whole batch's: d(numerator_r)/denominator, times `gradient_factor`, so that the ranks' gradients summed
+    (factor 1) or averaged (FSDP2's reduce-scatter: factor N) are the gradient of the whole batch's mean."""
 
-    def __init__(self, objective, exchange: Exchange):
-        self.objective, self.exchange = objective, exchange
+    def __init__(self, objective, exchange: Exchange, gradient_factor: float = 1.0):
+        self.objective, self.exchange, self.gradient_factor = objective, exchange, gradient_factor
 
     def __call__(self, batch) -> torch.Tensor:
+        numerator = None
         if batch is None:
             parts = torch.zeros(2, dtype=torch.float64, device=self.exchange.device)
         else:
             numerator, denominator = self.objective.loss_parts(batch)
-            parts = torch.stack([numerator.double(), denominator.double()]).to(self.exchange.device)
+            parts = torch.stack([numerator.detach().double(), denominator.double()]).to(self.exchange.device)
         total = self.exchange.all_reduce_sum(parts)
-        return (total[0] / total[1].clamp(min=1)).float()
+        mean = (total[0] / total[1].clamp(min=1)).float()
+        if numerator is None or not numerator.requires_grad:  # a ZO forward (inference mode)
+            return mean
+        share = _ShareOfTheMean.apply(numerator, mean.to(numerator.device),
+                                      self.gradient_factor / float(total[1]))
+        return self.objective.counting_backward(share)
+
+
+class _ShareOfTheMean(torch.autograd.Function):
+    """Forward: the whole batch's mean loss (all-reduced); backward: the gradient of this rank's numerator, times
+    `scale` (gradient_factor / the whole batch's denominator)."""
+
+    @staticmethod
+    def forward(ctx, numerator: torch.Tensor, mean: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return mean.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.double() * ctx.scale, None, None
 
 
 class SpreadDirections:
@@ -171,11 +202,13 @@ def training_loss(plan: ZOParallel, objective, exchange: Exchange):
 
 
 def spread_directions(plan: ZOParallel, method, exchange: Exchange, recording) -> None:
-    """directions mode under torchrun: the method's q directions go through SpreadDirections."""
+    """directions mode under torchrun: the method's q directions (Addax: its ZO half's) go through SpreadDirections."""
+    from ..optim.addax import Addax
     from ..optim.mezo import MeZO
 
-    if plan.mode == "directions" and plan.world.distributed and isinstance(method, MeZO):
-        method.directions = SpreadDirections(exchange, recording)
+    zeroth_order = method.zo if isinstance(method, Addax) else method
+    if plan.mode == "directions" and plan.world.distributed and isinstance(zeroth_order, MeZO):
+        zeroth_order.directions = SpreadDirections(exchange, recording)
 
 
 def weights_digest(model) -> str:

@@ -13,6 +13,9 @@ rank builds the whole perturbed copy of the running layer (as one process does),
 thresholds are quantiles of the whole parameters, gathered once (`whole`). Its update, like every method's,
 touches the local rows only.
 
+Addax runs here too: its ZO half as above, its first-order half as in_place.py says (a step on the sharded
+gradients after backward).
+
 No drift between replicas is possible: no element of θ exists twice, each shard is written by its rank alone.
 (Modes that replicate θ and perturb it in place must keep the replicas equal; this one has none.)
 
@@ -35,25 +38,14 @@ import torch
 from ..errors import ZobenchError
 from .shard import shard
 
-# Methods that cannot run exactly with θ sharded, and why (zobench.optim class names).
-_REFUSED = {
-    "Addax": "takes in-place first-order steps during backward on its short examples (a first-order half)",
-}
-
-
-def check_method(method: type, name: str) -> None:
-    """Refuses, in one line before the model loads, a method that cannot run in shard mode (`name`: optimizer=NAME)."""
-    for cls in method.__mro__:
-        if cls.__module__.startswith("zobench.optim") and cls.__name__ in _REFUSED:
-            raise ZobenchError(f"parallel.zo=shard: optimizer={name} {_REFUSED[cls.__name__]}; run it with "
-                               f"parallel.zo=data or parallel.zo=directions (θ whole on every rank)")
-
-
 def shard_for_zo(model: torch.nn.Module) -> torch.nn.Module:
     """Shards `model` with FSDP2 (a unit per decoder layer, then the root) for zeroth-order steps: every
     forward sees θ as it is now (see the module's note on the trap). Shard before the method is built: FSDP2
-    replaces the model's parameters, and an engine built earlier would perturb the replaced ones."""
-    return fresh_forwards(shard(model, reshard_after_forward=True))
+    replaces the model's parameters, and an engine built earlier would perturb the replaced ones. Gradients (Addax's
+    first-order half, in_place.py) are reduce-scattered in fp32, as one process's fp32 update arithmetic reads them."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return fresh_forwards(shard(model, MixedPrecisionPolicy(reduce_dtype=torch.float32), reshard_after_forward=True))
 
 
 def fresh_forwards(model: torch.nn.Module) -> torch.nn.Module:
