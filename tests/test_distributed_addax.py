@@ -236,7 +236,8 @@ def _case(name: str) -> dict:
     one_recording = RecordingLoss(Objective(reference, loss_dtype=loss_dtype))
     one = build_method(spec, reference, one_recording)
     reference_values, reference_losses, reference_first = steps_of(
-        one, one_recording, lambda indices: indices, lambda: {n: p.detach().clone() for n, p in reference.named_parameters()})
+        one, one_recording, lambda indices: indices,
+        lambda: {n: p.detach().clone() for n, p in reference.named_parameters()})
 
     ranks = Ranks(spec, world)  # the run's wiring, as run.py's Job uses it
     objective = Objective(model, loss_dtype=loss_dtype, forward=ranks.place(model, torch.device("cpu")))

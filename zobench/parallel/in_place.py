@@ -11,7 +11,9 @@ process records it), its gradient this rank's part of the whole B1's mean gradie
   bit-identical, and the norm pass's norm and an fp16 overflow are the global ones (all ranks skip the same
   step). 16-bit gradients are summed in fp32, a chunk at a time, and rounded once into their dtype. Sent per
   rank per step: θ's gradient in fp32 (|θ|·4 bytes) once per backward, twice with loss scaling or clipping
-  (LOMO's norm pass), besides the loss scalars.
+  (LOMO's norm pass), besides the loss scalars. The ranks' hooks fire in the same order (the same model, the
+  same graph), so each all-reduce pairs the same parameter on every rank; were they ever not to, the replicas
+  would part, and metrics.json's replicas_identical would say so.
   directions mode splits B1 as data mode does rather than running the whole B1 on every rank with no exchange:
   the FO work is shared out, and the summed gradient keeps the replicas bit-identical by construction, which N
   separate backwards would not on a GPU whose backward is not deterministic (the embedding's scatter-add).
