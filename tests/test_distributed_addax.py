@@ -162,6 +162,47 @@ def test_a_two_rank_addax_run_equals_one_process_and_replay_refuses_it_in_one_li
     assert "\n" not in str(refused.value)
 
 
+@pytest.mark.slow
+def test_a_killed_sharded_addax_run_resumes_where_an_uninterrupted_one_ends(tmp_path):
+    """shard mode, AdaMeZO as the ZO half (its history is state): rank 1 SIGKILLed mid-way ends the job; `resume=`
+    under torchrun restores each rank's shards, the ZO half's state and the loss scaler, and ends bit for bit
+    where the uninterrupted 2-rank run ends."""
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from test_distributed_zo import _rank_pid, losses, torchrun
+
+    run = [*QUICK_RUN, "train.steps=12", "checkpoint.every=1", "parallel.zo=shard", "optimizer.zo=adamezo",
+           "+optimizer.zo_options.horizon=2"]
+    killed = tmp_path / "killed"
+    job = torchrun(*run, f"hydra.run.dir={killed}", wait=False)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((killed / "trajectory.jsonl").exists()
+                   and len((killed / "trajectory.jsonl").read_text().splitlines()) >= 4):
+            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read() if job.poll() else ""
+            time.sleep(0.05)
+        os.kill(_rank_pid(job.pid, 1), signal.SIGKILL)
+        job.wait(timeout=60)
+        assert job.returncode != 0
+    finally:
+        if job.poll() is None:
+            job.kill()
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert metrics["status"] in ("failed", "interrupted") and 4 <= metrics["steps"] < 12
+    resumed = torchrun(f"resume={killed}")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    whole = tmp_path / "whole"
+    assert torchrun(*run, f"hydra.run.dir={whole}").returncode == 0
+    assert json.loads((killed / "metrics.json").read_text())["status"] == "completed"
+    assert losses(killed) == losses(whole)
+    first, second = (load_file(str(f / "model" / "model.safetensors")) for f in (killed, whole))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_what_addax_cannot_split_over_the_ranks_is_refused_in_one_line():
     """Before anything loads: B1 split in every mode needs k1 ≥ ranks, B0 in data mode k0 ≥ ranks, directions
     the ZO half's q a multiple of the ranks; every mode is accepted otherwise (shard included)."""
