@@ -227,6 +227,23 @@ def test_what_addax_cannot_split_over_the_ranks_is_refused_in_one_line():
         assert from_spec(spec, two).mode == mode
 
 
+def test_the_memory_plan_of_sharded_addax_holds_its_sharded_gradients():
+    """zobench-plan --memory plans Addax in its parallel.zo mode: in shard mode each GPU holds its shard of every
+    gradient (θ/N in the weights' dtype) and one decoder layer's unsharded gradients with their fp32 reduce-scatter,
+    where data mode holds one tensor's gradient at a time."""
+    from zobench.memory_plan import parse_size, plan
+    from zobench.plan import job_shape
+
+    planned = {}
+    for mode in ("data", "shard"):
+        job = job_shape(["experiment=mezo_opt13b", "optimizer=addax", "task=sst2", f"parallel.zo={mode}"], {})
+        assert job.parallel == mode
+        planned[mode] = plan(job, parse_size("80GB"), gpus=2).per_gpu["gradients"]
+    model, e = job.model, job.weights_bytes
+    assert planned["data"] == model.largest_trained * (e + job.update_bytes)
+    assert planned["shard"] == -(-model.trained * e // 2) + model.unit * (e + 4)
+
+
 # -- the worker, under torchrun ----------------------------------------------------------------------------------
 def _case(name: str) -> dict:
     import copy

@@ -11,7 +11,9 @@ size, layers, vocabulary):
   precision.master_weights hold the trained ones in fp32 instead (master copy: the 4 - e extra bytes, plus
   autocast's 16-bit copies of them during the step, e bytes).
 - gradients: torch optimizers, one per trained parameter in its dtype; IP-SGD and Addax apply each gradient as
-  it is accumulated: the largest trained tensor's, in update_dtype. Zeroth-order methods: none.
+  it is accumulated: the largest trained tensor's, in update_dtype (Addax with parallel.zo=shard: the sharded
+  gradients held until the step, parallel/in_place.py, and one unit's unsharded ones reduce-scattered in fp32).
+  Zeroth-order methods: none.
 - optimizer state: Adam/AdamW 2 tensors per trained parameter, SGD with momentum 1 (in the trained weights'
   dtype); stateful ZO methods (ZO-Adam, ZO-SGD-momentum) their state_names in precision.state_dtype.
 - activations, inference (ZO steps, evaluation): one layer at a time, r*s*(4h + 2f)*e (hidden state, residual,
@@ -220,6 +222,8 @@ def _per_device(job: JobShape, world: int, runtime: int) -> dict[str, int]:
         parts["optimizer_state"] = method.states * model.trained * trained_bytes
     elif method.kind in ("inplace", "addax"):
         parts["gradients"] = model.largest_trained * (e + job.update_bytes)  # one tensor's gradient, its fp32 math
+        if method.kind == "addax" and job.parallel == "shard" and world > 1:  # all of them, sharded (below)
+            parts["gradients"] = model.trained * e
     if method.kind == "zo":
         parts["optimizer_state"] = method.states * model.trained * job.state_bytes
     if method.kind in ("zo", "addax"):
@@ -240,6 +244,8 @@ def _per_device(job: JobShape, world: int, runtime: int) -> dict[str, int]:
             parts[key] = math.ceil(parts[key] / world)
         if job.parallel != "device_map":  # FSDP gathers a unit in full for its forward (and the next, prefetched)
             parts["weights"] += 2 * model.unit * e
+        if method.kind == "addax" and job.parallel == "shard":  # a unit's gradients, and their fp32 reduce-scatter
+            parts["gradients"] += model.unit * (e + 4)
     elif job.parallel == "ddp" and world > 1:
         parts["gradients"] *= 2  # DDP's communication buckets copy the gradients
     parts["runtime"] = runtime

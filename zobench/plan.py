@@ -181,7 +181,7 @@ def shape_of(spec, planned: tuple[str, str], models: dict):
     elif method.kind == "evaluation":
         parallel = "single"
     else:
-        parallel = spec.parallel.zo if method.kind == "zo" else spec.parallel.fo
+        parallel = spec.parallel.zo if method.kind in ("zo", "addax") else spec.parallel.fo  # Addax: in_place.py
     return JobShape(
         model=model, method=method, device=device, weights_bytes=dtype.itemsize,
         master_weights=policy.master_weights, state_bytes=policy.dtype_of(policy.state_dtype).itemsize,
