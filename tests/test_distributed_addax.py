@@ -35,6 +35,7 @@ CASES = {
     # fp16 weights, dynamic loss scaling (the FO half's): zobench's fused ZO update and MeZO's reference one
     "data/fp16-fused": ("data", 3, ["dtype=float16", "precision.zo_update=fused"]),
     "shard/fp16-reference": ("shard", 3, ["dtype=float16", "precision.zo_update=reference"]),
+    "directions/fp16-fused": ("directions", 3, ["dtype=float16", "+optimizer.zo_options.q=2"]),
     "data/fp16-alpha0": ("data", 3, ["dtype=float16", "optimizer.alpha=0"]),
     "shard/fp16-alpha0": ("shard", 3, ["dtype=float16", "optimizer.alpha=0"]),
     # a loss scale (2^19) so large that the first steps' fp16 gradients overflow: every rank skips them, as one

@@ -57,7 +57,8 @@ class Ranks:
         in_place.attach(self.plan, method, self.exchange, self.objective, recording)
 
     def local(self, indices):
-        """This rank's examples of a step (data mode: a slice; otherwise all of them)."""
+        """This rank's examples of a step (data mode: a slice; otherwise all of them; Addax's B1 a slice in every
+        mode)."""
         return self.plan.local(indices)
 
     def summary(self, model, record) -> dict[str, Any]:
