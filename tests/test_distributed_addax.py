@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import QUICK  # also as the torchrun worker: this file's folder is then the first on sys.path
+
 WORKER_TIMEOUT = 300
 ADDAX = ["optimizer=addax", "optimizer.k0=2", "optimizer.k1=2", "optimizer.alpha=0.5", "optimizer.lr=1e-3",
          "train.keep_best=none"]
@@ -128,9 +130,7 @@ def test_addax_fp16_over_two_ranks_is_one_process_within_the_roundings_of_the_sp
 
 
 # -- through the command line ------------------------------------------------------------------------------------
-QUICK_RUN = ["model=opt-tiny", "task.samples=true", "data.n_train=16", "data.n_dev=8", "data.n_test=12",
-             "max_length=256", "train.batch_size=4", "train.log_interval=1", "eval.batch_size=8", "train.steps=3",
-             "train.eval_interval=0", "save_model=true", *ADDAX]
+QUICK_RUN = [*QUICK, "train.steps=3", "train.eval_interval=0", "save_model=true", *ADDAX]
 
 
 @pytest.mark.slow
@@ -207,7 +207,6 @@ def test_a_killed_sharded_addax_run_resumes_where_an_uninterrupted_one_ends(tmp_
 def test_what_addax_cannot_split_over_the_ranks_is_refused_in_one_line():
     """Before anything loads: B1 split in every mode needs k1 ≥ ranks, B0 in data mode k0 ≥ ranks, directions
     the ZO half's q a multiple of the ranks; every mode is accepted otherwise (shard included)."""
-    from conftest import QUICK
     from zobench.configs import compose
     from zobench.errors import ZobenchError
     from zobench.parallel.world import World
@@ -262,9 +261,6 @@ def _case(name: str) -> dict:
     from zobench.parallel.world import from_env
     from zobench.parallel.zo import weights_digest
     from zobench.spec import RunSpec
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import QUICK
 
     mode, steps, overrides = CASES[name]
     loss_scale = next((float(w.split("=")[1]) for w in overrides if w.startswith("+loss_scale=")), None)
