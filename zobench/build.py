@@ -33,15 +33,16 @@ def sample_splits(spec: RunSpec):
     return splits
 
 
-def build_model(spec: RunSpec, max_length: int | None = None):
+def build_model(spec: RunSpec, max_length: int | None = None, empty: bool = False):
     """(model, tokenizer, saveable): the model with the run's adapter, initialised from the run's seed
-    (peft=none: the model itself); `saveable` is what save_pretrained writes (the adapter alone, with PEFT)."""
+    (peft=none: the model itself); `saveable` is what save_pretrained writes (the adapter alone, with PEFT).
+    `empty`: a pretrained model's parameters stay on the meta device, for the ranks to shard and fill."""
     model_spec = dict(spec.model)
     source = "random weights" if model_spec["init"] == "random" else model_spec.get("path") or model_spec.get("hub_id")
     log.info("loading model %s (%s, %s on %s)", model_spec["name"], source, str(spec.dtype).removeprefix("torch."),
              spec.device)
     start = time.monotonic()  # a 13B model takes minutes to load: the log says what the silence is
-    model, tokenizer = load_model(model_spec, spec.device, spec.dtype, max_length=max_length)
+    model, tokenizer = load_model(model_spec, spec.device, spec.dtype, max_length=max_length, empty=empty)
     model, saveable = apply_peft(model, dict(spec.peft), seed=spec.seed)
     log.info("model %s loaded in %.1f s", model_spec["name"], time.monotonic() - start)
     return model, tokenizer, saveable
