@@ -22,7 +22,7 @@ from zobench.errors import ZobenchError
 
 WORKER_TIMEOUT = 240
 OPT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256, word_embed_proj_dim=64,
-           vocab_size=301)  # 301 rows: uneven shards (151 + 150)
+           vocab_size=301, dropout=0.0)  # 301 rows: uneven shards (151 + 150); no dropout: FO runs compare
 LLAMA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128, vocab_size=301, rope_theta=500000.0)
 # (folder, dtype of the run, the run's other overrides): ZO shard mode in fp32 and fp16, FO's fp32 master weights
@@ -89,6 +89,39 @@ def test_each_rank_reads_exactly_the_shards_of_a_whole_load(found):
     assert found[1]["opt/zo-fp32"]["rows"]["model.decoder.embed_tokens.weight"] == [150, 64]
     assert found[0]["opt-files/fo-master"]["dtypes"]["model.decoder.layers.0.fc1.weight"] == "torch.float32"
     assert found[0]["opt-files/zo-fp16"]["dtypes"]["model.decoder.layers.0.fc1.weight"] == "torch.float16"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, overrides", [
+    ("zo=shard", ["optimizer=mezo", "parallel.zo=shard"]),
+    ("fo=fsdp", ["optimizer=adam", "optimizer.lr=1e-4"]),
+])
+def test_a_run_from_a_model_folder_sharded_at_load_ends_as_one_process(tmp_path, models, mode, overrides):
+    """`torchrun -m zobench model.path=FOLDER` with the weights sharded at load (several safetensors files) ends
+    where the one-process run of the folder ends (tests/test_distributed_zo.py's comparisons: ZO exactly, FSDP2
+    Adam within 1e-5), and rank 0's log says it read only its shards."""
+    from conftest import run_cli
+    from test_distributed_zo import FEW, assert_same_run, torchrun
+
+    words = [*FEW, *overrides, *pretrained(models / "opt-files"), "dtype=float32"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    result = torchrun(*words, f"hydra.run.dir={two}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert run_cli(*words, f"hydra.run.dir={one}").returncode == 0
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["parallel"] == mode and metrics["world_size"] == 2
+    assert "rank 0 read its shards of the weights" in (two / "zobench.log").read_text()
+    if mode == "zo=shard":
+        assert_same_run(one, two, tolerance=0.0)
+        return
+    logged = [[line["loss"] for line in map(json.loads, (f / "log.jsonl").read_text().splitlines())
+               if line["event"] == "train"] for f in (one, two)]
+    assert len(logged[0]) == len(logged[1]) == 3 and max(abs(a - b) for a, b in zip(*logged)) <= 1e-5
+    from safetensors.torch import load_file
+
+    first, second = (load_file(str(f / "model" / "model.safetensors")) for f in (one, two))
+    assert first.keys() == second.keys()
+    assert max(float((first[k] - second[k]).abs().max()) for k in first) <= 1e-5
 
 
 # -- one process: the reading, the names, the refusals ------------------------------------------------------------

@@ -53,7 +53,8 @@ class Ranks:
                                        self.spec.precision)
         if self.streams:  # the skeleton sharded as a loaded model is: now this rank's rows
             folder = sharded_load.folder_of(model_source(dict(self.spec.model)))
-            sharded_load.fill(model, folder, self.spec.dtype, device)
+            read = sharded_load.fill(model, folder, self.spec.dtype, device)
+            log.info("rank %d read its shards of the weights from %s: %d bytes", self.world.rank, folder, read)
         return self.first_order.forward or (model if self.plan.shards_weights else None)
 
     def training_loss(self, objective):

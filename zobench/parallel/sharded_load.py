@@ -136,9 +136,10 @@ def _tensor_names(model: torch.nn.Module) -> dict[str, bool]:
 
 
 @torch.no_grad()
-def fill(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch.device) -> None:
+def fill(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch.device) -> int:
     """Allocates the (sharded) skeleton's local shards on `device` and reads each rank's rows from `folder`'s
-    safetensors; buffers keep the values the skeleton computed unless the checkpoint holds them."""
+    safetensors; buffers keep the values the skeleton computed unless the checkpoint holds them. Returns the
+    bytes of parameters read (this rank's rows, as stored)."""
     from safetensors import safe_open
 
     files = weight_files(folder)
@@ -156,17 +157,19 @@ def fill(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch
                 opened[path] = stack.enter_context(safe_open(str(path), framework="pt"))
             return opened[path].get_slice(key)
 
+        read = 0
         for name, param in model.named_parameters():
             key = next((sources[a] for a in aliases[name] if a in sources), None)
             if key is None:
                 raise ZobenchError(f"parameter {name} is in no safetensors file of {folder} (names tried: "
                                    f"{', '.join(aliases[name])}): the checkpoint does not fit model.path's config")
-            _read_rows(name, param, reader(key), key, dtype)
+            read += _read_rows(name, param, reader(key), key, dtype)
         for name, value in kept.items():
             buffer = model.get_buffer(name)
             key = sources.get(name)
             buffer.copy_(reader(key)[:].to(dtype if buffer.is_floating_point() else buffer.dtype)
                          if key is not None else value)
+    return read
 
 
 def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -187,8 +190,9 @@ def _tie(model: torch.nn.Module, aliases: dict[str, list[str]]) -> None:
             model.get_submodule(owner)._parameters[leaf] = param
 
 
-def _read_rows(name: str, param: torch.Tensor, source, key: str, dtype: torch.dtype) -> None:
-    """This rank's rows of `param` (a DTensor sharded on dim 0, or a whole tensor) from the file's `source`."""
+def _read_rows(name: str, param: torch.Tensor, source, key: str, dtype: torch.dtype) -> int:
+    """This rank's rows of `param` (a DTensor sharded on dim 0, or a whole tensor) from the file's `source`;
+    returns the bytes read."""
     shape = list(source.get_shape())
     if shape != list(param.shape):
         raise ZobenchError(f"checkpoint tensor {key} has shape {shape}, the model's {name} {list(param.shape)}: "
@@ -201,7 +205,8 @@ def _read_rows(name: str, param: torch.Tensor, source, key: str, dtype: torch.dt
         row = max(1, math.prod(param.shape[1:]))
         first, count = start // row, local.shape[0] if param.dim() else None
     if count == 0:
-        return  # this rank holds none of its rows
+        return 0  # this rank holds none of its rows
     rows = source[first:first + count] if count is not None else source[:]
     # from_pretrained's cast (stored -> the run's dtype), then the parameter's own (fp32 master weights)
     local.copy_(rows.to(dtype).to(local.dtype))
+    return rows.numel() * rows.element_size()
