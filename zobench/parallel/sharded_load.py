@@ -26,10 +26,8 @@ host and then moves it to its base layer's device, the meta device here, where i
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack
+from collections import defaultdict
 from pathlib import Path
-from typing import Any
-
 import torch
 
 from ..errors import ZobenchError
@@ -145,30 +143,31 @@ def fill(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch
     files = weight_files(folder)
     sources = key_map(model, files)
     aliases = _aliases(model)
+    wanted: dict[Path, list[tuple[str, str]]] = defaultdict(list)  # file: (parameter or buffer, key), by file
+    for name, names in aliases.items():
+        key = next((sources[a] for a in names if a in sources), None)
+        if key is None:
+            raise ZobenchError(f"parameter {name} is in no safetensors file of {folder} (names tried: "
+                               f"{', '.join(names)}): the checkpoint does not fit model.path's config")
+        wanted[files[key]].append((name, key))
     kept = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    for name in kept:
+        if name in sources:
+            wanted[files[sources[name]]].append((name, sources[name]))
     model.to_empty(device=device)
     _tie(model, aliases)  # to_empty gives each name its own tensor: tied ones become one Parameter again
-    with ExitStack() as stack:
-        opened: dict[Path, Any] = {}
-
-        def reader(key: str):
-            path = files[key]
-            if path not in opened:
-                opened[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-            return opened[path].get_slice(key)
-
-        read = 0
-        for name, param in model.named_parameters():
-            key = next((sources[a] for a in aliases[name] if a in sources), None)
-            if key is None:
-                raise ZobenchError(f"parameter {name} is in no safetensors file of {folder} (names tried: "
-                                   f"{', '.join(aliases[name])}): the checkpoint does not fit model.path's config")
-            read += _read_rows(name, param, reader(key), key, dtype)
-        for name, value in kept.items():
-            buffer = model.get_buffer(name)
-            key = sources.get(name)
-            buffer.copy_(reader(key)[:].to(dtype if buffer.is_floating_point() else buffer.dtype)
-                         if key is not None else value)
+    read = 0
+    for path, tensors in wanted.items():
+        with safe_open(str(path), framework="pt") as opened:  # one file mapped at a time
+            for name, key in tensors:
+                if name in kept:
+                    buffer = model.get_buffer(name)
+                    buffer.copy_(opened.get_slice(key)[:].to(dtype if buffer.is_floating_point() else buffer.dtype))
+                else:
+                    read += _read_rows(name, model.get_parameter(name), opened.get_slice(key), key, dtype)
+    for name, value in kept.items():
+        if name not in sources:  # computed at init (LLaMA's inv_freq): the skeleton's value
+            model.get_buffer(name).copy_(value)
     return read
 
 
