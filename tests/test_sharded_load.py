@@ -207,6 +207,24 @@ def test_what_the_streamed_load_cannot_do_is_refused_before_anything_loads(tmp_p
         Ranks(RunSpec.from_cfg(quick_cfg(*shard)), two)
 
 
+def test_the_memory_plan_of_a_sharded_pretrained_run_loads_one_tensors_rows_at_a_time():
+    """`zobench-plan --memory` for OPT-66B in ZO shard mode on 2 GPUs: the host holds one tensor's rows at a time
+    as the weights load (OPT-66B's embedding: 50272 x 9216 / 2 ranks in fp16), not the whole model's 132 GB;
+    random-init weights are still drawn whole on the host, and one GPU loads them whole."""
+    from zobench.memory_plan import parse_size, plan
+    from zobench.plan import job_shape
+
+    words = ["experiment=mezo_opt30b", "model=opt-66b", "task=sst2", "parallel.zo=shard", "device=cuda",
+             "dtype=float16"]
+    models = {}  # each preset's meta-device model, built once
+    sharded = plan(job_shape(words, models), parse_size("80GB"), gpus=2)
+    assert sharded.host["loading"] == 50272 * 9216 // 2 * 2
+    whole = sharded.job.model.params * 2
+    assert whole > 130e9
+    assert plan(job_shape(words, models), parse_size("80GB"), gpus=1).host["loading"] == whole
+    assert plan(job_shape([*words, "model.init=random"], models), parse_size("80GB"), gpus=2).host["loading"] == whole
+
+
 # -- the worker, under torchrun ----------------------------------------------------------------------------------
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
