@@ -33,6 +33,8 @@ CASES = {
     "llama/zo-fp16": ("llama", ["optimizer=mezo", "parallel.zo=shard", "dtype=float16"]),
     "opt-files/fo-master": ("opt-files", ["optimizer=adam", "dtype=float16", "precision.master_weights=true"]),
     "llama-files/fo-master": ("llama-files", ["optimizer=adam", "dtype=float16", "precision.master_weights=true"]),
+    "opt/zo-lora": ("opt", ["optimizer=mezo", "parallel.zo=shard", "dtype=float32", "peft=lora"]),
+    "llama-files/fo-lora-fp16": ("llama-files", ["optimizer=adam", "dtype=float16", "peft=lora"]),
 }
 
 
@@ -77,7 +79,8 @@ def found(models) -> list[dict]:
 def test_each_rank_reads_exactly_the_shards_of_a_whole_load(found):
     """OPT (tied head, 301-row embedding split 151 + 150) and LLaMA (rotary inv_freq, a non-persistent buffer),
     from one file or several with an index, stored fp32 or fp16, run in fp32, fp16 or the FO 16-bit regime's fp32
-    master weights: every rank's local shards (values, dtype, placement) and buffers equal load-whole-then-shard's."""
+    master weights, with and without a LoRA adapter (its init drawn from the run's seed): every rank's local
+    shards (values, dtype, placement) and buffers equal load-whole-then-shard's."""
     for rank, cases in enumerate(found):
         assert set(cases) == set(CASES)
         for name, case in cases.items():
@@ -89,6 +92,9 @@ def test_each_rank_reads_exactly_the_shards_of_a_whole_load(found):
     assert found[1]["opt/zo-fp32"]["rows"]["model.decoder.embed_tokens.weight"] == [150, 64]
     assert found[0]["opt-files/fo-master"]["dtypes"]["model.decoder.layers.0.fc1.weight"] == "torch.float32"
     assert found[0]["opt-files/zo-fp16"]["dtypes"]["model.decoder.layers.0.fc1.weight"] == "torch.float16"
+    lora = "model.decoder.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert found[0]["opt/zo-lora"]["rows"][lora] == [4, 64] and found[1]["opt/zo-lora"]["rows"][lora] == [4, 64]
+    assert found[0]["opt/zo-lora"]["adapter_moved_from_zero"]  # lora_A's init, drawn from the seed, not zeros
 
 
 @pytest.mark.slow
@@ -183,7 +189,7 @@ def test_missing_tensor_wrong_shape_and_pickle_only_folders_are_refused_in_one_l
 
 
 def test_what_the_streamed_load_cannot_do_is_refused_before_anything_loads(tmp_path, quick_cfg):
-    """Under torchrun (a world of 2, not joined: Ranks refuses before any process group or model): a LoRA adapter,
+    """Under torchrun (a world of 2, not joined: Ranks refuses before any process group or model): prefix tuning,
     a device map, a folder of .bin weights; random-init models and unsharded modes keep the whole load."""
     from zobench.parallel.ranks import Ranks
     from zobench.parallel.world import World
@@ -198,8 +204,9 @@ def test_what_the_streamed_load_cannot_do_is_refused_before_anything_loads(tmp_p
     assert not Ranks(RunSpec.from_cfg(quick_cfg("optimizer=mezo", "parallel.zo=shard", "train.keep_best=host")),
                  two).streams  # random init
     assert not Ranks(RunSpec.from_cfg(quick_cfg("optimizer=mezo", *pretrained(folder))), two).streams  # zo=data
-    with pytest.raises(ZobenchError, match=r"^peft=lora with the weights sharded at load .* use peft=none"):
-        Ranks(RunSpec.from_cfg(quick_cfg(*shard, "peft=lora")), two)
+    assert Ranks(RunSpec.from_cfg(quick_cfg(*shard, "peft=lora")), two).streams
+    with pytest.raises(ZobenchError, match=r"^peft=prefix with the weights sharded at load .* use peft=lora or "):
+        Ranks(RunSpec.from_cfg(quick_cfg(*shard, "peft=prefix")), two)
     with pytest.raises(ZobenchError, match=r"^model\.device_map places a whole model"):
         Ranks(RunSpec.from_cfg(quick_cfg(*shard, "model.device_map=auto")), two)
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
@@ -245,7 +252,7 @@ def _placed(name: str, words: list[str], world, stream: bool):
     streamed = ranks.streams
     ranks.streams = stream  # False: today's path, load whole then shard, the reference
     model, _, _ = build_model(spec, max_length=spec.max_length, empty=stream)
-    meta = all(p.is_meta for p in model.parameters())
+    meta = all(p.is_meta for n, p in model.named_parameters() if "lora_" not in n)  # an adapter is drawn whole
     ranks.place(model, ranks.input_device(model))
     return model, streamed, meta
 
@@ -275,6 +282,7 @@ def _worker(root: str) -> None:
             + sorted(set(reference_buffers) - set(buffers)),
             "rows": {n: list(_local(p).shape) for n, p in params.items()},
             "dtypes": {n: str(p.dtype) for n, p in params.items()},
+            "adapter_moved_from_zero": any(bool(_local(p).abs().sum() > 0) for n, p in params.items() if "lora_A" in n),
         }
     Path(root, f"rank{world.rank}.json").write_text(json.dumps(found))
     torch.distributed.destroy_process_group()

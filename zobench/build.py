@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from .evaluate import MAX_NEW_TOKENS, evaluate
 from .icl import demonstration_blocks
 from .models import bos_override, load_model
 from .optim import build_optimizer
+from .parallel.sharded_load import adapters_drawn_on_host
 from .peft_adapters import apply_peft
 from .spec import RunSpec
 from .tasks import PromptTemplate
@@ -43,7 +45,8 @@ def build_model(spec: RunSpec, max_length: int | None = None, empty: bool = Fals
              spec.device)
     start = time.monotonic()  # a 13B model takes minutes to load: the log says what the silence is
     model, tokenizer = load_model(model_spec, spec.device, spec.dtype, max_length=max_length, empty=empty)
-    model, saveable = apply_peft(model, dict(spec.peft), seed=spec.seed)
+    with adapters_drawn_on_host(model) if empty else nullcontext():  # a skeleton's adapter keeps its drawn init
+        model, saveable = apply_peft(model, dict(spec.peft), seed=spec.seed)
     log.info("model %s loaded in %.1f s", model_spec["name"], time.monotonic() - start)
     return model, tokenizer, saveable
 

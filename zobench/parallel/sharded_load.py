@@ -19,14 +19,16 @@ The result equals load-whole-then-shard bit for bit on every rank (tests/test_sh
 rank: one tensor's local rows at a time; device memory: θ/N.
 
 Random-init models (model.init=random) keep the load-whole path: their init is drawn on the host in one
-process's order. PEFT adapters are refused with the streamed load (`check`): peft draws an adapter's init on the
-host and then moves it to its base layer's device, the meta device here, where its values are lost.
+process's order. A LoRA adapter is added to the skeleton as to a loaded model, its init drawn on the host from the
+run's seed (`adapters_drawn_on_host`), sharded with the model and kept, not read, by `fill`: it equals the
+one-process adapter. Prefix tuning is refused (`check`): its prefix is computed through the whole model.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 import torch
 
@@ -48,10 +50,10 @@ def streams(spec, plan) -> bool:
 def check(spec) -> None:
     """Refuses, in one line before anything loads, what the streamed load cannot do."""
     model = spec.model
-    if spec.peft_name != "none":
-        raise ZobenchError(f"peft={spec.peft_name} with the weights sharded at load (parallel.zo=shard or "
-                           f"parallel.fo=fsdp under torchrun): peft draws the adapter's init where the base weights "
-                           f"are, and they are not loaded yet; use peft=none, or parallel.zo=data/directions")
+    if spec.peft_name == "prefix":
+        raise ZobenchError("peft=prefix with the weights sharded at load (parallel.zo=shard or parallel.fo=fsdp "
+                           "under torchrun): its prefix is drawn through the whole model before the weights are "
+                           "read; use peft=lora or peft=none, or parallel.zo=data/directions")
     if model.get("device_map"):
         raise ZobenchError("model.device_map places a whole model on one process's GPUs; with the weights sharded "
                            "over torchrun's ranks each rank loads its own shard: set model.device_map=null")
@@ -69,6 +71,28 @@ def skeleton(config, dtype: torch.dtype) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # init_empty_weights registers a meta Parameter per module: the tie is made here
     return model
+
+
+@contextmanager
+def adapters_drawn_on_host(model: torch.nn.Module):
+    """While a LoRA adapter is added to the skeleton: peft draws the adapter's init on the host, then moves it to
+    its base layer's device, where on the meta device its values would be lost. Inside, each meta parameter is a
+    zero-stride host tensor of its shape and dtype (no memory), so the adapter stays on the host with the values
+    one process draws; after, each is its meta Parameter again (requires_grad as peft set it)."""
+    swapped = []
+    for module in model.modules():
+        for leaf, param in list(module._parameters.items()):
+            if param is not None and param.device.type == "meta":
+                stand_in = torch.nn.Parameter(torch.zeros((), dtype=param.dtype).expand(param.shape),
+                                              requires_grad=param.requires_grad)
+                module._parameters[leaf] = stand_in
+                swapped.append((module, leaf, param, stand_in))
+    try:
+        yield
+    finally:
+        for module, leaf, param, stand_in in swapped:
+            param.requires_grad_(stand_in.requires_grad)
+            module._parameters[leaf] = param
 
 
 def folder_of(source: str) -> Path:
@@ -127,10 +151,16 @@ def key_map(model: torch.nn.Module, keys) -> dict[str, str]:
 
 
 def _tensor_names(model: torch.nn.Module) -> dict[str, bool]:
-    """Every name a parameter or buffer answers to (tied ones under each of their names)."""
-    names = {name: True for name, _ in model.named_parameters(remove_duplicate=False)}
-    names.update({name: True for name, _ in model.named_buffers(remove_duplicate=False)})
-    return names
+    """Every name a parameter or buffer answers to (tied ones under each of their names), as the base model
+    names it (a LoRA-wrapped layer's `base_layer.` left out)."""
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    names += [name for name, _ in model.named_buffers(remove_duplicate=False)]
+    return {base_name(name): True for name in names}
+
+
+def base_name(name: str) -> str:
+    """A tensor's name in the base model: peft's LoRA keeps the wrapped layer as `base_layer`."""
+    return name.replace(".base_layer.", ".")
 
 
 @torch.no_grad()
@@ -143,17 +173,22 @@ def fill(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch
     files = weight_files(folder)
     sources = key_map(model, files)
     aliases = _aliases(model)
+    # drawn at init, not read: an adapter's parameters (adapters_drawn_on_host), this rank's rows kept
+    drawn = {name: _local(param).detach().clone() for name, param in model.named_parameters()
+             if param.device.type != "meta"}
     wanted: dict[Path, list[tuple[str, str]]] = defaultdict(list)  # file: (parameter or buffer, key), by file
     for name, names in aliases.items():
-        key = next((sources[a] for a in names if a in sources), None)
+        if name in drawn:
+            continue
+        key = next((sources[base_name(a)] for a in names if base_name(a) in sources), None)
         if key is None:
             raise ZobenchError(f"parameter {name} is in no safetensors file of {folder} (names tried: "
                                f"{', '.join(names)}): the checkpoint does not fit model.path's config")
         wanted[files[key]].append((name, key))
     kept = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
     for name in kept:
-        if name in sources:
-            wanted[files[sources[name]]].append((name, sources[name]))
+        if base_name(name) in sources:
+            wanted[files[sources[base_name(name)]]].append((name, sources[base_name(name)]))
     model.to_empty(device=device)
     _tie(model, aliases)  # to_empty gives each name its own tensor: tied ones become one Parameter again
     read = 0
@@ -166,9 +201,16 @@ def fill(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch
                 else:
                     read += _read_rows(name, model.get_parameter(name), opened.get_slice(key), key, dtype)
     for name, value in kept.items():
-        if name not in sources:  # computed at init (LLaMA's inv_freq): the skeleton's value
+        if base_name(name) not in sources:  # computed at init (LLaMA's inv_freq): the skeleton's value
             model.get_buffer(name).copy_(value)
+    for name, value in drawn.items():
+        _local(model.get_parameter(name)).copy_(value)
     return read
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a sharded parameter (a view: writing it writes the shard), or the tensor itself."""
+    return param.to_local() if hasattr(param, "to_local") else param
 
 
 def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
