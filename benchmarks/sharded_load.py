@@ -80,12 +80,7 @@ def worker(out: Path, way: str, run_words: list[str]) -> None:
 
     spec = RunSpec.from_cfg(compose(run_words))
     world = worlds.from_env()
-    if spec.device.type == "cuda" and torch.cuda.device_count() < world.size:
-        # one GPU for both ranks: placing needs no collective, so gloo (host barriers) will do
-        torch.cuda.set_device(0)
-        torch.distributed.init_process_group("gloo")
-    else:
-        worlds.init_process_group(world, spec.device.type)
+    worlds.init_process_group(world, spec.device.type)  # NCCL on CUDA: a GPU per rank
     ranks = Ranks(spec, world)
     assert ranks.streams, "the run does not shard θ at load"
     ranks.streams = way == "streamed"

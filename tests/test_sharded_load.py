@@ -130,6 +130,21 @@ def test_a_run_from_a_model_folder_sharded_at_load_ends_as_one_process(tmp_path,
     assert max(float((first[k] - second[k]).abs().max()) for k in first) <= 1e-5
 
 
+@pytest.mark.slow
+def test_the_benchmark_prints_each_ranks_peaks_for_both_loads():
+    """benchmarks/sharded_load.py on opt-tiny: both loads on 2 ranks, each rank's row and its ratios."""
+    import re
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "sharded_load.py"
+    done = subprocess.run([sys.executable, str(bench), "--model", "opt-tiny"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("whole ", "streamed "))]
+    assert [(r[0], r[1]) for r in rows] == [("whole", "0"), ("whole", "1"), ("streamed", "0"), ("streamed", "1")]
+    assert len(re.findall(r"rank \d: streamed / whole: RSS peak [0-9.]+ +RSS growth [0-9.]+ +anon growth [0-9.]+",
+                          done.stdout)) == 2, done.stdout
+
+
 # -- one process: the reading, the names, the refusals ------------------------------------------------------------
 def fill_unsharded(folder: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The skeleton of `folder`'s model, filled in one process (no shards: every tensor whole)."""
