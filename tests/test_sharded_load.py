@@ -33,6 +33,8 @@ CASES = {
     "llama/zo-fp16": ("llama", ["optimizer=mezo", "parallel.zo=shard", "dtype=float16"]),
     "opt-files/fo-master": ("opt-files", ["optimizer=adam", "dtype=float16", "precision.master_weights=true"]),
     "llama-files/fo-master": ("llama-files", ["optimizer=adam", "dtype=float16", "precision.master_weights=true"]),
+    "opt-files/fo-master-gather16": ("opt-files", ["optimizer=adam", "dtype=float16", "precision.master_weights=true",
+                                                   "parallel.fsdp_param_dtype=weights"]),
     "opt/zo-lora": ("opt", ["optimizer=mezo", "parallel.zo=shard", "dtype=float32", "peft=lora"]),
     "llama-files/fo-lora-fp16": ("llama-files", ["optimizer=adam", "dtype=float16", "peft=lora"]),
 }
@@ -179,6 +181,41 @@ def test_checkpoint_without_the_base_model_prefix_loads_as_from_pretrained(tmp_p
     model = fill_unsharded(folder, dtype)
     assert_same_tensors(model, AutoModelForCausalLM.from_pretrained(folder, dtype=dtype))
     assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+
+
+HUB_PROBE = r"""
+import os, sys
+from pathlib import Path
+root, tests = Path(sys.argv[1]), sys.argv[2]
+sys.path.insert(0, tests)
+from fake_hub import FakeHub, llama_model
+with FakeHub(root) as hub:
+    os.environ.update(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(root / "hf_home"),
+                      HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", HF_HUB_ETAG_TIMEOUT="5")
+    os.environ.pop("HF_TOKEN", None)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from zobench.parallel.sharded_load import fill, folder_of, skeleton
+    llama_model(root / "models" / "huggyllama" / "llama-7b")
+    folder = folder_of("huggyllama/llama-7b")
+    model = skeleton(AutoConfig.from_pretrained("huggyllama/llama-7b"), torch.float16)
+    fill(model, folder, torch.float16, torch.device("cpu"))
+    whole = AutoModelForCausalLM.from_pretrained("huggyllama/llama-7b", dtype=torch.float16)
+    ours, theirs = model.state_dict(), whole.state_dict()
+    same = [torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(ours.values(), theirs.values())]
+    print("files", len(list(folder.glob("*.safetensors"))), "same", len(same), all(same), list(ours) == list(theirs))
+"""
+
+
+@pytest.mark.slow
+def test_a_hub_id_reads_the_hubs_sharded_safetensors(tmp_path):
+    """A hub id (tests/fake_hub.py's huggyllama/llama-7b: safetensors in several files with an index) is read
+    from the hub's cached snapshot, as from_pretrained reads it (fp16 here)."""
+    done = subprocess.run([sys.executable, "-c", HUB_PROBE, str(tmp_path), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    files, count, same, names = done.stdout.split()[1], *done.stdout.split()[3:6]
+    assert int(files) > 1 and int(count) > 10 and same == "True" and names == "True", done.stdout
 
 
 def test_missing_tensor_wrong_shape_and_pickle_only_folders_are_refused_in_one_line(tmp_path):

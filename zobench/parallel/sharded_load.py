@@ -30,9 +30,10 @@ import math
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
+
 import torch
 
-from ..errors import ZobenchError
+from ..errors import Interrupted, ZobenchError
 from .zo_shard import local_piece
 
 INDEX = "model.safetensors.index.json"
@@ -102,7 +103,14 @@ def folder_of(source: str) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json"]))
+    try:
+        return Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json"]))
+    except Interrupted:
+        raise
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ZobenchError(f"could not fetch the safetensors of '{source}' ({reason}); without hub access download "
+                           f"them elsewhere and set model.path=/local/dir (a save_pretrained folder)") from error
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
