@@ -132,6 +132,7 @@ def check_device_map(device_map) -> dict[str, Any]:
 
 
 def model_source(spec: dict[str, Any]) -> str:
+    """The preset's local folder (checked: it holds a model) or its hub id."""
     if spec.get("path"):
         return str(check_model_folder(spec))
     if not spec.get("hub_id"):
