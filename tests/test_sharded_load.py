@@ -234,6 +234,10 @@ def test_missing_tensor_wrong_shape_and_pickle_only_folders_are_refused_in_one_l
                                            r"\[128, 63\], the model's .* \[128, 64\]"):
         fill_unsharded(folder)
     (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / "model.safetensors")  # a FIFO would block a reader: refused as not a regular file
+    with pytest.raises(ZobenchError, match=r"model\.safetensors is a FIFO, not a regular file"):
+        fill_unsharded(folder)
+    (folder / "model.safetensors").unlink()
     torch.save({}, folder / "pytorch_model.bin")
     with pytest.raises(ZobenchError, match=r"holds no model\.safetensors nor model\.safetensors\.index\.json: .*"
                                            r"safetensors only \(a \.bin is a pickle\)"):

@@ -117,7 +117,7 @@ def weight_files(folder: Path) -> dict[str, Path]:
     """{checkpoint key: the safetensors file holding it}: the index of a sharded checkpoint, or the one file."""
     from .. import safe_files
 
-    if (folder / INDEX).is_file():
+    if (folder / INDEX).exists():
         index = safe_files.read_json(folder / INDEX)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -125,17 +125,29 @@ def weight_files(folder: Path) -> dict[str, Path]:
         files = {}
         for key, name in weight_map.items():
             path = folder / name
-            if Path(name).name != name or not path.is_file():
+            if Path(name).name != name or not path.exists():
                 raise ZobenchError(f"{folder / INDEX} names {name!r} for {key}, which is not a file in {folder}")
             files[key] = path
+        for path in set(files.values()):
+            _check_regular(path)
         return files
-    if (folder / SINGLE).is_file():
+    if (folder / SINGLE).exists():
         from safetensors import safe_open
 
+        _check_regular(folder / SINGLE)
         with safe_open(str(folder / SINGLE), framework="pt") as single:
             return {key: folder / SINGLE for key in single.keys()}
     raise ZobenchError(f"{folder} holds no {SINGLE} nor {INDEX}: with the weights sharded at load zobench reads "
                        f"safetensors only (a .bin is a pickle); convert it (save_pretrained writes safetensors)")
+
+
+def _check_regular(path: Path) -> None:
+    """A weights file is a regular file (safe_files' rule: a FIFO or a device would block or never end)."""
+    import os
+
+    from .. import safe_files
+
+    os.close(safe_files.open_regular(path))
 
 
 def key_map(model: torch.nn.Module, keys) -> dict[str, str]:
