@@ -293,7 +293,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def _placed(name: str, words: list[str], world, stream: bool):
+def _placed(words: list[str], world, stream: bool):
     """A model of `words` built and placed by the runner's own steps, its weights streamed or loaded whole."""
     from zobench.build import build_model
     from zobench.configs import compose
@@ -321,8 +321,8 @@ def _worker(root: str) -> None:
     found = {}
     for case, (folder, overrides) in CASES.items():
         words = [*overrides, *pretrained(Path(root) / folder)]
-        whole, _, _ = _placed(case, words, world, stream=False)
-        streamed, streams, meta = _placed(case, words, world, stream=True)
+        whole, _, _ = _placed(words, world, stream=False)
+        streamed, streams, meta = _placed(words, world, stream=True)
         reference = dict(whole.named_parameters())
         params = dict(streamed.named_parameters())
         mismatched = [n for n, p in params.items() if n not in reference or not (
