@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from .evaluate import MAX_NEW_TOKENS, evaluate
 from .icl import demonstration_blocks
 from .models import bos_override, load_model
 from .optim import build_optimizer
+from .parallel.sharded_load import adapters_drawn_on_host
 from .peft_adapters import apply_peft
 from .spec import RunSpec
 from .tasks import PromptTemplate
@@ -33,16 +35,18 @@ def sample_splits(spec: RunSpec):
     return splits
 
 
-def build_model(spec: RunSpec, max_length: int | None = None):
+def build_model(spec: RunSpec, max_length: int | None = None, empty: bool = False):
     """(model, tokenizer, saveable): the model with the run's adapter, initialised from the run's seed
-    (peft=none: the model itself); `saveable` is what save_pretrained writes (the adapter alone, with PEFT)."""
+    (peft=none: the model itself); `saveable` is what save_pretrained writes (the adapter alone, with PEFT).
+    `empty`: a pretrained model's parameters stay on the meta device, for the ranks to shard and fill."""
     model_spec = dict(spec.model)
     source = "random weights" if model_spec["init"] == "random" else model_spec.get("path") or model_spec.get("hub_id")
     log.info("loading model %s (%s, %s on %s)", model_spec["name"], source, str(spec.dtype).removeprefix("torch."),
              spec.device)
     start = time.monotonic()  # a 13B model takes minutes to load: the log says what the silence is
-    model, tokenizer = load_model(model_spec, spec.device, spec.dtype, max_length=max_length)
-    model, saveable = apply_peft(model, dict(spec.peft), seed=spec.seed)
+    model, tokenizer = load_model(model_spec, spec.device, spec.dtype, max_length=max_length, empty=empty)
+    with adapters_drawn_on_host(model) if empty else nullcontext():  # a skeleton's adapter keeps its drawn init
+        model, saveable = apply_peft(model, dict(spec.peft), seed=spec.seed)
     log.info("model %s loaded in %.1f s", model_spec["name"], time.monotonic() - start)
     return model, tokenizer, saveable
 

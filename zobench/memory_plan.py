@@ -97,6 +97,7 @@ class JobShape:
     save_model: bool
     peft: str
     threads: int = 1  # CPU threads sharing the ZO engine's blocks
+    pretrained: bool = True  # model.init=pretrained: sharded modes read each rank's rows only (sharded_load.py)
 
 
 @dataclass
@@ -192,7 +193,7 @@ def plan(job: JobShape, gpu_memory: int, gpus: int | None = None) -> Plan:
                            f"are on every GPU; shard them (parallel.zo=shard, parallel.fo=fsdp)")
         elif fixed and result.per_gpu["total"] > gpu_memory:
             result.note = f"{human(result.per_gpu['total'])} per GPU: more than the {human(gpu_memory)} a GPU has"
-    result.host = _host(job, result.per_gpu)
+    result.host = _host(job, result.per_gpu, result.gpus or 1)
     result.disk = _disk(job)
     return result
 
@@ -277,11 +278,11 @@ def checkpoint_bytes(job: JobShape) -> int:
     return 2 * SAFETENSORS_HEADER + state + (model.trained * trained_bytes if with_weights else 0)
 
 
-def _host(job: JobShape, per_device: dict[str, int]) -> dict[str, int]:
+def _host(job: JobShape, per_device: dict[str, int], world: int = 1) -> dict[str, int]:
     """Host memory of the run's process: the runtime, the tensors of a checkpoint copied to the host at once
     while it is written (checkpoint.py), likewise the trained weights while the best-on-dev copy is written
     (train.keep_best=disk) or all along (keep_best=host), and on GPU the weights as they load (a pretrained
-    file's tensors pass through host memory)."""
+    file's tensors pass through host memory; sharded over `world` ranks at load, one tensor's rows at a time)."""
     trains = job.method.kind != "evaluation"
     staged = checkpoint_bytes(job) if trains else 0
     best_bytes = job.model.trained * job.weights_bytes if trains else 0
@@ -292,6 +293,8 @@ def _host(job: JobShape, per_device: dict[str, int]) -> dict[str, int]:
         peak = max(per_device["total"], between_steps + staged, between_steps + best_staged) + best_held
         return {"peak": peak, "checkpoint_copy": staged, "best_copy": best_staged or best_held}
     loading = job.model.params * job.weights_bytes
+    if job.parallel in ("shard", "fsdp") and world > 1 and job.pretrained and job.peft == "none":
+        loading = math.ceil(job.model.largest_trained / world) * job.weights_bytes  # every tensor trained: the largest
     return {"peak": process_resident() + max(loading, staged, best_staged) + best_held, "checkpoint_copy": staged,
             "best_copy": best_staged or best_held, "loading": loading}
 

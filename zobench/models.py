@@ -45,17 +45,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(spec: dict[str, Any], device: torch.device, dtype: torch.dtype, max_length: int | None = None):
+def load_model(spec: dict[str, Any], device: torch.device, dtype: torch.dtype, max_length: int | None = None,
+               empty: bool = False):
     """Returns (model in eval mode on `device`, or sharded by `device_map`, and its tokenizer). `max_length`:
-    the run's, refused right after the model's config is read if the model has fewer positions."""
+    the run's, refused right after the model's config is read if the model has fewer positions. `empty`: a
+    pretrained model's skeleton, its parameters on the meta device, for the ranks to shard and then fill
+    (parallel/sharded_load.py)."""
     tokenizer = _load_tokenizer(spec)
     device_map = spec.get("device_map")
-    if spec.get("init", "pretrained") == "random":
+    random = spec.get("init", "pretrained") == "random"  # drawn whole on the host, `empty` or not
+    if random:
         model = _random_model(spec, tokenizer, dtype, max_length)
     else:
-        model = _pretrained_model(spec, dtype, max_length)
+        model = _pretrained_model(spec, dtype, max_length, empty)
     if tokenizer.pad_token_id is None:  # LLaMA has none; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
+    if empty and not random:
+        return model.eval(), tokenizer  # on the meta device: the ranks shard it, then read their shards
     if device_map:
         if device_map == "auto":
             device_map = auto_device_map(model, dtype, gpu_memory(), float(spec["headroom_gib"]))
@@ -125,7 +131,8 @@ def check_device_map(device_map) -> dict[str, Any]:
     return device_map
 
 
-def _source(spec: dict[str, Any]) -> str:
+def model_source(spec: dict[str, Any]) -> str:
+    """The preset's local folder (checked: it holds a model) or its hub id."""
     if spec.get("path"):
         return str(check_model_folder(spec))
     if not spec.get("hub_id"):
@@ -152,7 +159,7 @@ def _load_tokenizer(spec: dict[str, Any]):
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
-    source = spec.get("tokenizer") or _source(spec)
+    source = spec.get("tokenizer") or model_source(spec)
     _announce("tokenizer", source)
     try:
         return AutoTokenizer.from_pretrained(source)
@@ -167,10 +174,10 @@ def _load_tokenizer(spec: dict[str, Any]):
         raise _unreachable("tokenizer", source, error) from error
 
 
-def _pretrained_model(spec: dict[str, Any], dtype: torch.dtype, max_length: int | None):
+def _pretrained_model(spec: dict[str, Any], dtype: torch.dtype, max_length: int | None, empty: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    source = _source(spec)
+    source = model_source(spec)
     _announce("model", source)
     try:
         config = AutoConfig.from_pretrained(source)
@@ -180,6 +187,10 @@ def _pretrained_model(spec: dict[str, Any], dtype: torch.dtype, max_length: int 
         raise _unreachable("model", source, error) from error
     if max_length is not None:
         check_positions(max_length, _positions(config), f"max_position_embeddings in the config of {source}")
+    if empty:
+        from .parallel.sharded_load import skeleton
+
+        return skeleton(config, dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
     except Interrupted:

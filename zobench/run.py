@@ -21,7 +21,7 @@ from .encoding import collate_indices
 from .errors import Diverged, Interrupted, ZobenchError
 from .failures import run_failure
 from .loggers import open_trackers
-from .models import input_device, parameter_count, trained_parameters
+from .models import parameter_count, trained_parameters
 from .objective import Objective
 from .optim.base import EVALUATION_ONLY
 from .parallel.launch import follow_run_folder, joined, send_run_folder
@@ -121,8 +121,8 @@ class Job:
         spec = self.spec = self.spec.for_training_size(len(splits.train))  # train.epochs: steps from this size
         if spec.train.epochs is not None:
             record.note(steps_planned=spec.train.steps)
-        model, tokenizer, saveable = build_model(spec, max_length=spec.max_length)
-        record.device = device = input_device(model)  # batches go where the (first shard of the) model is
+        model, tokenizer, saveable = build_model(spec, max_length=spec.max_length, empty=ranks.streams)
+        record.device = device = ranks.input_device(model)  # batches go where the (first shard of the) model is
         forward = ranks.place(model, device)  # sharded or wrapped under torchrun, before objective and method
         record.note(device=device_name(device), dtype=str(spec.dtype).removeprefix("torch."),
                     n_params=parameter_count(model))

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from . import in_place
+from ..models import input_device, model_source
+from . import in_place, sharded_load
 from .first_order import Parallel, parallelize
 from .world import World
 from .zo import FIRST_ORDER_MODES, Exchange, ZOParallel, from_spec, spread_directions, summary, training_loss
@@ -29,9 +30,20 @@ class Ranks:
         """Checks what runs over the ranks (one line per refusal) before any data or model is read."""
         self.spec, self.world = spec, world
         self.plan: ZOParallel = from_spec(spec, world)
+        self.streams = sharded_load.streams(spec, self.plan)  # each rank loads its shard only
+        if self.streams:
+            sharded_load.check(spec)
         self.first_order: Parallel | None = None
         self.exchange: Exchange | None = None
         self.objective = None  # the run's Objective (training_loss)
+
+    def input_device(self, model: torch.nn.Module) -> torch.device:
+        """Where batches go: the device of the (first shard of the) model, or, for a skeleton to be filled
+        (`streams`), the device this rank's shards are allocated on."""
+        if self.streams:
+            device = self.spec.device
+            return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
+        return input_device(model)
 
     def place(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module | None:
         """Shards or wraps the built model before the objective and the method are built (FSDP2 replaces the
@@ -42,6 +54,10 @@ class Ranks:
         wrapped = self.plan.mode in FIRST_ORDER_MODES  # FSDP2/DDP; Addax runs in a ZO mode (its FO half: in_place.py)
         self.first_order = parallelize(model, self.spec.method.cls, self.world, self.spec.parallel,
                                        self.spec.precision) if wrapped else Parallel(self.world)
+        if self.streams:  # the skeleton sharded as a loaded model is: now this rank's rows
+            folder = sharded_load.folder_of(model_source(dict(self.spec.model)))
+            read = sharded_load.fill(model, folder, self.spec.dtype, device)
+            log.info("rank %d read its shards of the weights from %s: %d bytes", self.world.rank, folder, read)
         return self.first_order.forward or (model if self.plan.shards_weights else None)
 
     def training_loss(self, objective):
