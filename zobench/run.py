@@ -201,9 +201,10 @@ class Job:
                         result = self._dev_eval(evaluator, encoded.dev, step, select=regular)
                         if early and stopper.observe(step, result):
                             self._stop_early(result, step, selected=regular)
-                    if regular or early or step % spec.checkpoint.every == 0 or self.stop_requested:
+                    stop = self.ranks.stop_agreed(self.stop_requested)  # all ranks stop after the same step
+                    if regular or early or step % spec.checkpoint.every == 0 or stop:
                         self.checkpointer.save(step, self._job_state())
-                    if self.stop_requested:
+                    if stop:
                         raise Interrupted("stop requested")
                     if stopper.stopped:
                         break

@@ -1,0 +1,196 @@
+"""hydra/launcher=slurm_multigpu: a sweep whose every job spans several GPUs, one SLURM task per GPU, the tasks the
+ranks of one run. SLURM cannot run here; submitit's local executor runs several tasks per job the same way (one
+process per task, submitit's job environment), so a 2-task job on CPU (gloo) is the real test; the preset's
+sbatch lines and a multi-node SLURM task's environment are checked as far as they can be without SLURM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import QUICK
+from test_distributed_zo import assert_same_run, losses, one_process, run_files, torchrun
+
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+FEW = QUICK + ["train.steps=3", "train.eval_interval=0", "save_model=true"]
+TWO_TASKS = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2"]
+
+
+def sweep(*args: str, wait: bool = True):
+    """`zobench -m hydra/launcher=submitit_local hydra.launcher.tasks_per_node=2 ARGS`: one job, two tasks."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "zobench", *TWO_TASKS, *args]
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def job_folder(sweep_dir: Path) -> Path:
+    (folder,) = [path for path in sweep_dir.iterdir() if path.name.startswith("0_")]
+    return folder
+
+
+def same_weights(one: Path, two: Path) -> bool:
+    first, second = (load_file(str(f / "model" / "model.safetensors")) for f in (one, two))
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_the_preset_asks_slurm_for_one_task_per_gpu_on_every_node(tmp_path, monkeypatch):
+    """The sbatch file submitit writes for the preset: tasks per node follow the GPUs per node, the nodes as
+    asked, and the time-limit signal that stops and requeues the job."""
+    import submitit
+    from hydra.utils import instantiate
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    from hydra import compose, initialize_config_dir
+
+    from zobench.configs import register_resolvers, register_tasks
+    from zobench.paths import conf_dir
+
+    register_resolvers()
+    register_tasks()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm_multigpu", "hydra.launcher.gpus_per_node=8",
+                                 "hydra.launcher.nodes=2"])
+        launcher = instantiate(cfg.hydra.launcher)
+    params = launcher.params
+    assert (params["nodes"], params["gpus_per_node"], params["tasks_per_node"]) == (2, 8, 8)
+    # as the plugin's launch() hands them to submitit (which looks for srun first: there is none here)
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))
+    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path, slurm_max_num_timeout=params["max_num_timeout"])
+    base = set(BaseQueueConf.__dataclass_fields__)
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
+                                  if k not in ("submitit_folder", "max_num_timeout")})
+    sbatch = executor._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --signal=USR2@120"):
+        assert line in sbatch, sbatch
+    assert "srun" in sbatch  # one task per (node, GPU): each a rank
+
+
+@pytest.fixture
+def environ():
+    """os.environ, put back as it was after the test (submitit's export writes it directly)."""
+    saved = dict(os.environ)
+    yield os.environ
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_a_slurm_task_of_a_two_node_job_is_its_rank(environ):
+    """What SLURM sets in task 5 of 2 nodes x 4 tasks (no torchrun variables) becomes torch.distributed's env://
+    rendezvous: rank 5 of 8, local rank 1, the job's first node; every GPU of the node stays visible."""
+    from zobench.parallel.world import from_env, join_submitit_tasks
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        environ.pop(name, None)
+    environ.update({"CUDA_VISIBLE_DEVICES": "0,1,2,3", "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "77",
+                    "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3", "SLURM_NTASKS": "8",
+                    "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+                    "SLURM_JOB_NODELIST": "gpu[12-13]"})
+    assert from_env().size == 1  # before: a world of one, as for any process without torchrun's variables
+    world = join_submitit_tasks()
+    assert (world.rank, world.size, world.local_rank) == (5, 8, 1) and world == from_env()
+    assert environ["MASTER_ADDR"] == "gpu12" and environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    port = environ["MASTER_PORT"]
+    del environ["RANK"]
+    environ.update({"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"})
+    assert join_submitit_tasks().rank == 0 and environ["MASTER_PORT"] == port  # every task meets there
+
+
+def test_a_two_task_submitit_job_runs_as_two_ranks_and_rank_0_alone_writes_its_folder(tmp_path):
+    """A job of two submitit tasks (local executor, gloo) is one run over 2 ranks: its losses and weights are the
+    one-process run's (as torchrun's 2 ranks are), its folder holds the same files (rank 1's Hydra files and log
+    go to its scratch folder), and metrics.json says 2 ranks."""
+    result = sweep(*FEW, "optimizer=mezo", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    job = job_folder(tmp_path / "sweep")
+    one = one_process(tmp_path, "one", "optimizer=mezo")
+    assert_same_run(one, job)
+    # the in-process run has none of the command line's files: Hydra's, its log and the overrides kept for resume=
+    command_line = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "zobench.log",
+                    "overrides.yaml"}
+    assert run_files(job) == run_files(one) | command_line
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["world_size"] == 2 and metrics["parallel"] == "zo=data"
+    assert metrics["replicas_identical"] is True and metrics["bytes_sent_per_step_per_rank"] == [32.0, 32.0]
+    assert (job / "zobench.log").read_text().count("loading model") == 1  # rank 0's log alone
+
+
+@pytest.mark.slow
+def test_a_two_task_submitit_job_is_the_two_rank_torchrun_run_bit_for_bit(tmp_path):
+    result = sweep(*FEW, "optimizer=zo_adam", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    two = tmp_path / "torchrun"
+    launched = torchrun(*FEW, "optimizer=zo_adam", f"hydra.run.dir={two}")
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    job = job_folder(tmp_path / "sweep")
+    assert losses(job) == losses(two) and same_weights(job, two)
+    assert run_files(job) == run_files(two)
+
+
+def _task_pids(sweep_dir: Path) -> list[int]:
+    """The pids of submitit's task processes (`python -u -m submitit.core._submit FOLDER`) of this sweep."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in command and any(str(sweep_dir).encode() in part for part in command):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_two_task_job_signalled_before_its_time_limit_is_requeued_as_one_job_and_ends_as_uninterrupted(tmp_path):
+    """submitit's time-limit signal (SIGUSR2, which SLURM and the local controller send to every task): both ranks
+    stop after the same step, rank 0 records `interrupted` with its checkpoint and requeues the job (all its tasks:
+    exit 144, which the local controller restarts as `scontrol requeue` does); the restarted tasks resume as 2 ranks
+    and end where an uninterrupted 2-rank run ends, bit for bit."""
+    run = QUICK + ["optimizer=mezo", "train.steps=150", "train.eval_interval=0", "checkpoint.every=1000",
+                   "save_model=true"]
+    sweep_dir = tmp_path / "sweep"
+    launcher = sweep(*run, "hydra.launcher.timeout_min=30", f"hydra.sweep.dir={sweep_dir}", wait=False)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((sweep_dir.exists() and (folder := next(sweep_dir.glob("0_*"), None)) is not None
+                    and (folder / "trajectory.jsonl").exists()
+                    and len((folder / "trajectory.jsonl").read_text().splitlines()) >= 20)):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-3000:]
+            time.sleep(0.05)
+        tasks = _task_pids(sweep_dir)
+        assert len(tasks) == 2
+        for pid in tasks:  # as the controller does signal_delay_s before the limit
+            os.kill(pid, signal.SIGUSR2)
+        assert launcher.wait(timeout=600) == 0, launcher.stderr.read()[-3000:]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    whole = tmp_path / "whole"
+    assert torchrun(*run, f"hydra.run.dir={whole}", timeout=600).returncode == 0
+    job = job_folder(sweep_dir)
+    resumed = json.loads((job / "metrics.json").read_text())
+    assert resumed["status"] == "completed" and resumed["world_size"] == 2
+    assert 20 <= resumed["resumed_at_step"] < 150
+    assert losses(job) == losses(whole) and same_weights(job, whole)
+    logs = {kind: "".join(p.read_text() for p in (sweep_dir / ".submitit").rglob(f"*_0_log.{kind}"))
+            for kind in ("out", "err")}
+    assert "Caught signal SIGUSR2" in logs["err"], logs["err"][-3000:]
+    assert "Requeued job" in logs["out"], logs["out"][-3000:]
+    assert f"resumed at step {resumed['resumed_at_step']}" in logs["out"], logs["out"][-3000:]
+    assert logs["out"].count("loading model") == 2  # two attempts of the one job (rank 0's lines)
