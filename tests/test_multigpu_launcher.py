@@ -6,6 +6,7 @@ sbatch lines and a multi-node SLURM task's environment are checked as far as the
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -194,3 +195,21 @@ def test_a_two_task_job_signalled_before_its_time_limit_is_requeued_as_one_job_a
     assert "Requeued job" in logs["out"], logs["out"][-3000:]
     assert f"resumed at step {resumed['resumed_at_step']}" in logs["out"], logs["out"][-3000:]
     assert logs["out"].count("loading model") == 2  # two attempts of the one job (rank 0's lines)
+
+
+@pytest.mark.slow
+def test_the_gpu_checks_torchrun_rows_run_on_cpu_with_gloo(tmp_path):
+    """benchmarks/gpu_check.sh's torchrun rows (GPU_CHECK_RANKS=only; with two GPUs or more they run on NCCL):
+    ZO data, directions, shard and FSDP2 Adam on 2 ranks within the CPU tests' bounds of one process, and
+    benchmarks/distributed.py's table for 1 and 2 ranks."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=2400,
+                          env={**os.environ, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_RANKS": "only",
+                               "GPU_CHECK_OUT": str(tmp_path)})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    out = done.stdout
+    for row, mode in (("zo-data", "zo=data"), ("zo-directions", "zo=directions"), ("zo-shard", "zo=shard"),
+                      ("fsdp-adam", "fo=fsdp")):
+        assert re.search(rf"^{row}\s+{mode}\s+\S+\s+\S+\s+\S+\s+ok ", out, re.M), out
+    assert "ZO data / DDP bytes sent per rank per step:" in out and "all parts passed" in out
+    assert "zobench end to end" not in out  # only the torchrun rows
