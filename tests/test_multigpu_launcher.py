@@ -128,6 +128,12 @@ def test_a_two_task_submitit_job_runs_as_two_ranks_and_rank_0_alone_writes_its_f
     assert metrics["status"] == "completed" and metrics["world_size"] == 2 and metrics["parallel"] == "zo=data"
     assert metrics["replicas_identical"] is True and metrics["bytes_sent_per_step_per_rank"] == [32.0, 32.0]
     assert (job / "zobench.log").read_text().count("loading model") == 1  # rank 0's log alone
+    # the sweep run again into its folder: every task finds the job completed, none waits for the others
+    again = sweep(*FEW, "optimizer=mezo", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    for task in (0, 1):
+        said = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob(f"*_{task}_log.out"))
+        assert said.count("completed before") == 1, said[-2000:]
 
 
 @pytest.mark.slow
