@@ -219,3 +219,21 @@ def test_the_gpu_checks_torchrun_rows_run_on_cpu_with_gloo(tmp_path):
         assert re.search(rf"^{row}\s+{mode}\s+\S+\s+\S+\s+\S+\s+ok ", out, re.M), out
     assert "ZO data / DDP bytes sent per rank per step:" in out and "all parts passed" in out
     assert "zobench end to end" not in out  # only the torchrun rows
+
+
+def test_metrics_name_every_device_the_model_spans(quick_cfg, tmp_path, monkeypatch):
+    """Issue 21: metrics.json's `device` (a string, as old readers and zobench-report read it) names every GPU of a
+    device-mapped model, and `devices` lists them; a one-device run says what it always said."""
+    from zobench.run import run
+    from zobench.run_record import device_names, devices_used
+
+    metrics = run(quick_cfg("train.steps=1", "train.eval_interval=0"), tmp_path)
+    assert metrics["devices"] == ["cpu"] and metrics["device"].startswith("cpu (")
+    split = torch.nn.Sequential(torch.nn.Linear(2, 2, device="meta"), torch.nn.Linear(2, 2))
+    assert devices_used(split) == [torch.device("cpu"), torch.device("meta")]
+    names = {0: "NVIDIA H100 80GB HBM3", 1: "NVIDIA H100 80GB HBM3", 2: "NVIDIA A100-SXM4-80GB"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: names[torch.device(device).index])
+    gpus = [torch.device("cuda", i) for i in range(3)]
+    assert device_names(gpus[:1]) == "NVIDIA H100 80GB HBM3"
+    assert device_names(gpus[:2]) == "2 x NVIDIA H100 80GB HBM3"
+    assert device_names(gpus) == "2 x NVIDIA H100 80GB HBM3 + 1 x NVIDIA A100-SXM4-80GB"

@@ -30,7 +30,7 @@ from .parallel.sharded_checkpoint import save_model_folder
 from .parallel.world import World, from_env
 from .resume import resumable_state
 from .run_dir import RunDir
-from .run_record import RunRecord, device_name, record_refusal
+from .run_record import RunRecord, device_names, devices_used, record_refusal
 from .spec import RunSpec
 from .stop_signals import signals_stop
 
@@ -124,8 +124,9 @@ class Job:
         model, tokenizer, saveable = build_model(spec, max_length=spec.max_length)
         record.device = device = input_device(model)  # batches go where the (first shard of the) model is
         forward = ranks.place(model, device)  # sharded or wrapped under torchrun, before objective and method
-        record.note(device=device_name(device), dtype=str(spec.dtype).removeprefix("torch."),
-                    n_params=parameter_count(model))
+        used = devices_used(model)  # several GPUs under model.device_map
+        record.note(device=device_names(used), devices=[str(d) for d in used],
+                    dtype=str(spec.dtype).removeprefix("torch."), n_params=parameter_count(model))
         encoded = encode_splits(spec, splits, tokenizer)
         record.note(**encoded.record())
         precision = spec.precision
