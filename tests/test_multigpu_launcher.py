@@ -237,3 +237,27 @@ def test_metrics_name_every_device_the_model_spans(quick_cfg, tmp_path, monkeypa
     assert device_names(gpus[:1]) == "NVIDIA H100 80GB HBM3"
     assert device_names(gpus[:2]) == "2 x NVIDIA H100 80GB HBM3"
     assert device_names(gpus) == "2 x NVIDIA H100 80GB HBM3 + 1 x NVIDIA A100-SXM4-80GB"
+
+
+def test_a_device_map_spill_known_from_the_config_is_refused_before_any_data_is_read(tmp_path, monkeypatch):
+    """Issue 21: model.device_map=auto for weights that cannot fit the visible GPUs (their memory less
+    model.headroom_gib) is refused from the config alone (the model built on the meta device), with the load's
+    one line, before data or weights are read: exit 2, no metrics.json. Here two 1 GiB GPUs, OPT-125m in fp16."""
+    import zobench.models
+    from zobench.configs import compose
+    from zobench.errors import ZobenchError
+    from zobench.spec import RunSpec
+
+    from conftest import run_cli
+
+    monkeypatch.setattr(zobench.models, "gpu_memory", lambda: {0: 2**30, 1: 2**30})
+    words = ["model=opt-125m", "model.init=random", "model.tokenizer=byte", "model.device_map=auto"]
+    spec = RunSpec.from_cfg(compose([*words, "model.headroom_gib=0.9"]))
+    with pytest.raises(ZobenchError, match=r"do not fit on 2 GPU\(s\) with model.headroom_gib=0.9") as refused:
+        zobench.models.refuse_spill(spec.model, torch.float16)
+    assert "\n" not in str(refused.value)
+    zobench.models.refuse_spill(RunSpec.from_cfg(compose([*words, "model.headroom_gib=0.5"])).model, torch.float16)
+    # no GPU at all here: the same refusal's "none is visible", from the command line
+    done = run_cli(*QUICK, "train.steps=1", "model.device_map=auto", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 2 and "none is visible" in done.stderr, done.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -34,6 +34,7 @@ def _job(cfg) -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from .models import refuse_spill
     from .parallel.launch import rank_run_dir
     from .parallel.zo import from_spec as zo_parallel
     from .run import run
@@ -52,6 +53,7 @@ def _job(cfg) -> str:
     try:
         spec = RunSpec.from_cfg(cfg)  # before anything is written or loaded: a bad value names its key
         zo_parallel(spec, world)  # what runs over the ranks
+        refuse_spill(spec.model, spec.dtype)  # model.device_map=auto over GPUs too small, known from the config
     except ZobenchError as error:
         where = f" [job {hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)}]" if in_sweep else ""
         return _job_ended(classify(error, refused=(ZobenchError,)), where, in_sweep)
