@@ -65,6 +65,7 @@ def _worker_died(error: BaseException) -> bool:
 
 
 def task_ranks() -> None:
+    """Each task of a submitit job runs as its rank of the job's one run (a job of one task: as before)."""
     try:
         from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
     except ImportError:  # the `cluster` extra is not installed: no submitit sweeps
