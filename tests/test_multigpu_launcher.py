@@ -164,13 +164,15 @@ def _task_pids(sweep_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_two_task_job_signalled_before_its_time_limit_is_requeued_as_one_job_and_ends_as_uninterrupted(tmp_path):
+@pytest.mark.parametrize("method", [["optimizer=mezo"],  # ZO data mode; FSDP2 Adam: sharded checkpoints
+                                    ["optimizer=adam", "optimizer.lr=1e-4", "train.keep_best=host"]])
+def test_a_two_task_job_signalled_before_its_time_limit_is_requeued_as_one_job_and_ends_as_uninterrupted(tmp_path,
+                                                                                                         method):
     """submitit's time-limit signal (SIGUSR2, which SLURM and the local controller send to every task): both ranks
     stop after the same step, rank 0 records `interrupted` with its checkpoint and requeues the job (all its tasks:
     exit 144, which the local controller restarts as `scontrol requeue` does); the restarted tasks resume as 2 ranks
     and end where an uninterrupted 2-rank run ends, bit for bit."""
-    run = QUICK + ["optimizer=mezo", "train.steps=150", "train.eval_interval=0", "checkpoint.every=1000",
-                   "save_model=true"]
+    run = QUICK + [*method, "train.steps=150", "train.eval_interval=0", "checkpoint.every=1000", "save_model=true"]
     sweep_dir = tmp_path / "sweep"
     launcher = sweep(*run, "hydra.launcher.timeout_min=30", f"hydra.sweep.dir={sweep_dir}", wait=False)
     try:
@@ -261,3 +263,34 @@ def test_a_device_map_spill_known_from_the_config_is_refused_before_any_data_is_
     done = run_cli(*QUICK, "train.steps=1", "model.device_map=auto", f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 2 and "none is visible" in done.stderr, done.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGUSR2 to rank 1 alone (signals reach the ranks at different moments): both ranks of an FSDP2 Adam run
+    stop after the same step, so rank 0 checkpoints its shards (a collective) and records `interrupted` instead of
+    waiting in the next step's collectives; `resume=` ends where an uninterrupted run ends."""
+    from test_distributed_zo import _rank_pid
+
+    run = QUICK + ["optimizer=adam", "optimizer.lr=1e-4", "train.keep_best=host", "train.steps=150",
+                   "train.eval_interval=0", "checkpoint.every=1000", "save_model=true"]
+    stopped = tmp_path / "stopped"
+    job = torchrun(*run, f"hydra.run.dir={stopped}", wait=False)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((stopped / "trajectory.jsonl").exists()
+                   and len((stopped / "trajectory.jsonl").read_text().splitlines()) >= 20):
+            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read() if job.poll() else ""
+            time.sleep(0.05)
+        os.kill(_rank_pid(job.pid, 1), signal.SIGUSR2)
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    metrics = json.loads((stopped / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and 20 <= metrics["steps"] < 150, metrics["error"]
+    assert json.loads((stopped / "checkpoint" / "state.json").read_text())["step"] == metrics["steps"]
+    assert torchrun(f"resume={stopped}", timeout=600).returncode == 0
+    whole = tmp_path / "whole"
+    assert torchrun(*run, f"hydra.run.dir={whole}", timeout=600).returncode == 0
+    assert losses(stopped) == losses(whole) and same_weights(stopped, whole)
