@@ -11,7 +11,9 @@ benchmarks/_count_collectives.py, which counts the bytes of the tensors each ran
 collectives during the training steps (FSDP2's all-gathers and reduce-scatters, DDP's gradient all-reduce,
 zobench's own scalar exchange alike); for ZO data/directions zobench's own count (metrics.json's
 bytes_sent_per_step_per_rank) is printed beside it. Step time is metrics.json's train_wall_clock_s / steps;
-peak memory is metrics.json's (VmHWM on CPU), the 2-rank figure the largest rank's.
+peak memory is metrics.json's (VmHWM on CPU, the GPU's allocator peak on CUDA), the 2-rank figure the largest
+rank's. On CUDA (`--device cuda`, two GPUs or more) the 1-rank run takes GPU 0 and the 2-rank run GPUs 0 and 1
+(zobench sets each rank's device to cuda:LOCAL_RANK, NCCL between them).
 """
 
 from __future__ import annotations
@@ -97,8 +99,9 @@ def measure(row: str, args, scratch: Path) -> dict:
 def report(results: dict[str, dict], args) -> None:
     first = next(iter(results.values()))
     params = first["param_bytes"]
+    where = args.device if args.device == "cpu" else f"{torch.cuda.get_device_name(0)} (1 rank: GPU 0; 2: GPUs 0, 1)"
     print(f"model {args.model} (random init, {first['n_params'] / 1e6:.2f}M params = {params:,} bytes in "
-          f"{first['dtype']}) on {args.device}; {args.batch_size} examples per step (global), {args.steps} steps; "
+          f"{first['dtype']}) on {where}; {args.batch_size} examples per step (global), {args.steps} steps; "
           f"OMP_NUM_THREADS=1 per rank")
     print(f"{'row':<14} {'parallel':<14} {'step s 1 rank':>13} {'2 ranks':>9} {'2/1':>6} "
           f"{'sent/rank/step B':>17} {'/ param bytes':>13} {'zobench count':>13} {'peak MiB 1':>10} {'2 (max)':>8}")
@@ -132,6 +135,11 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}: choose from {', '.join(ROWS)}")
+    if args.device.startswith("cuda") and torch.cuda.device_count() < 2:
+        parser.error(f"--device {args.device}: the 2-rank runs take a GPU each (NCCL), and "
+                     f"{torch.cuda.device_count()} GPU is visible")
+    if args.device.startswith("cuda"):  # each rank takes cuda:LOCAL_RANK; the 1-rank run cuda:0
+        args.device = "cuda"
     with tempfile.TemporaryDirectory(prefix="zobench-distributed-") as scratch:
         results = {row: measure(row, args, Path(scratch)) for row in rows}
     report(results, args)

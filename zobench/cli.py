@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import RefusedInput, ZobenchError
 from .failures import INTERRUPTED, Failure, classify, command, say
+from .launchers import task_ranks as _task_ranks  # a submitit task imports this module: its tasks become ranks
 from .parallel.world import from_env
 
 
@@ -33,6 +34,8 @@ def _job(cfg) -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from .models import refuse_spill
+    from .parallel.launch import rank_run_dir
     from .parallel.zo import from_spec as zo_parallel
     from .run import run
     from .spec import RunSpec
@@ -43,12 +46,14 @@ def _job(cfg) -> str:
     tag = f"[job {hydra_cfg.job.num}] " if in_sweep else ""  # parallel jobs' lines interleave: each says whose
     if in_sweep:
         _tag_console(tag)
-    speaks = from_env().main  # under torchrun rank 0 speaks for the job; the others say only what goes wrong
+    world = from_env()  # a torchrun rank, or a task of a submitit job with several (launchers.task_ranks)
+    speaks = world.main  # rank 0 speaks for the job; the others say only what goes wrong
     if not speaks:
         _quiet_console()
     try:
         spec = RunSpec.from_cfg(cfg)  # before anything is written or loaded: a bad value names its key
-        zo_parallel(spec, from_env())  # what runs over the ranks
+        zo_parallel(spec, world)  # what runs over the ranks
+        refuse_spill(spec.model, spec.dtype)  # model.device_map=auto over GPUs too small, known from the config
     except ZobenchError as error:
         where = f" [job {hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)}]" if in_sweep else ""
         return _job_ended(classify(error, refused=(ZobenchError,)), where, in_sweep)
@@ -57,7 +62,8 @@ def _job(cfg) -> str:
         print(f"{tag}completed before: results in {run_dir} (not run again)", flush=True)
         return "completed"
     try:
-        metrics = run(spec, run_dir, overrides=list(hydra_cfg.overrides.task))
+        # a rank other than 0 runs in its scratch folder (a submitit task's job folder is rank 0's)
+        metrics = run(spec, rank_run_dir(world, run_dir), overrides=list(hydra_cfg.overrides.task))
     except (KeyboardInterrupt, Exception) as error:
         failure = classify(error, refused=(RefusedInput,))  # e.g. a resume on a device that draws another z
         if failure.status == "interrupted":
@@ -347,6 +353,7 @@ def _hydra_main() -> None:
 
 
 _keep_completed_runs_hydra_files()
+_task_ranks()
 
 if __name__ == "__main__":
     main()

@@ -43,6 +43,7 @@ def group_options(group: str) -> list[str]:
 
 # Launchers from Hydra plugins (the `cluster` extra): the plugin's module and the package it runs jobs with.
 LAUNCHER_NEEDS = {"slurm_gpu": ("hydra_plugins.hydra_submitit_launcher", "submitit"),
+                  "slurm_multigpu": ("hydra_plugins.hydra_submitit_launcher", "submitit"),
                   "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "submitit"),
                   "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "submitit"),
                   "local_parallel": ("hydra_plugins.hydra_joblib_launcher", "joblib"),

@@ -1,4 +1,6 @@
-"""Hydra's joblib launcher (hydra/launcher=local_parallel or joblib), made to survive a dead worker.
+"""Hydra's launchers as zobench needs them: joblib's survives a dead worker; submitit's runs one job over its tasks.
+
+Joblib (hydra/launcher=local_parallel or joblib):
 
 Hydra's launcher runs a sweep as one joblib call on loky: when one worker dies (SIGKILL, the OOM killer), loky
 breaks the whole pool and every other job of the sweep is abandoned. Here the sweep is launched again instead;
@@ -6,8 +8,14 @@ the jobs that completed are counted, not run again (cli._job), a job cut short r
 starts again (run_dir's attempts/). If a worker dies a second time, the remaining jobs run one at a time, so a
 job whose worker dies once more is the one that kills it: it counts as failed and the others go on.
 
-Hydra loads launchers only from its `hydra_plugins` package, so this wraps the plugin's `launch` (as
-cli._SweepWatch wraps Hydra.multirun) rather than registering a launcher of its own.
+Submitit (hydra/launcher=slurm_multigpu, or any submitit launcher with tasks_per_node or nodes above 1): every
+task of a job runs the launcher's `__call__`, Hydra's whole job, in its own process. `task_ranks` makes the tasks
+the ranks of one run, as torchrun's are (parallel/world.py's join_submitit_tasks), and keeps Hydra's own files
+of a task other than rank 0 (.hydra/, zobench.log) out of the job's folder, which is rank 0's (launch.py).
+
+Hydra loads launchers only from its `hydra_plugins` package, so this wraps the plugins' methods (as
+cli._SweepWatch wraps Hydra.multirun) rather than registering launchers of its own. zobench.cli installs both
+when it is imported, which a submitit task does when it unpickles the launcher (its task function is cli._job).
 """
 
 from __future__ import annotations
@@ -54,3 +62,28 @@ def survive_dead_workers() -> None:
 
 def _worker_died(error: BaseException) -> bool:
     return type(error).__name__ == "TerminatedWorkerError"  # loky's; its module path varies across joblib releases
+
+
+def task_ranks() -> None:
+    """Each task of a submitit job runs as its rank of the job's one run (a job of one task: as before)."""
+    try:
+        from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+    except ImportError:  # the `cluster` extra is not installed: no submitit sweeps
+        return
+    if getattr(BaseSubmititLauncher.__call__, "task_ranks", False):
+        return
+    one_task = BaseSubmititLauncher.__call__
+
+    def __call__(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state):
+        from .parallel.launch import scratch_folder
+        from .parallel.world import join_submitit_tasks
+
+        world = join_submitit_tasks()  # before anything reads the world: RANK etc. from submitit's tasks
+        if not world.main:  # Hydra's files of this task go to its scratch folder; the job's folder is rank 0's
+            log_file = f"{scratch_folder(world)}/zobench.log"
+            sweep_overrides = [*sweep_overrides, "hydra.output_subdir=null",
+                               f"hydra.job_logging.handlers.file.filename='{log_file}'"]
+        return one_task(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
+
+    __call__.task_ranks = True
+    BaseSubmititLauncher.__call__ = __call__

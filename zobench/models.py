@@ -11,6 +11,7 @@ Model presets (conf/model/*.yaml):
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,35 @@ def auto_device_map(model, dtype: torch.dtype, gpus: dict[int, int], headroom_gi
             f"for weights); {len(spilled)} modules ({spilled[0]}, ...) would be offloaded to the host, which zobench "
             f"does not run: use more or larger GPUs, a smaller model.headroom_gib, or dtype=float16/bfloat16")
     return device_map
+
+
+def refuse_spill(spec: dict[str, Any], dtype: torch.dtype) -> None:
+    """model.device_map=auto (`spec`: the model section) for a model whose config is at hand (a random init's
+    arch, a local model.path's config.json): auto_device_map's refusal of a spill, or of no GPU, before any data
+    is read (exit 2), the model built on the meta device from the config alone. A hub model's config is read
+    with its weights, and refused there."""
+    if spec.get("device_map") != "auto":
+        return
+    if spec.get("init", "pretrained") == "random":
+        config = dict(spec.get("arch") or {})
+    elif spec.get("path"):
+        config = dict(local_model_config(str(spec["path"]))[0] or {})
+    else:
+        return
+    model_type = config.pop("model_type", None)
+    if not isinstance(model_type, str):
+        return  # load_model says what is missing
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=dtype)
+    except Interrupted:
+        raise
+    except Exception:  # a config transformers cannot build: load_model reports it
+        return
+    auto_device_map(model, dtype, gpu_memory(), float(spec["headroom_gib"]))
 
 
 def check_device_map(device_map) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from .parallel.sharded_checkpoint import save_model_folder
 from .parallel.world import World, from_env
 from .resume import resumable_state
 from .run_dir import RunDir
-from .run_record import RunRecord, device_name, record_refusal
+from .run_record import RunRecord, device_names, devices_used, record_refusal
 from .spec import RunSpec
 from .stop_signals import signals_stop
 
@@ -124,8 +124,9 @@ class Job:
         model, tokenizer, saveable = build_model(spec, max_length=spec.max_length, empty=ranks.streams)
         record.device = device = ranks.input_device(model)  # batches go where the (first shard of the) model is
         forward = ranks.place(model, device)  # sharded or wrapped under torchrun, before objective and method
-        record.note(device=device_name(device), dtype=str(spec.dtype).removeprefix("torch."),
-                    n_params=parameter_count(model))
+        used = devices_used(model)  # several GPUs under model.device_map
+        record.note(device=device_names(used), devices=[str(d) for d in used],
+                    dtype=str(spec.dtype).removeprefix("torch."), n_params=parameter_count(model))
         encoded = encode_splits(spec, splits, tokenizer)
         record.note(**encoded.record())
         precision = spec.precision
@@ -201,9 +202,10 @@ class Job:
                         result = self._dev_eval(evaluator, encoded.dev, step, select=regular)
                         if early and stopper.observe(step, result):
                             self._stop_early(result, step, selected=regular)
-                    if regular or early or step % spec.checkpoint.every == 0 or self.stop_requested:
+                    stop = self.ranks.stop_agreed(self.stop_requested)  # all ranks stop after the same step
+                    if regular or early or step % spec.checkpoint.every == 0 or stop:
                         self.checkpointer.save(step, self._job_state())
-                    if self.stop_requested:
+                    if stop:
                         raise Interrupted("stop requested")
                     if stopper.stopped:
                         break

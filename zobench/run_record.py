@@ -327,7 +327,7 @@ def initial_metrics(spec, run_dir: Path) -> dict[str, Any]:
         "forward_passes": 0, "backward_passes": 0, "tokens": 0, "eval_forward_passes": 0,
         "wall_clock_s": None, "train_wall_clock_s": None, "peak_memory_bytes": None,
         "peak_memory_method": None, **dict.fromkeys(GPU_PEAK_KEYS),  # every GPU's peaks (gpu_peaks)
-        "device": None, "dtype": None, "precision": None, "n_params": None,
+        "device": None, "devices": None, "dtype": None, "precision": None, "n_params": None,
         "n_trainable_params": None, "disk_bytes": None,  # the run folder's bytes at its end (RunDir.disk_bytes)
         "data_source": None, "n_train": None, "n_dev": None, "n_test": None, "truncated": None,
         "zobench_version": __version__, "git_revision": git_revision(), "run_dir": str(run_dir),
@@ -400,6 +400,22 @@ def gpu_peaks(device: torch.device) -> dict[str, Any]:
         values = [peaks[kind] for peaks in per_gpu.values()]
         figures[f"peak_memory_{kind}_max_bytes"], figures[f"peak_memory_{kind}_sum_bytes"] = max(values), sum(values)
     return figures
+
+
+def devices_used(model) -> list[torch.device]:
+    """The devices that hold the model's weights, in index order: one, or the GPUs of a model.device_map."""
+    return sorted({p.device for p in model.parameters()}, key=lambda d: (d.type, -1 if d.index is None else d.index))
+
+
+def device_names(devices: list[torch.device]) -> str:
+    """metrics.json's `device`, a string as ever: the one device's name, or every GPU a device-mapped model spans
+    ("2 x NVIDIA H100 80GB HBM3"; `devices` lists them)."""
+    from collections import Counter
+
+    counts = Counter(device_name(device) for device in devices)
+    if len(devices) == 1:
+        return next(iter(counts))
+    return " + ".join(f"{n} x {name}" for name, n in counts.items())
 
 
 def device_name(device: torch.device) -> str:

@@ -30,13 +30,30 @@ _CHUNK = 16 << 20
 log = logging.getLogger(__name__)
 
 
+_scratch: list[str] = []  # this process's scratch folder, once made (a rank other than 0 has one)
+
+
+def scratch_folder(world: World) -> str:
+    """A rank other than 0: its private scratch folder, made once per process and removed at exit."""
+    if not _scratch:
+        _scratch.append(tempfile.mkdtemp(prefix=f"zobench-rank{world.rank}-"))
+        atexit.register(shutil.rmtree, _scratch[0], True)
+    return _scratch[0]
+
+
 def scratch_run_dir(argv: list[str], world: World) -> list[str]:
-    """A rank other than 0: argv with hydra.run.dir pinned to a private scratch folder (removed at exit)."""
+    """A torchrun rank other than 0: argv with hydra.run.dir pinned to its scratch folder."""
     from ..configs import pin_run_dir
 
-    scratch = tempfile.mkdtemp(prefix=f"zobench-rank{world.rank}-")
-    atexit.register(shutil.rmtree, scratch, True)
-    return pin_run_dir(argv, scratch)
+    return pin_run_dir(argv, scratch_folder(world))
+
+
+def rank_run_dir(world: World, job_dir: str) -> str:
+    """Where this rank's run writes, given Hydra's job folder: rank 0 there; another rank in its scratch folder
+    (a torchrun rank's job folder already is; a submitit task's is rank 0's, the same on every task of the job:
+    Hydra fixes the sweep folder before submission, and the launcher's task_ranks writes Hydra's own files of
+    that task into the scratch folder instead)."""
+    return job_dir if world.main else scratch_folder(world)
 
 
 @contextmanager

@@ -77,6 +77,18 @@ class Ranks:
         mode)."""
         return self.plan.local(indices)
 
+    def stop_agreed(self, requested: bool) -> bool:
+        """Whether the run stops after this step: where any rank was asked to (a signal reaches the ranks up to a
+        step apart), every rank, so that they checkpoint the same step and none waits in the next step's
+        collectives. A 4-byte all-reduce per step (not in bytes_sent_per_step_per_rank: not the method's)."""
+        if not self.world.distributed:
+            return requested
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(requested)], dtype=torch.int32, device=self.exchange.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def summary(self, model, record) -> dict[str, Any]:
         """metrics.json's fields of a multi-rank run (a collective: every rank calls it at the same point)."""
         metrics = record.metrics

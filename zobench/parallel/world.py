@@ -1,7 +1,9 @@
 """The processes of one run, as torchrun describes them (RANK, WORLD_SIZE, LOCAL_RANK), and their process group.
 
 A run started without torchrun is a world of one: nothing here starts a process group for it, so every
-one-process code path stays exactly as it was.
+one-process code path stays exactly as it was. A task of a submitit job with several tasks (SLURM's, or the
+local executor's: hydra/launcher=slurm_multigpu) is a rank too: `join_submitit_tasks` gives it torchrun's
+variables from submitit's own TorchDistributedEnvironment, so from here on it runs as a torchrun rank does.
 """
 
 from __future__ import annotations
@@ -52,6 +54,21 @@ def from_env(environ=os.environ) -> World:
     return World(rank, size, local_rank)
 
 
+def join_submitit_tasks() -> World:
+    """This process's place in the run when it is a task of a submitit job (submitit sets SUBMITIT_EXECUTOR):
+    with several tasks and no torchrun variables, it exports submitit's TorchDistributedEnvironment (RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR: the job's first node, MASTER_PORT: MASTER_PORT if set, else drawn
+    from the job id, the same on every task and on every requeue) for torch.distributed's env:// rendezvous.
+    Every GPU of the node stays visible: init_process_group takes the one at LOCAL_RANK, as under torchrun."""
+    if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR"):
+        from submitit.helpers import TorchDistributedEnvironment
+
+        tasks = TorchDistributedEnvironment()
+        if tasks.world_size > 1:
+            tasks.export(set_cuda_visible_devices=False, overwrite=True)
+    return from_env()
+
+
 def init_process_group(world: World, device_type: str) -> None:
     """Joins the run's process group: NCCL between GPUs, gloo on CPU. A world of one joins none."""
     import torch
@@ -60,5 +77,6 @@ def init_process_group(world: World, device_type: str) -> None:
     if not world.distributed or dist.is_initialized():
         return
     if device_type == "cuda":
-        torch.cuda.set_device(world.local_rank)
+        # a task that SLURM gave one GPU of the node (--gpus-per-task, --gpu-bind) sees it as cuda:0
+        torch.cuda.set_device(world.local_rank if torch.cuda.device_count() > 1 else 0)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
