@@ -45,8 +45,9 @@ class Ranks:
         return training_loss(self.plan, objective, self.exchange)
 
     def attach(self, method, recording) -> None:
-        """A first-order method takes its rank's share of each batch; directions mode spreads the q directions."""
-        self.first_order.attach(method)
+        """A first-order method takes its rank's share of each batch (in train.grad_accumulation micro-batches);
+        directions mode spreads the q directions."""
+        self.first_order.attach(method, self.spec.train.grad_accumulation, recording)
         spread_directions(self.plan, method, self.exchange, recording)
 
     def local(self, indices):
