@@ -112,3 +112,17 @@ def test_clipping_measures_the_norm_as_torch_and_clips_to_the_bound():
     assert float(torch.cat([p.grad for p in params]).norm()) == pytest.approx(1.0, rel=1e-5)
     assert all(torch.allclose(p.grad, c.grad, rtol=1e-6, atol=0) for p, c in zip(params, copies))
     assert clip_gradients(params, None) == pytest.approx(1.0, rel=1e-5)  # measured only, left as they are
+
+
+def test_the_memory_plan_holds_one_micro_batchs_activations():
+    """zobench-plan: MeZO's FT preset on 4 GPUs (2 examples per rank) with grad_accumulation=2 plans the
+    activations of 1 example's backward, half of them."""
+    from zobench.memory_plan import parse_size, plan
+    from zobench.plan import job_shape
+
+    def activations(parts: int) -> int:
+        shape = job_shape(["experiment=mezo_opt13b_ft", "task=sst2", "device=cuda", "dtype=float16",
+                           f"train.grad_accumulation={parts}"], {})
+        return plan(shape, parse_size("80GB"), gpus=4).per_gpu["activations"]
+
+    assert activations(2) * 2 == activations(1)
