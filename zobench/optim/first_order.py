@@ -184,15 +184,17 @@ def clip_gradients(params, max_norm: float | None) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    total = torch.zeros((), dtype=torch.float64, device=_local(grads[0]).device)
+    device = _local(grads[0]).device
+    sums = {kind: torch.zeros((), dtype=torch.float64, device=device) for kind in ("shards", "whole")}
     for grad in grads:
-        for part in _local(grad).reshape(-1).split(NORM_CHUNK):
-            total += part.double().square().sum().to(total.device)
-    if any(_local(grad) is not grad for grad in grads):  # shards: every rank adds the others' sums
+        local = _local(grad)
+        for part in local.reshape(-1).split(NORM_CHUNK):
+            sums["whole" if local is grad else "shards"] += part.double().square().sum().to(device)
+    if any(_local(grad) is not grad for grad in grads):  # every rank adds the other ranks' shards
         import torch.distributed as dist
 
-        dist.all_reduce(total)
-    norm = math.sqrt(float(total))
+        dist.all_reduce(sums["shards"])
+    norm = math.sqrt(float(sums["shards"] + sums["whole"]))
     coefficient = max_norm / (norm + 1e-6) if max_norm is not None else 1.0
     if coefficient < 1.0:  # a non-finite norm stays unclipped: the caller skips the step
         for grad in grads:
