@@ -126,3 +126,18 @@ def test_the_memory_plan_holds_one_micro_batchs_activations():
         return plan(shape, parse_size("80GB"), gpus=4).per_gpu["activations"]
 
     assert activations(2) * 2 == activations(1)
+
+
+def test_a_batch_too_small_for_the_ranks_micro_batches_is_refused_before_anything_loads(quick_cfg):
+    """Under torchrun each rank takes train.grad_accumulation micro-batches of its share: a batch of 4 over 2
+    ranks x 3 is refused in one line when the run is planned, not after the model has loaded."""
+    from zobench.parallel.ranks import Ranks
+    from zobench.spec import RunSpec
+
+    spec = RunSpec.from_cfg(quick_cfg("optimizer=adam", "train.grad_accumulation=3", "train.keep_best=host"))
+    with pytest.raises(ZobenchError, match=r"train.batch_size=4 cannot be split over 2 ranks x "
+                                           r"train.grad_accumulation=3 micro-batches: make it at least 6"):
+        Ranks(spec, World(0, 2, 0))
+    Ranks(spec, World())  # one process: 3 micro-batches of a batch of 4
+    Ranks(RunSpec.from_cfg(quick_cfg("optimizer=adam", "train.grad_accumulation=2", "train.keep_best=host")),
+          World(0, 2, 0))

@@ -68,6 +68,15 @@ def check_method(method_class: type, fo_mode: str) -> None:
                            f"for every parameter: use parallel.fo=fsdp")
 
 
+def check_batch(train, world: World) -> None:
+    """Refuses, before anything loads, a batch too small for each rank to take its train.grad_accumulation
+    micro-batches (`train`: spec.TrainSpec); a short last batch is checked as it comes (RankShare.split)."""
+    need = world.size * train.grad_accumulation
+    if train.batch_size < need:
+        raise ZobenchError(f"train.batch_size={train.batch_size} cannot be split over {world.size} ranks x "
+                           f"train.grad_accumulation={train.grad_accumulation} micro-batches: make it at least {need}")
+
+
 def parallelize(model: torch.nn.Module, method_class: type, world: World, parallel, precision) -> Parallel:
     """Shards (fsdp) or replicates (ddp) `model` over the world's ranks when the method takes real gradients;
     a world of one, or a zeroth-order/evaluation method, gets the model as it is.

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from .first_order import Parallel, parallelize
+from .first_order import Parallel, check_batch, parallelize
 from .world import World
-from .zo import Exchange, ZOParallel, from_spec, spread_directions, summary, training_loss
+from .zo import FIRST_ORDER_MODES, Exchange, ZOParallel, from_spec, spread_directions, summary, training_loss
 from .zo_shard import shard_for_zo
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ class Ranks:
         """Checks what runs over the ranks (one line per refusal) before any data or model is read."""
         self.spec, self.world = spec, world
         self.plan: ZOParallel = from_spec(spec, world)
+        if self.plan.mode in FIRST_ORDER_MODES:  # a first-order method over the ranks
+            check_batch(spec.train, world)
         self.first_order: Parallel | None = None
         self.exchange: Exchange | None = None
 
