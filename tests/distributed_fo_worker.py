@@ -22,7 +22,7 @@ import torch
 from zobench.spec import RunSpec
 from zobench.build import build_method, build_model, encode_splits, sample_splits
 from zobench.configs import compose
-from zobench.encoding import collate
+from zobench.encoding import collate, collate_indices
 from zobench.objective import Objective
 from zobench.parallel import world as worlds
 from zobench.parallel.first_order import parallelize
@@ -49,7 +49,7 @@ def main(out: Path, steps: int, words: list[str]) -> None:
     if "+stale" in actions:
         return stale_check(out, world, model, objective, encoded)
     method = build_method(spec, model, objective)
-    parallel.attach(method)
+    parallel.attach(method, spec.train.grad_accumulation)
     lengths = [max(map(len, e.sequences)) for e in encoded.train]
     batches = method.batches(lengths, spec.train.batch_size, spec.seed)
     checkpoints = Checkpoints(out / "run", world, model, method) if any(a.startswith(("+save", "+resume"))
@@ -61,7 +61,7 @@ def main(out: Path, steps: int, words: list[str]) -> None:
     losses, classification = [], spec.task["train_as_classification"]
     save_at = int(next((a.split("=")[1] for a in actions if a.startswith("+save=")), -1))
     for step in range(start + 1, steps + 1):
-        batch = collate([encoded.train[i] for i in next(batches)], tokenizer.pad_token_id, classification)
+        batch = collate_indices(next(batches), encoded.train, tokenizer.pad_token_id, classification, "cpu")
         losses.append(method.step(batch))
         if step == save_at:
             checkpoints.save(step)

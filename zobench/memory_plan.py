@@ -98,6 +98,7 @@ class JobShape:
     peft: str
     threads: int = 1  # CPU threads sharing the ZO engine's blocks
     pretrained: bool = True  # model.init=pretrained: sharded modes read each rank's rows only (sharded_load.py)
+    micro_batches: int = 1  # train.grad_accumulation: a backward holds one micro-batch's activations
 
 
 @dataclass
@@ -235,6 +236,7 @@ def _per_device(job: JobShape, world: int, runtime: int) -> dict[str, int]:
     rows = job.train_rows
     if job.parallel in ("data", "fsdp", "ddp"):  # the batch split over ranks
         rows = math.ceil(rows / world)
+    rows = math.ceil(rows / job.micro_batches)  # each rank's share in micro-batches
     backward = method.kind in ("torch", "inplace", "addax")
     autocast_e = min(e, 2) if master else e
     parts["activations"] = max(_backward_activations(job, rows, autocast_e) if backward else 0,

@@ -191,7 +191,8 @@ def shape_of(spec, planned: tuple[str, str], models: dict):
         parallel=parallel, steps=train.steps, log_interval=train.log_interval,
         checkpoint_weights=spec.checkpoint.weights, keep_best=train.keep_best,
         save_model=spec.save_model, peft=spec.peft_name,
-        threads=torch.get_num_threads() if device == "cpu" else 1, pretrained=spec.model["init"] != "random")
+        threads=torch.get_num_threads() if device == "cpu" else 1, pretrained=spec.model["init"] != "random",
+        micro_batches=spec.train.grad_accumulation)
 
 
 def json_key(value) -> str:

@@ -277,7 +277,8 @@ class RunRecord:
         """Records the failure; returns its one line, with the peak and what to change."""
         memory, method = peak_memory(self.device)
         message = (f"out of memory at step {self.metrics['steps']} (peak {memory / 2**30:.2f} GiB, {method}): "
-                   f"lower train.batch_size or eval.batch_size, shorten max_length, use dtype=float16/bfloat16 "
+                   f"lower train.batch_size or eval.batch_size (first-order: or raise train.grad_accumulation), "
+                   f"shorten max_length, use dtype=float16/bfloat16 "
                    f"on GPU, shard with model.device_map=auto, or pick a zeroth-order optimizer")
         logging.getLogger(__name__).debug("out of memory: %r", error)
         self.fail("failed", message)

@@ -32,7 +32,7 @@ FSDP_PARAM_DTYPES = ("float32", "weights")
 # Keys added to conf/ after runs were recorded without them, and the value those runs behaved as: a received
 # config.yaml (zobench-replay) is read with them; a run's own config always has them (its YAML sets them).
 KEYS_ADDED = {"parallel.zo": "data", "parallel.fo": "fsdp", "parallel.fsdp_param_dtype": "float32",
-              "precision.zo_generator": "device",
+              "precision.zo_generator": "device", "train.grad_accumulation": 1,
               "model.headroom_gib": 0}
 _ABSENT = object()
 SEED_MEANINGS = {"seed": "the optimizer seed: ZO directions and batch order",
@@ -61,6 +61,7 @@ class TrainSpec:
     steps: int
     epochs: int | None
     batch_size: int
+    grad_accumulation: int  # micro-batches per step, their gradients added up before the step (first-order)
     log_interval: int
     eval_interval: int
     select_by: str
@@ -136,7 +137,8 @@ class RunSpec:
         train = TrainSpec(
             steps=c.int("train.steps", 1), epochs=c.int("train.epochs", 1, optional=True,
                                                         wanted=">= 1, or null to train train.steps steps"),
-            batch_size=c.int("train.batch_size", 1), log_interval=c.int("train.log_interval", 1),
+            batch_size=c.int("train.batch_size", 1), grad_accumulation=c.int("train.grad_accumulation", 1),
+            log_interval=c.int("train.log_interval", 1),
             eval_interval=c.int("train.eval_interval", 0, wanted=">= 0 (0: evaluate at the end only)"),
             select_by=c.choice("train.select_by", SELECT_BY), keep_best=c.choice("train.keep_best", KEEP_BEST),
             early_stop=_early_stop(c, data, task))
@@ -145,6 +147,7 @@ class RunSpec:
         method = read_method(c.mapping("optimizer"))
         peft = _peft(c)
         method.cls.check_run(method.name, task, icl_k, peft["name"])
+        _check_accumulation(train, method)
         spec = cls(
             seed=c.seed("seed"), device=device, dtype=dtype, max_length=max_length,
             save_model=c.flag("save_model"), icl_k=icl_k, data=data, train=train,
@@ -265,6 +268,28 @@ def _precision(c: _Reader, dtype: torch.dtype) -> Precision:
     if grad_clip is not None and not (is_number(grad_clip) and grad_clip > 0):
         raise ZobenchError(f"precision.grad_clip must be a number > 0, or null (no clipping), got {grad_clip!r:.60}")
     return precision_from_config(c.mapping("precision"), dtype)  # each choice against its values
+
+
+def _check_accumulation(train: TrainSpec, method: MethodSpec) -> None:
+    """train.grad_accumulation > 1 for a method whose gradients add up over micro-batches, each of them not empty."""
+    from .optim.base import FIRST_ORDER, ZEROTH_ORDER
+
+    parts = train.grad_accumulation
+    if parts == 1:
+        return
+    if not getattr(method.cls, "accumulates", False):  # zero_shot and lp are no Optimizer
+        why = {FIRST_ORDER: "updates each parameter in place during backward: no gradient is kept to accumulate "
+                            "(optimizer=sgd or adam accumulates)",
+               # a sum of micro-batch losses would round otherwise than the whole batch's loss (MeZO's, in the
+               # weights' dtype), and the forward passes keep no activations for micro-batches to save
+               ZEROTH_ORDER: "is zeroth-order: there is no gradient to accumulate (its forward passes keep no "
+                             "activations)"}.get(method.cls.kind, "takes no training step")
+        raise ZobenchError(f"train.grad_accumulation={parts}: optimizer={method.name} {why}; set "
+                           f"train.grad_accumulation=1")
+    if parts > train.batch_size:
+        raise ZobenchError(f"train.grad_accumulation={parts} splits each batch of train.batch_size="
+                           f"{train.batch_size} examples into {parts} micro-batches: make it at most "
+                           f"{train.batch_size}")
 
 
 def _early_stop(c: _Reader, data: DataSpec, task: dict[str, Any]) -> EarlyStopSpec:

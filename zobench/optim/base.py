@@ -29,6 +29,8 @@ KINDS = (ZEROTH_ORDER, FIRST_ORDER, EVALUATION_ONLY)
 
 class Optimizer:
     kind = FIRST_ORDER
+    # can a step's batch be taken in micro-batches whose gradients add up (train.grad_accumulation > 1)?
+    accumulates = False
 
     @dataclass(frozen=True)
     class Settings:

@@ -10,7 +10,8 @@ Weight decay skips biases and layer norms, as HF Trainer (the papers' FT baselin
   under autocast too: only the evaluation's rounding differs).
 - precision.loss_scaling=dynamic (auto: fp16): the loss is scaled before backward, the gradients unscaled,
   and a step with non-finite gradients skipped with the scale lowered (loss_scaling.py, GradScaler's rule).
-- precision.grad_clip: clip_grad_norm_ on the unscaled gradients before the step (HF Trainer: 1.0).
+- precision.grad_clip: clipping of the unscaled gradients before the step (HF Trainer: 1.0; clip_gradients:
+  clip_grad_norm_'s rule, its norm summed in float64).
 Plain fp16 weights without master weights are refused: Adam's eps (1e-8) and small second moments flush to
 zero in fp16 (one step left 180,267 weights non-finite, issue 13), and no reference ran them so.
 """
@@ -39,8 +40,10 @@ TORCH_OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": t
 
 
 class TorchOptimizer(Optimizer):
-    # under torchrun, this rank's share of each batch (zobench/parallel/first_order.py RankShare); None: all of it
+    # this rank's share of each batch in train.grad_accumulation micro-batches (zobench/parallel/first_order.py
+    # RankShare); None: the whole batch at once (one process, no accumulation)
     share = None
+    accumulates = True
 
     @dataclass(frozen=True)
     class Settings(Optimizer.Settings):
@@ -109,22 +112,18 @@ class TorchOptimizer(Optimizer):
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        with self._forward_context():
-            loss = self.loss_fn(batch)
-        if self.share is not None:  # the whole batch's mean over the ranks (and its gradient)
-            loss, value = self.share.weigh(loss, batch)
-        else:
-            value = float(loss.detach())
+        if self.share is None:
+            value, parts = self._backward(batch), 1
+        else:  # this rank's micro-batches: each gradient as its own rank's would be (RankShare.accumulate)
+            value, parts = self.share.accumulate(batch, self._backward), len(batch)
         if not math.isfinite(value):
             raise Diverged(f"loss is {value}")
-        if self.scaler is not None:
-            (loss.float() * self.scaler.scale).backward()
-            self._unscale(1.0 / self.scaler.scale)
-        else:
-            loss.backward()
+        # once per step, on the summed gradients: the loss scale and the parts' count undone (as N ranks' average)
+        factor = (1.0 / self.scaler.scale if self.scaler is not None else 1.0) / parts
+        if factor != 1.0:
+            self._unscale(factor)
         if self.scaler is not None or self.clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip if self.clip is not None else math.inf)
-            self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            self.grad_norm = clip_gradients(self.params, self.clip)
             if not math.isfinite(self.grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.scaler is None:
@@ -137,8 +136,21 @@ class TorchOptimizer(Optimizer):
             self.scaler.update(overflow=False)
         return value
 
+    def _backward(self, batch, weight: float = 1.0) -> float:
+        """Forward and backward of `batch`'s mean loss times `weight` (and the loss scale); returns that mean."""
+        with self._forward_context():
+            loss = self.loss_fn(batch)
+        value = float(loss.detach())
+        if weight != 1.0:
+            loss = loss * weight
+        if self.scaler is not None:
+            loss = loss.float() * self.scaler.scale
+        loss.backward()
+        return value
+
     @torch.no_grad()
     def _unscale(self, factor: float) -> None:
+        """The gradients times `factor`."""
         for param in self.params:
             if param.grad is not None:
                 param.grad.mul_(factor)
@@ -156,6 +168,43 @@ class TorchOptimizer(Optimizer):
         shard_state_like_params(self.optimizer)  # FSDP2: the loaded local shards laid out as the parameters
         if self.scaler is not None and "loss_scaler" in state:
             self.scaler.load_state_dict(state["loss_scaler"])
+
+
+NORM_CHUNK = 2**22  # elements squared at a time in float64 (32 MiB) by clip_gradients
+
+
+@torch.no_grad()
+def clip_gradients(params, max_norm: float | None) -> float:
+    """The gradients' total norm, and the gradients scaled down to `max_norm` if above it (None: measured only),
+    as torch.nn.utils.clip_grad_norm_ does (coefficient max_norm / (norm + 1e-6)), but with the squares summed
+    in float64 from each rank's own shard (FSDP2's DTensor gradients; all-reduced), so the norm is the same to
+    the last bit however the gradients are sharded. torch's fp32 norm rounds otherwise over shards: a clipping
+    coefficient an ulp off moves the fp32 master weights an ulp, which the next fp16 cast can turn into a
+    whole fp16 ulp (issue 20: FSDP2 4.3e-6 from DDP after 5 fp16-regime Adam steps; 0 with this)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    device = _local(grads[0]).device
+    sums = {kind: torch.zeros((), dtype=torch.float64, device=device) for kind in ("shards", "whole")}
+    for grad in grads:
+        local = _local(grad)
+        for part in local.reshape(-1).split(NORM_CHUNK):
+            sums["whole" if local is grad else "shards"] += part.double().square().sum().to(device)
+    if any(_local(grad) is not grad for grad in grads):  # every rank adds the other ranks' shards
+        import torch.distributed as dist
+
+        dist.all_reduce(sums["shards"])
+    norm = math.sqrt(float(sums["shards"] + sums["whole"]))
+    coefficient = max_norm / (norm + 1e-6) if max_norm is not None else 1.0
+    if coefficient < 1.0:  # a non-finite norm stays unclipped: the caller skips the step
+        for grad in grads:
+            grad.mul_(coefficient)
+    return norm
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2's gradients); a plain tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 @torch.no_grad()

@@ -7,12 +7,18 @@ share of every batch, so that N ranks take the one-process step on the whole bat
   (precision.master_weights on 16-bit weights) keeps fp32 master weights sharded and computes in 16-bit under
   the optimizer's autocast, from fp32 gathers (the one-process arithmetic) or, `parallel.fsdp_param_dtype=
   weights`, fp16 ones (MixedPrecisionPolicy(param_dtype=fp16, reduce_dtype=fp32)).
-- `RankShare` splits each step's examples over the ranks and weighs each rank's mean loss by its share of the
-  terms averaged (examples; an lm task's option tokens), so the averaged gradients are the gradient of the
-  whole batch's mean (a short last batch included).
-- The loss scaler's overflow and the clipping norm need no flag of their own: clip_grad_norm_ over DTensor
-  gradients reduces the norm over all shards, so an inf in any shard is an inf norm on every rank (DDP's
-  gradients are all-reduced before it), and every rank skips the same step.
+- `RankShare` splits each step's examples over the ranks, each rank's share into train.grad_accumulation
+  micro-batches (one process too), and weighs each micro-batch's mean loss by its share of the terms averaged
+  (examples; an lm task's option tokens), so the summed (ranks: averaged) gradients are the gradient of the
+  whole batch's mean (a short last batch included). One process with grad_accumulation=N takes the same
+  micro-batches as N ranks: the same fp16 roundings of the weight gradients (README "More than one GPU").
+  DDP skips the gradient all-reduce on all but a rank's last micro-batch (no_sync). FSDP2 reduce-scatters
+  after every micro-batch: `set_requires_gradient_sync(False)` would hold every layer's unsharded fp32
+  gradient until the last one, the whole model's gradients on each rank, the memory FSDP2 exists to save.
+- The loss scaler's overflow and the clipping norm need no flag of their own: optim/first_order.clip_gradients
+  sums the squares of every rank's shards (in float64, so the norm does not depend on the sharding), so an inf
+  in any shard is an inf norm on every rank (DDP's gradients are all-reduced before it), and every rank skips
+  the same step.
 Only torch optimizers (Adam, SGD, AdamW, head-tuning) run here: IP-SGD updates each parameter inside backward,
 before FSDP has reduced its gradient, so it is refused under torchrun. (Addax runs in a parallel.zo mode, its
 first-order half as in_place.py says.)
@@ -20,7 +26,9 @@ first-order half as in_place.py says.)
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -40,10 +48,12 @@ class Parallel:
     mode: str = "none"  # "none" | "fsdp" | "ddp"
     forward: torch.nn.Module | None = None
 
-    def attach(self, method) -> None:
-        """The method takes its rank's share of each batch (a one-process run: the whole batch)."""
-        if self.mode != "none":
-            method.share = RankShare(self.world)
+    def attach(self, method, micro_batches: int = 1, recording=None) -> None:
+        """The method takes its rank's share of each batch in `micro_batches` parts (train.grad_accumulation); a
+        one-process run without accumulation: the whole batch at once. `recording`: the run's RecordingLoss."""
+        if self.mode != "none" or micro_batches > 1:
+            no_sync = self.forward.no_sync if self.mode == "ddp" else None
+            method.share = RankShare(self.world, micro_batches, no_sync, recording)
 
 
 def check_method(method_class: type, fo_mode: str) -> None:
@@ -57,6 +67,15 @@ def check_method(method_class: type, fo_mode: str) -> None:
     if fo_mode == "ddp" and getattr(method_class, "freezes_after_build", False):
         raise ZobenchError(f"{method_class.__name__} freezes the body once built, after DDP has planned a gradient "
                            f"for every parameter: use parallel.fo=fsdp")
+
+
+def check_batch(train, world: World) -> None:
+    """Refuses, before anything loads, a batch too small for each rank to take its train.grad_accumulation
+    micro-batches (`train`: spec.TrainSpec); a short last batch is checked as it comes (RankShare.split)."""
+    need = world.size * train.grad_accumulation
+    if train.batch_size < need:
+        raise ZobenchError(f"train.batch_size={train.batch_size} cannot be split over {world.size} ranks x "
+                           f"train.grad_accumulation={train.grad_accumulation} micro-batches: make it at least {need}")
 
 
 def parallelize(model: torch.nn.Module, method_class: type, world: World, parallel, precision) -> Parallel:
@@ -102,27 +121,53 @@ def _to_fp32(model: torch.nn.Module) -> None:
 
 @dataclass(frozen=True)
 class RankShare:
-    """This rank's share of each step's examples: a contiguous slice, as even as the batch allows."""
+    """This rank's share of each step's examples (a contiguous slice, as even as the batch allows), taken in
+    `micro_batches` contiguous parts, each part's gradient weighted by its share of the whole batch's loss."""
 
     world: World
+    micro_batches: int = 1  # train.grad_accumulation
+    no_sync: Callable | None = None  # DDP's: no gradient all-reduce in the backward of all but the last part
+    recording: Any = None  # the run's RecordingLoss: the step records the whole batch's loss, not the parts'
 
-    def split(self, indices: list[int]) -> list[int]:
-        n, size = len(indices), self.world.size
-        if n < size:
-            raise ZobenchError(f"a batch of {n} examples cannot be split over {size} ranks: make train.batch_size "
-                               f"and the last batch of an epoch (data.n_train modulo it) at least {size}")
-        return self.world.share(indices)
+    def split(self, indices: list[int]) -> tuple[list[int], ...]:
+        """This rank's micro-batches of a step's examples (one process: empty ones left out of a short batch;
+        ranks run the same collectives in every part, so each needs a part of its own)."""
+        n, size, parts = len(indices), self.world.size, self.micro_batches
+        if self.world.distributed and n < size * parts:
+            raise ZobenchError(f"a batch of {n} examples cannot be split over {size} ranks x {parts} micro-batches "
+                               f"(train.grad_accumulation): make train.batch_size and the last batch of an epoch "
+                               f"(data.n_train modulo it) at least {size * parts}")
+        mine = self.world.share(indices)
+        return tuple(part for part in (World(r, parts).share(mine) for r in range(parts)) if part)
 
-    def weigh(self, loss: torch.Tensor, batch) -> tuple[torch.Tensor, float]:
-        """(the loss to differentiate, the whole batch's mean loss): this rank's mean loss over `batch` weighted
-        by its share of the terms averaged (objective.py: examples; for an lm loss, option tokens) times the world
-        size, so the ranks' averaged gradients are the gradient of the whole batch's mean."""
+    def accumulate(self, parts, backward: Callable[[Any, float], float]) -> float:
+        """Runs `backward(part, weight)` (a forward and backward of the part's mean loss times `weight`, which
+        returns that mean) over this rank's parts, each weighted by its loss terms (objective.loss_terms) over
+        the whole batch's times the count of parts over all ranks: the weight is about 1 (exactly 1 for even
+        parts), so a part's 16-bit gradient is the same whichever rank or process takes it (one process with
+        grad_accumulation=2 as 2 ranks, bit for bit). The method divides the summed gradients by its count of
+        parts and the ranks average theirs: the gradient of the whole batch's mean. Returns that mean, which
+        every rank gets."""
+        counts = [loss_terms(part) for part in parts]
+        device = parts[0].input_ids.device  # NCCL reduces device tensors, gloo host ones
+        total = self._sum(float(sum(counts)), device)
+        everywhere = len(parts) * self.world.size  # under torchrun every rank takes micro_batches parts
+        loss_sum = 0.0
+        for i, (part, count) in enumerate(zip(parts, counts)):
+            last = i == len(parts) - 1
+            with self.no_sync() if self.no_sync is not None and not last else contextlib.nullcontext():
+                loss_sum += backward(part, count * everywhere / total) * count
+        value = self._sum(loss_sum, device) / total
+        if self.recording is not None:  # the parts' values it recorded: this rank's micro-batch means
+            self.recording.values[:] = [value]
+        return value
+
+    def _sum(self, value: float, device) -> float:
+        """`value` summed over the ranks, in float64 (itself in one process)."""
+        if not self.world.distributed:
+            return value
         import torch.distributed as dist
 
-        count = loss_terms(batch)
-
-        sums = torch.tensor([float(count), float(loss.detach()) * count], dtype=torch.float64,
-                            device=loss.device)  # NCCL reduces device tensors, gloo host ones
-        dist.all_reduce(sums)
-        total, loss_sum = sums.tolist()
-        return loss * (count * self.world.size / total), loss_sum / total
+        summed = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(summed)
+        return float(summed)

@@ -17,7 +17,7 @@ import torch
 
 from ..models import input_device, model_source
 from . import in_place, sharded_load
-from .first_order import Parallel, parallelize
+from .first_order import Parallel, check_batch, parallelize
 from .world import World
 from .zo import FIRST_ORDER_MODES, Exchange, ZOParallel, from_spec, spread_directions, summary, training_loss
 from .zo_shard import shard_for_zo
@@ -33,6 +33,8 @@ class Ranks:
         self.streams = sharded_load.streams(spec, self.plan)  # each rank loads its shard only
         if self.streams:
             sharded_load.check(spec)
+        if self.plan.mode in FIRST_ORDER_MODES:  # a first-order method over the ranks
+            check_batch(spec.train, world)
         self.first_order: Parallel | None = None
         self.exchange: Exchange | None = None
         self.objective = None  # the run's Objective (training_loss)
@@ -66,9 +68,10 @@ class Ranks:
         return training_loss(self.plan, objective, self.exchange)
 
     def attach(self, method, recording) -> None:
-        """A first-order method takes its rank's share of each batch; directions mode spreads the q directions;
-        Addax's first-order half takes its share of B1 and exchanges its gradients."""
-        self.first_order.attach(method)
+        """A first-order method takes its rank's share of each batch (in train.grad_accumulation micro-batches);
+        directions mode spreads the q directions; Addax's first-order half takes its share of B1 and exchanges its
+        gradients."""
+        self.first_order.attach(method, self.spec.train.grad_accumulation, recording)
         spread_directions(self.plan, method, self.exchange, recording)
         in_place.attach(self.plan, method, self.exchange, self.objective, recording)
 
