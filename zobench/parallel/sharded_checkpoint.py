@@ -39,11 +39,14 @@ def rank_file(name: str, rank: int) -> str:
     return f"{stem}.rank{rank}.{suffix}"
 
 
-def full_weights(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+def full_weights(model: torch.nn.Module, keep: bool = True, trained_only: bool = False) -> dict[str, torch.Tensor]:
     """Every parameter whole, on the CPU (a collective: all ranks call it); `keep` False: gathered one by one
-    and dropped (a rank that only helps another gather them)."""
+    and dropped (a rank that only helps another gather them); `trained_only`: the trained ones alone (an
+    adapter's)."""
     weights = {}
     for name, param in model.named_parameters():
+        if trained_only and not param.requires_grad:
+            continue
         whole = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach()
         if keep:
             weights[name] = whole.cpu().clone()
@@ -61,18 +64,20 @@ def save_model_folder(directory, world, saveable, model: torch.nn.Module, tokeni
 
 
 def save_pretrained(saveable, model: torch.nn.Module, folder) -> None:
-    """`saveable.save_pretrained(folder)` (save_model=true); an FSDP2 model's shards gathered whole first, which
-    every rank takes part in, and written by rank 0 alone (the others' folders are their scratch ones)."""
+    """`saveable.save_pretrained(folder)` (save_model=true), the folder a one-process run writes. An FSDP2
+    model's parameters are gathered whole one at a time, every rank taking part, and kept by rank 0 alone, which
+    writes the folder (the others' folders are their scratch ones): the whole model for a model, only the
+    trained parameters for a PEFT adapter (PeftModel.save_pretrained keeps the adapter's keys of the state
+    dict it is given), so no rank holds the frozen base model whole. (save_pretrained takes a whole state dict:
+    rank 0 holds the whole model in host memory to save it.)"""
     if not is_sharded(model):
         saveable.save_pretrained(folder)
         return
-    if saveable is not model:
-        raise ZobenchError("save_model=true does not gather an adapter's FSDP2 shards yet: save the adapter from a "
-                           "one-process run, or set save_model=false")
     import torch.distributed as dist
 
     main = dist.get_rank() == 0
-    weights = full_weights(model, keep=main)
+    adapter = hasattr(saveable, "peft_config")
+    weights = full_weights(saveable, keep=main, trained_only=adapter)
     if main:
         saveable.save_pretrained(folder, state_dict=weights)
 
@@ -118,6 +123,78 @@ def gather_files(files: dict[str, dict[str, torch.Tensor]], world) -> dict[str, 
         for name in names:
             gathered[rank_file(name, rank)] = lambda rank=rank: load(recv_bytes(rank))
     return gathered
+
+
+# -- files of one kind per rank, outside a checkpoint (best_weights.py's best-on-dev shards) ---------------------
+def write_rank_files(name: str, tensors: dict[str, torch.Tensor], world, folder, metadata: dict[str, str]) \
+        -> dict[str, dict] | None:
+    """Every rank's `tensors` as `<name>.rank<r>` files in rank 0's `folder` (a collective: all ranks call it):
+    rank 0 streams its own to disk (tensor_files) and writes each other rank's as it receives them, each file
+    swapped in atomically; returns {file: {"bytes", "sha256"}} there, None on the other ranks."""
+    from ..run_dir import atomic_write
+    from ..tensor_files import write_safetensors
+
+    gathered = gather_files({name: tensors}, world)
+    if gathered is None:
+        return None
+    written: dict[str, dict] = {}
+    for file, saved in gathered.items():
+        def write(tmp, file=file, saved=saved):
+            size, digest = write_safetensors(tmp, saved() if callable(saved) else saved, metadata)
+            written[file] = {"bytes": size, "sha256": digest}
+
+        atomic_write(folder / file, write)
+    return written
+
+
+def read_rank_files(name: str, files: dict[str, dict] | None, folder, world) -> dict[str, torch.Tensor]:
+    """This rank's tensors of the `<name>.rank<r>` files in rank 0's `folder` (a collective; `files`, rank 0's:
+    {file: {"bytes", "sha256"}}, as write_rank_files returned it; a file it does not name is missing). Rank 0 reads each file through
+    safe_files (a regular file, no larger than recorded), checks its SHA-256 on the bytes it read and sends
+    them to their rank; a file that fails is refused on every rank in one line, before any rank loads a tensor.
+    safetensors parses the bytes: no pickle."""
+    from safetensors.torch import load
+
+    from .transport import broadcast_bytes
+
+    mine, problem = b"", ""
+    if world.main:
+        for rank in range(world.size):
+            file = rank_file(name, rank)
+            data = b"" if problem else _checked_bytes(folder / file, files.get(file))
+            if isinstance(data, str):
+                problem, data = data, b""
+            if rank == 0:
+                mine = data
+            else:
+                send_bytes(data, rank)
+        problem = broadcast_bytes(problem.encode()).decode()
+    else:
+        mine = recv_bytes(0)
+        problem = broadcast_bytes(None).decode()
+    if problem:
+        raise ZobenchError(problem)
+    return load(mine)
+
+
+def _checked_bytes(path, entry: dict | None) -> bytes | str:
+    """The file's bytes if they are the ones recorded (size, SHA-256); else why not, in one line."""
+    import hashlib
+
+    from .. import safe_files
+
+    if entry is None:
+        return f"{path}: the run recorded no such file of the best-on-dev weights; zobench will not test them"
+    try:
+        data = safe_files.read_bytes(path, entry["bytes"])
+    except FileNotFoundError:
+        return f"{path} is missing: zobench cannot test the best-on-dev weights it recorded there"
+    except ZobenchError as error:
+        return str(error)
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        return (f"{path} does not match the SHA-256 recorded when it was saved: the file is corrupt or was "
+                f"modified; zobench will not test those weights")
+    return data
 
 
 # -- loading: each rank its own files ------------------------------------------------------------------------
