@@ -107,8 +107,8 @@ class BestWeights:
 
     def _adopt_shards(self, best_step: int, recorded: dict | None) -> bool:
         """adopt_saved's answer for a file per rank, the same on every rank: each checks the files' run id and
-        step in its copy of rank 0's folder (a resumed rank's copy, zobench/parallel/launch.py); their bytes are
-        checked against the recorded SHA-256 when rank 0 reads them for the test (read_rank_files)."""
+        step in its copy of rank 0's folder (a resumed rank's copy, zobench/parallel/launch.py), then rank 0
+        checks their sizes and SHA-256 for all (again when it reads them for the test: read_rank_files)."""
         names = [shards.rank_file(FILE, rank) for rank in range(self.world.size)]
         files = (recorded or {}).get("files")
         if recorded is None or recorded["step"] != best_step or not isinstance(files, dict) or set(files) != set(names):
@@ -117,6 +117,7 @@ class BestWeights:
             path = self.path.parent / name
             if not (path.exists() or path.is_symlink()) or self.directory.check_own_file(path) != best_step:
                 return False  # a kill between two ranks' files, or before the checkpoint that records them
+        shards.check_rank_files(FILE, files, self.path.parent, self.world)
         self.files, self.saved_step = files, best_step
         return True
 

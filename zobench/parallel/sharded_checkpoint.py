@@ -177,6 +177,27 @@ def read_rank_files(name: str, files: dict[str, dict] | None, folder, world) -> 
     return load(mine)
 
 
+def check_rank_files(name: str, files: dict[str, dict], folder, world) -> None:
+    """Rank 0 checks each `<name>.rank<r>` file in its `folder` against `files` ({file: {"bytes", "sha256"}}),
+    reading it in chunks; a file that fails is refused on every rank, in one line (a collective)."""
+    from ..run_dir import file_sha256
+    from .transport import broadcast_bytes
+
+    problem = ""
+    if world.main:
+        for rank in range(world.size):
+            path, entry = folder / rank_file(name, rank), files.get(rank_file(name, rank))
+            size = path.stat().st_size if path.is_file() and not path.is_symlink() else -1
+            if entry is None or size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+                problem = (f"{path} is not the file recorded when the best-on-dev weights were saved (its size or "
+                           f"SHA-256 differs): the file is corrupt or was modified; zobench will not test those "
+                           f"weights (remove it to test the best of the evaluations from the resume on)")
+                break
+    problem = broadcast_bytes(problem.encode() if world.main else None).decode()
+    if problem:
+        raise ZobenchError(problem)
+
+
 def _checked_bytes(path, entry: dict | None) -> bytes | str:
     """The file's bytes if they are the ones recorded (size, SHA-256); else why not, in one line."""
     import hashlib

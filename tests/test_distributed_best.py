@@ -1,0 +1,116 @@
+"""The best-on-dev weights and save_model over FSDP2 shards (torchrun, 2 ranks, gloo on CPU): keep_best=disk
+keeps a file per rank, and the test evaluation and the saved model are the one-process run's; save_model with
+a LoRA adapter writes the one-process adapter; a changed shard file is refused in one line on every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_distributed_zo import run_files, torchrun
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+# 4 steps with a dev evaluation after each; the dev loss is lowest at step 1 (FSDP2 Adam at lr 1e-3) or 2
+# (MeZO at lr 3e-2, below), so the test must run on weights restored from the kept shards
+RUN = ["model=opt-tiny", "task.samples=true", "data.n_train=16", "data.n_dev=8", "data.n_test=12", "max_length=256",
+       "train.batch_size=4", "train.log_interval=1", "eval.batch_size=8", "train.steps=4", "train.eval_interval=1",
+       "save_model=true"]
+ADAM = ["optimizer=adam", "optimizer.lr=1e-3"]
+MEZO = ["optimizer=mezo", "optimizer.lr=3e-2", "parallel.zo=shard"]
+WORKER = Path(__file__).with_name("distributed_best_worker.py")
+
+
+def both(tmp_path: Path, *words: str) -> tuple[Path, Path]:
+    """The run over 2 ranks (`torchrun -m zobench`) and in one process (zobench.run.run, as the CLI's job)."""
+    from zobench.configs import compose
+    from zobench.run import run
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    result = torchrun(*RUN, *words, f"hydra.run.dir={two}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one.mkdir()
+    assert run(compose(RUN + list(words)), one)["status"] == "completed"
+    return one, two
+
+
+def figures_of_test(folder: Path) -> tuple[dict, dict]:
+    """(metrics.json, the test evaluation's log line)."""
+    lines = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    return json.loads((folder / "metrics.json").read_text()), next(line for line in lines if line.get("split") == "test")
+
+
+def assert_tested_alike(one: Path, two: Path, tolerance: float, saved: str = "model.safetensors") -> None:
+    """The same best step (not the last), test figures and saved weights within `tolerance`."""
+    (metrics_one, test_one), (metrics_two, test_two) = figures_of_test(one), figures_of_test(two)
+    assert metrics_two["status"] == "completed" and metrics_two["world_size"] == 2
+    assert metrics_one["best_step"] == metrics_two["best_step"] < metrics_two["steps"] == 4
+    assert test_one["metric"] == test_two["metric"] and abs(test_one["loss"] - test_two["loss"]) <= tolerance
+    assert abs(metrics_one["dev_loss"] - metrics_two["dev_loss"]) <= tolerance
+    first, second = (load_file(str(f / "model" / saved)) for f in (one, two))
+    assert first.keys() == second.keys()
+    assert max(float((first[k] - second[k]).abs().max()) for k in first) <= tolerance
+
+
+def test_fsdp_adam_tests_the_best_on_dev_shards_as_one_process(tmp_path):
+    """FSDP2 Adam with keep_best=disk (the default): each rank's shard of the best is a file of its own, the
+    checkpoint records both, and the test evaluation and save_model's folder equal one process's within 1e-5
+    (measured 8.3e-7 on the weights); the kept files are gone once the run completes."""
+    one, two = both(tmp_path, *ADAM, "train.keep_best=disk")
+    assert_tested_alike(one, two, 1e-5)
+    state = json.loads((two / "checkpoint" / "state.json").read_text())["state"]
+    assert sorted(state["job"]["best_weights"]["files"]) == ["best_weights.rank0.safetensors",
+                                                            "best_weights.rank1.safetensors"]
+    assert not [name for name in run_files(two) if "best_weights" in name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("words, tolerance", [
+    (MEZO + ["train.keep_best=disk"], 0.0),  # ZO shard: z and the steps are one process's bit for bit
+    (MEZO + ["train.keep_best=host"], 0.0),  # each rank keeps its own shards in host memory
+    (ADAM + ["train.keep_best=host"], 1e-5),
+])
+def test_sharded_runs_test_the_best_on_dev_weights_as_one_process(tmp_path, words, tolerance):
+    assert_tested_alike(*both(tmp_path, *words), tolerance)
+
+
+@pytest.mark.slow
+def test_save_model_with_a_lora_adapter_under_fsdp2_writes_the_one_process_adapter(tmp_path):
+    """peft=lora, FSDP2 Adam, the best on dev kept on disk: rank 0 writes the adapter folder a one-process run
+    writes (adapter_config.json, adapter_model.safetensors: the same tensors, measured equal bit for bit)."""
+    one, two = both(tmp_path, *ADAM, "peft=lora", "train.keep_best=disk")
+    assert_tested_alike(one, two, 1e-5, saved="adapter_model.safetensors")
+    assert sorted(os.listdir(two / "model")) == sorted(os.listdir(one / "model"))
+    assert json.loads((two / "model" / "adapter_config.json").read_text()) == \
+        json.loads((one / "model" / "adapter_config.json").read_text())
+    adapter = load_file(str(two / "model" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)  # the adapter alone, not the base model
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)  # trained (B starts at 0)
+
+
+@pytest.mark.slow
+def test_best_shards_come_back_bit_for_bit_after_a_resume_and_an_edited_one_is_refused(tmp_path):
+    """tests/distributed_best_worker.py on 2 ranks: the kept shards come back bit for bit, also through a resumed
+    run's copy of rank 0's folder; after a byte of rank 1's file changes, the resume and the test's restore are
+    each refused on every rank in one line naming the file."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), str(WORKER.parent)])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(WORKER), str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads((tmp_path / f"result.rank{r}.json").read_text()) for r in (0, 1)]
+    files = results[0]["files"]  # rank 0 wrote both ranks' files, each this run's, of the step saved
+    assert sorted(files) == ["best_weights.rank0.safetensors", "best_weights.rank1.safetensors"]
+    assert all(meta["step"] == "1" and meta["run_id"] for meta in files.values())
+    edited = str(tmp_path / "run" / "best_weights.rank1.safetensors")
+    for result in results:
+        assert result["live"] and result["left"] == [] and result["adopted"] and result["resumed"]
+        for refused in (result["resume_refused"], result["restore_refused"]):
+            assert refused and edited in refused and "SHA-256" in refused and "\n" not in refused
