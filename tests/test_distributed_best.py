@@ -114,3 +114,51 @@ def test_best_shards_come_back_bit_for_bit_after_a_resume_and_an_edited_one_is_r
         assert result["live"] and result["left"] == [] and result["adopted"] and result["resumed"]
         for refused in (result["resume_refused"], result["restore_refused"]):
             assert refused and edited in refused and "SHA-256" in refused and "\n" not in refused
+
+
+@pytest.mark.slow
+def test_a_resumed_fsdp2_run_tests_the_best_shards_saved_before_the_stop(tmp_path):
+    """FSDP2 Adam, keep_best=disk: rank 1 is SIGKILLed after the best (step 1: the dev loss only rises after it
+    at lr 1e-3, measured over 30 steps) and its checkpoint were saved; `resume=` under torchrun finds rank 0's
+    and rank 1's files and tests them: the test figures and the saved model are the uninterrupted run's, bit
+    for bit."""
+    import signal
+    import time
+
+    from test_distributed_zo import _rank_pid
+
+    words = [*RUN, *ADAM, "train.steps=30", "checkpoint.every=1", "train.keep_best=disk"]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    job = torchrun(*words, f"hydra.run.dir={killed}", wait=False)
+    try:
+        deadline = time.monotonic() + 180
+        while recorded_step(killed) < 3:
+            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read() if job.poll() else ""
+            time.sleep(0.05)
+        os.kill(_rank_pid(job.pid, 1), signal.SIGKILL)
+        job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    stopped = json.loads((killed / "metrics.json").read_text())
+    assert stopped["status"] in ("failed", "interrupted") and stopped["steps"] < 30
+    assert sorted(p.name for p in killed.glob("best_weights*")) == ["best_weights.rank0.safetensors",
+                                                                    "best_weights.rank1.safetensors"]
+    resumed = torchrun(f"resume={killed}")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "did not survive" not in resumed.stdout + resumed.stderr
+    assert torchrun(*words, f"hydra.run.dir={whole}").returncode == 0
+    (metrics_killed, test_killed), (metrics_whole, test_whole) = figures_of_test(killed), figures_of_test(whole)
+    assert metrics_killed["status"] == "completed" and metrics_killed["best_step"] == metrics_whole["best_step"] == 1
+    assert test_killed["loss"] == test_whole["loss"]
+    first, second = (load_file(str(f / "model" / "model.safetensors")) for f in (killed, whole))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def recorded_step(folder: Path) -> int:
+    """The step of the run's checkpoint, once it records the best-on-dev files (0 before, or mid-swap)."""
+    try:
+        state = json.loads((folder / "checkpoint" / "state.json").read_text())["state"]
+        return state["step"] if (state["job"].get("best_weights") or {}).get("files") else 0
+    except (OSError, ValueError, KeyError):
+        return 0
