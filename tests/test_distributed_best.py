@@ -82,15 +82,20 @@ def test_sharded_runs_test_the_best_on_dev_weights_as_one_process(tmp_path, word
 
 
 @pytest.mark.slow
-def test_save_model_with_a_lora_adapter_under_fsdp2_writes_the_one_process_adapter(tmp_path):
-    """peft=lora, FSDP2 Adam, the best on dev kept on disk: rank 0 writes the adapter folder a one-process run
-    writes (adapter_config.json, adapter_model.safetensors: the same tensors, measured equal bit for bit)."""
-    one, two = both(tmp_path, *ADAM, "peft=lora", "train.keep_best=disk")
+@pytest.mark.parametrize("peft", ["lora", "prefix"])
+def test_save_model_with_an_adapter_under_fsdp2_writes_the_one_process_adapter(tmp_path, peft):
+    """FSDP2 Adam with an adapter, the best on dev kept on disk: rank 0 writes the adapter folder a one-process
+    run writes (adapter_config.json, adapter_model.safetensors with the same tensors: LoRA's measured equal bit
+    for bit, the prefix's within 1.5e-8), loadable by peft in one process as that one is."""
+    one, two = both(tmp_path, *ADAM, f"peft={peft}", "train.keep_best=disk")
     assert_tested_alike(one, two, 1e-5, saved="adapter_model.safetensors")
     assert sorted(os.listdir(two / "model")) == sorted(os.listdir(one / "model"))
     assert json.loads((two / "model" / "adapter_config.json").read_text()) == \
         json.loads((one / "model" / "adapter_config.json").read_text())
     adapter = load_file(str(two / "model" / "adapter_model.safetensors"))
+    if peft == "prefix":
+        assert list(adapter) == ["prompt_embeddings"]
+        return
     assert adapter and all("lora_" in k for k in adapter)  # the adapter alone, not the base model
     assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)  # trained (B starts at 0)
 

@@ -75,11 +75,22 @@ def save_pretrained(saveable, model: torch.nn.Module, folder) -> None:
         return
     import torch.distributed as dist
 
+    from torch.distributed.fsdp import FSDPModule
+
     main = dist.get_rank() == 0
     adapter = hasattr(saveable, "peft_config")
     weights = full_weights(saveable, keep=main, trained_only=adapter)
-    if main:
-        saveable.save_pretrained(folder, state_dict=weights)
+    # a prompt-learning adapter (prefix) is saved from its encoder's forward, not from the state dict: the root
+    # unit (which holds it) gathered whole for the save, as a forward gathers it
+    root = model if adapter and isinstance(model, FSDPModule) else None
+    if root is not None:
+        root.unshard()
+    try:
+        if main:
+            saveable.save_pretrained(folder, state_dict=weights)
+    finally:
+        if root is not None:
+            root.reshard()
 
 
 @torch.no_grad()
