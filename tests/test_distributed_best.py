@@ -69,6 +69,16 @@ def test_fsdp_adam_tests_the_best_on_dev_shards_as_one_process(tmp_path):
     assert sorted(state["job"]["best_weights"]["files"]) == ["best_weights.rank0.safetensors",
                                                             "best_weights.rank1.safetensors"]
     assert not [name for name in run_files(two) if "best_weights" in name]
+    # rank 0 streamed the gathered weights into the folder one process writes, which transformers loads
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    assert sorted(os.listdir(two / "model")) == sorted(os.listdir(one / "model"))
+    with safe_open(str(two / "model" / "model.safetensors"), "pt") as saved:
+        assert saved.metadata() == {"format": "pt"}
+    loaded = AutoModelForCausalLM.from_pretrained(two / "model").state_dict()
+    tested_weights = load_file(str(two / "model" / "model.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in tested_weights.items())
 
 
 @pytest.mark.slow

@@ -64,25 +64,25 @@ def save_model_folder(directory, world, saveable, model: torch.nn.Module, tokeni
 
 
 def save_pretrained(saveable, model: torch.nn.Module, folder) -> None:
-    """`saveable.save_pretrained(folder)` (save_model=true), the folder a one-process run writes. An FSDP2
-    model's parameters are gathered whole one at a time, every rank taking part, and kept by rank 0 alone, which
-    writes the folder (the others' folders are their scratch ones): the whole model for a model, only the
-    trained parameters for a PEFT adapter (PeftModel.save_pretrained keeps the adapter's keys of the state
-    dict it is given), so no rank holds the frozen base model whole. (save_pretrained takes a whole state dict:
-    rank 0 holds the whole model in host memory to save it.)"""
+    """`saveable.save_pretrained(folder)` (save_model=true), the folder a one-process run writes, by rank 0 (the
+    others' folders are their scratch ones). An FSDP2 model's parameters are gathered whole one at a time, every
+    rank taking part: a model's go to model.safetensors one by one as they arrive (`_save_whole_model`), so no
+    rank holds the model whole; a PEFT adapter's trained parameters are kept by rank 0 and handed to
+    PeftModel.save_pretrained, which keeps the adapter's keys of the state dict it is given."""
     if not is_sharded(model):
         saveable.save_pretrained(folder)
         return
     import torch.distributed as dist
-
     from torch.distributed.fsdp import FSDPModule
 
     main = dist.get_rank() == 0
-    adapter = hasattr(saveable, "peft_config")
-    weights = full_weights(saveable, keep=main, trained_only=adapter)
+    if not hasattr(saveable, "peft_config"):
+        _save_whole_model(saveable, folder, main)
+        return
+    weights = full_weights(saveable, keep=main, trained_only=True)
     # a prompt-learning adapter (prefix) is saved from its encoder's forward, not from the state dict: the root
     # unit (which holds it) gathered whole for the save, as a forward gathers it
-    root = model if adapter and isinstance(model, FSDPModule) else None
+    root = model if isinstance(model, FSDPModule) else None
     if root is not None:
         root.unshard()
     try:
@@ -91,6 +91,35 @@ def save_pretrained(saveable, model: torch.nn.Module, folder) -> None:
     finally:
         if root is not None:
             root.reshard()
+
+
+MODEL_FILE = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME: what a one-process save_pretrained writes
+
+
+@torch.no_grad()
+def _save_whole_model(model: torch.nn.Module, folder, main: bool) -> None:
+    """A sharded model's save_pretrained folder with its weights streamed: transformers writes everything but
+    the weights (config, generation config; given no tensors), then rank 0 writes model.safetensors from the
+    parameters' shapes and dtypes, gathering each whole only when its bytes are due (tensor_files), the other
+    ranks gathering with it in the same order. The names are the state dict's, a tied head once under its
+    embedding's name (named_parameters lists it once, as save_pretrained keeps it); the metadata is
+    transformers' own ({"format": "pt"})."""
+    from pathlib import Path
+
+    from ..tensor_files import write_safetensors
+
+    params = dict(model.named_parameters())
+    if not main:
+        for param in params.values():
+            _whole(param)
+        return
+    model.save_pretrained(folder, state_dict={})
+    write_safetensors(Path(folder) / MODEL_FILE, params, {"format": "pt"}, fetch=_whole)
+
+
+def _whole(param: torch.Tensor) -> torch.Tensor:
+    """A parameter whole where it lives (an FSDP2 shard: gathered, a collective)."""
+    return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach()
 
 
 @torch.no_grad()
