@@ -9,6 +9,11 @@ On resume every rank reads its copy of rank 0's folder (zobench/parallel/launch.
 the manifest as a one-process run does, and loads its own rank's files, which fit only the world size that
 saved them. DDP's ranks hold the same weights: rank 0 saves them as a one-process run does, and every rank
 restores from those files.
+
+The same per-rank files keep FSDP2's best-on-dev weights (best_weights.py, `write_rank_files` /
+`read_rank_files`): rank 0 writes `best_weights.rank<r>.safetensors` and, for the test, reads each back through
+safe_files, checks its SHA-256 and sends it to its rank. save_model=true (`save_model_folder`) gathers the
+parameters one at a time into the save_pretrained folder a one-process run writes.
 """
 
 from __future__ import annotations
