@@ -132,22 +132,26 @@ def test_best_shards_come_back_bit_for_bit_after_a_resume_and_an_edited_one_is_r
 
 
 @pytest.mark.slow
-def test_a_resumed_fsdp2_run_tests_the_best_shards_saved_before_the_stop(tmp_path):
-    """FSDP2 Adam, keep_best=disk: rank 1 is SIGKILLed after the best (step 1: the dev loss only rises after it
-    at lr 1e-3, measured over 30 steps) and its checkpoint were saved; `resume=` under torchrun finds rank 0's
-    and rank 1's files and tests them: the test figures and the saved model are the uninterrupted run's, bit
-    for bit."""
+@pytest.mark.parametrize("method, best", [
+    (ADAM, 1),  # weights checkpoints: the resume adopts the recorded files
+    (["optimizer=mezo", "optimizer.lr=5e-2", "parallel.zo=shard"], 3),  # trajectory: the replay saves them anew
+])
+def test_a_resumed_sharded_run_tests_the_best_shards_saved_before_the_stop(tmp_path, method, best):
+    """keep_best=disk, FSDP2 Adam and ZO shard: rank 1 is SIGKILLed after the best (the dev loss never comes
+    back under it: measured over 30 steps in one process) and a checkpoint that records it were saved;
+    `resume=` under torchrun tests that best: the test figures and the saved model are the uninterrupted run's,
+    bit for bit."""
     import signal
     import time
 
     from test_distributed_zo import _rank_pid
 
-    words = [*RUN, *ADAM, "train.steps=30", "checkpoint.every=1", "train.keep_best=disk"]
+    words = [*RUN, *method, "train.steps=30", "checkpoint.every=1", "train.keep_best=disk"]
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     job = torchrun(*words, f"hydra.run.dir={killed}", wait=False)
     try:
         deadline = time.monotonic() + 180
-        while recorded_step(killed) < 3:
+        while recorded_step(killed) < best + 2:
             assert job.poll() is None and time.monotonic() < deadline, job.stdout.read() if job.poll() else ""
             time.sleep(0.05)
         os.kill(_rank_pid(job.pid, 1), signal.SIGKILL)
@@ -164,7 +168,7 @@ def test_a_resumed_fsdp2_run_tests_the_best_shards_saved_before_the_stop(tmp_pat
     assert "did not survive" not in resumed.stdout + resumed.stderr
     assert torchrun(*words, f"hydra.run.dir={whole}").returncode == 0
     (metrics_killed, test_killed), (metrics_whole, test_whole) = figures_of_test(killed), figures_of_test(whole)
-    assert metrics_killed["status"] == "completed" and metrics_killed["best_step"] == metrics_whole["best_step"] == 1
+    assert metrics_killed["status"] == "completed" and metrics_killed["best_step"] == metrics_whole["best_step"] == best
     assert test_killed["loss"] == test_whole["loss"]
     first, second = (load_file(str(f / "model" / "model.safetensors")) for f in (killed, whole))
     assert all(torch.equal(first[k], second[k]) for k in first)
