@@ -446,7 +446,15 @@ def _check_job(job: dict[str, Any]) -> None:
     if best is not None:
         _expect(best, dict, "state.job.best_weights")
         _count(best.get("step"), "state.job.best_weights.step")
-        _sha256(best.get("sha256"), "state.job.best_weights.sha256")
+        if "files" in best:  # FSDP2: a file per rank (best_weights.py), named as it names them
+            files = _expect(best["files"], dict, "state.job.best_weights.files")
+            ranks = range(min(len(files), _MAX_RANKS))
+            if set(files) != {shards.rank_file("best_weights.safetensors", r) for r in ranks}:
+                raise _Bad("state.job.best_weights.files", "best_weights.rank<r>.safetensors for r = 0, 1, …")
+            for name, entry in files.items():
+                _file_entry(entry, f"state.job.best_weights.files.{name}")
+        else:
+            _sha256(best.get("sha256"), "state.job.best_weights.sha256")
 
 
 def _expect(value: Any, kind: type, key: str) -> Any:

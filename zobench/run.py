@@ -142,7 +142,7 @@ class Job:
         record.note(n_trainable_params=sum(p.numel() for p in trained_parameters(model).values()) if trains else 0)
         evaluator = Evaluator(objective, spec, tokenizer, device)
         self.best = BestOnDev(model, spec.train.keep_best if trains else "none", self.directory, record,
-                              select_by=spec.train.select_by)
+                              select_by=spec.train.select_by, world=ranks.world)
         if trains:
             self.checkpointer = Checkpointer(self.directory, model, method, spec.checkpoint.weights, ranks.world)
             start = 0 if self.resume_state is None else self.best.resume(self.checkpointer, self.resume_state)

@@ -176,7 +176,8 @@ class RunDir:
         for name in ("config.yaml", OVERRIDES):  # the attempt's command; start() may write another one
             if (self.path / name).is_file() and not (self.path / name).is_symlink():
                 shutil.copyfile(self.path / name, folder / name)
-        (self.path / "best_weights.safetensors").unlink(missing_ok=True)  # the abandoned attempt's
+        for best in self.path.glob("best_weights*.safetensors"):  # the abandoned attempt's (FSDP2: one per rank)
+            best.unlink(missing_ok=True)
         sync_dir(self.path)
         return f"{ATTEMPTS}/{number}"
 

@@ -31,9 +31,11 @@ for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
 
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, str] | None = None) -> tuple[int, str]:
+                      metadata: Mapping[str, str] | None = None, fetch=None) -> tuple[int, str]:
     """Write `tensors` (on any device) to `path` as a safetensors file; returns (bytes, SHA-256) of the file.
-    Never through a symbolic link (safe_files.open_for_write)."""
+    Never through a symbolic link (safe_files.open_for_write). `fetch(tensor)`: the tensor whose bytes are
+    written, called once per tensor in order, after the header is written from their shapes and dtypes alone
+    (an FSDP2 parameter: its DTensor describes it, and fetch gathers it whole when its turn comes)."""
     header, offset = {}, 0
     for name, tensor in tensors.items():
         if tensor.dtype not in _DTYPES:
@@ -53,7 +55,7 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
             digest.update(piece)
             written += len(piece)
         for tensor in tensors.values():
-            for chunk in host_chunks(tensor):
+            for chunk in host_chunks(tensor if fetch is None else fetch(tensor)):
                 view = chunk.numpy().data
                 handle.write(view)
                 digest.update(view)

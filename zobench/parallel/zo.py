@@ -78,9 +78,9 @@ def from_spec(spec, world: World) -> ZOParallel:
         from .first_order import check_method
 
         check_method(method.cls, spec.parallel.fo)
-        return _unsharded_best_refused(ZOParallel(spec.parallel.fo, world), spec)
+        return ZOParallel(spec.parallel.fo, world)
     if mode == "shard":
-        return _unsharded_best_refused(ZOParallel(mode, world), spec)
+        return ZOParallel(mode, world)
     if not issubclass(method.cls, MeZO):
         raise ZobenchError(f"optimizer={method.name} does not run under torchrun; use one process")
     q = method.settings.q
@@ -88,14 +88,6 @@ def from_spec(spec, world: World) -> ZOParallel:
         raise ZobenchError(f"parallel.zo=directions spreads {q_key}={q} directions over {world.size} ranks: "
                            f"set {q_key} to a multiple of {world.size} (or use parallel.zo=data)")
     return ZOParallel(mode, world)
-
-
-def _unsharded_best_refused(plan: ZOParallel, spec) -> ZOParallel:
-    """best_weights.py's rule for FSDP2 shards, before anything loads."""
-    from ..best_weights import check_keep_best
-
-    check_keep_best(spec.train.keep_best, plan.mode in SHARDED)
-    return plan
 
 
 class Exchange:
