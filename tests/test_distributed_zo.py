@@ -246,7 +246,7 @@ def test_sharded_modes_through_the_command_line_equal_one_process(tmp_path, mode
         assert_same_run(one, two)
         return
     # first-order: the logged (whole-batch) losses and the weights within 1e-5, tests/test_distributed_fo.py's
-    # bound for FSDP2 Adam (its reductions round otherwise); the trajectory holds rank 0's own share's losses
+    # bound for FSDP2 Adam (its reductions round otherwise); the trajectory's: tests/test_distributed_fo_fp16.py
     logged = [[line["loss"] for line in map(json.loads, (f / "log.jsonl").read_text().splitlines())
                if line["event"] == "train"] for f in (one, two)]
     assert len(logged[0]) == len(logged[1]) == 3 and max(abs(a - b) for a, b in zip(*logged)) <= 1e-5
