@@ -168,30 +168,17 @@ def test_a_killed_sharded_addax_run_resumes_where_an_uninterrupted_one_ends(tmp_
     """shard mode, AdaMeZO as the ZO half (its history is state): rank 1 SIGKILLed mid-way ends the job; `resume=`
     under torchrun restores each rank's shards, the ZO half's state and the loss scaler, and ends bit for bit
     where the uninterrupted 2-rank run ends."""
-    import signal
-    import time
-
     import torch
     from safetensors.torch import load_file
 
-    from test_distributed_zo import _rank_pid, losses, torchrun
+    from test_distributed_zo import losses, signal_rank_when, torchrun, trajectory_lines
 
     run = [*QUICK_RUN, "train.steps=12", "checkpoint.every=1", "parallel.zo=shard", "optimizer.zo=adamezo",
            "+optimizer.zo_options.horizon=2"]
     killed = tmp_path / "killed"
     job = torchrun(*run, f"hydra.run.dir={killed}", wait=False)
-    try:
-        deadline = time.monotonic() + 180
-        while not ((killed / "trajectory.jsonl").exists()
-                   and len((killed / "trajectory.jsonl").read_text().splitlines()) >= 4):
-            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read() if job.poll() else ""
-            time.sleep(0.05)
-        os.kill(_rank_pid(job.pid, 1), signal.SIGKILL)
-        job.wait(timeout=60)
-        assert job.returncode != 0
-    finally:
-        if job.poll() is None:
-            job.kill()
+    signal_rank_when(job, lambda: trajectory_lines(killed) >= 4)
+    assert job.returncode != 0
     metrics = json.loads((killed / "metrics.json").read_text())
     assert metrics["status"] in ("failed", "interrupted") and 4 <= metrics["steps"] < 12
     resumed = torchrun(f"resume={killed}")

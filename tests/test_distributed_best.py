@@ -141,24 +141,12 @@ def test_a_resumed_sharded_run_tests_the_best_shards_saved_before_the_stop(tmp_p
     back under it: measured over 30 steps in one process) and a checkpoint that records it were saved;
     `resume=` under torchrun tests that best: the test figures and the saved model are the uninterrupted run's,
     bit for bit."""
-    import signal
-    import time
-
-    from test_distributed_zo import _rank_pid
+    from test_distributed_zo import signal_rank_when
 
     words = [*RUN, *method, "train.steps=30", "checkpoint.every=1", "train.keep_best=disk"]
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     job = torchrun(*words, f"hydra.run.dir={killed}", wait=False)
-    try:
-        deadline = time.monotonic() + 180
-        while recorded_step(killed) < best + 2:
-            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read() if job.poll() else ""
-            time.sleep(0.05)
-        os.kill(_rank_pid(job.pid, 1), signal.SIGKILL)
-        job.wait(timeout=60)
-    finally:
-        if job.poll() is None:
-            job.kill()
+    signal_rank_when(job, lambda: recorded_step(killed) >= best + 2)
     stopped = json.loads((killed / "metrics.json").read_text())
     assert stopped["status"] in ("failed", "interrupted") and stopped["steps"] < 30
     assert sorted(p.name for p in killed.glob("best_weights*")) == ["best_weights.rank0.safetensors",

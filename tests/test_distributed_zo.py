@@ -139,25 +139,38 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
+def signal_rank_when(job, ready, sig: int = signal.SIGKILL, rank: int = 1, within: float = 180,
+                     wait: float = 60) -> float:
+    """Once `ready()` holds, sends `sig` to torchrun `job`'s worker `rank` and waits for the job to end (killing
+    it if it outlives `wait`); returns the seconds from the signal to the job's end."""
+    try:
+        deadline = time.monotonic() + within
+        while not ready():
+            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read() if job.poll() else ""
+            time.sleep(0.05)
+        os.kill(_rank_pid(job.pid, rank), sig)
+        sent = time.monotonic()
+        job.wait(timeout=wait)
+        return time.monotonic() - sent
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+
+def trajectory_lines(folder: Path) -> int:
+    """The steps a run's trajectory holds so far (0 before it exists)."""
+    path = folder / "trajectory.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_job_and_the_run_resumes_where_an_uninterrupted_one_ends(tmp_path):
     run = QUICK + ["optimizer=mezo", "train.steps=40", "train.eval_interval=0", "checkpoint.every=1",
                    "save_model=true"]
     killed = tmp_path / "killed"
     job = torchrun(*run, f"hydra.run.dir={killed}", wait=False)
-    try:
-        deadline = time.monotonic() + 180
-        while not ((killed / "trajectory.jsonl").exists()
-                   and len((killed / "trajectory.jsonl").read_text().splitlines()) >= 3):
-            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read() if job.poll() else ""
-            time.sleep(0.05)
-        os.kill(_rank_pid(job.pid, 1), signal.SIGKILL)
-        ended = time.monotonic()
-        job.wait(timeout=60)  # every rank ends within a minute
-        assert time.monotonic() - ended < 60 and job.returncode != 0
-    finally:
-        if job.poll() is None:
-            job.kill()
+    assert signal_rank_when(job, lambda: trajectory_lines(killed) >= 3) < 60  # every rank ends within a minute
+    assert job.returncode != 0
     metrics = json.loads((killed / "metrics.json").read_text())
     assert metrics["status"] in ("failed", "interrupted") and metrics["steps"] < 40
     resumed = torchrun(f"resume={killed}")
@@ -224,6 +237,22 @@ def test_loss_parts_of_a_batchs_slices_add_up_to_its_loss(quick_cfg, classificat
     assert float(denominator) == (5 if classification else float(sum(
         collate(examples, tokenizer.pad_token_id, False).option_mask[:, 1:].sum(dim=1))))
     assert abs(float(numerator / denominator) - float(whole)) <= 1e-6 * max(1.0, float(whole))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["data", "directions", "shard"])
+@pytest.mark.parametrize("optimizer", ["zo_sgd_sign", "zo_sgd_sign_plain"])
+def test_zo_sign_methods_in_every_mode_equal_one_process(tmp_path, mode, optimizer):
+    """ZO-Bench's sign methods (ZO-SignAdamW, ZO-SGD-Sign) in each parallel.zo mode end where one process ends
+    (directions: q=2, one direction per rank); the replicas of data and directions stay bit-identical."""
+    words = [*FEW, f"optimizer={optimizer}", "optimizer.lr=1e-4", "optimizer.q=2", "train.keep_best=host"]
+    two = tmp_path / "two"
+    result = torchrun(*words, f"parallel.zo={mode}", f"hydra.run.dir={two}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_same_run(one_process(tmp_path, "one", *words), two)
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert metrics["parallel"] == f"zo={mode}"
+    assert metrics["replicas_identical"] is (None if mode == "shard" else True)
 
 
 @pytest.mark.slow

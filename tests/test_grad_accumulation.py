@@ -81,15 +81,16 @@ def test_bad_accumulation_counts_are_refused_and_old_configs_read_as_one(quick_c
     assert RunSpec.from_received(older).train.grad_accumulation == 1
 
 
-def test_the_trajectory_records_the_whole_batchs_loss_once_per_step(quick_cfg, tmp_path):
-    """A run with grad_accumulation=2: each trajectory line holds one loss, the whole batch's mean that
-    log.jsonl has too (not the two micro-batches' means); two forward and backward passes per step."""
+@pytest.mark.parametrize("parts", [2, 3])
+def test_the_trajectory_records_the_whole_batchs_loss_once_per_step(quick_cfg, tmp_path, parts):
+    """A run with grad_accumulation=2 or 3: each trajectory line holds one loss, the whole batch's mean that
+    log.jsonl has too (not the micro-batches' means); a forward and backward pass per part each step."""
     from zobench.run import run
 
     cfg = quick_cfg("optimizer=adam", "optimizer.lr=1e-4", "train.steps=3", "train.eval_interval=0",
-                    "data.n_dev=2", "data.n_test=2", "train.grad_accumulation=2")
+                    "data.n_dev=2", "data.n_test=2", f"train.grad_accumulation={parts}")
     metrics = run(cfg, tmp_path)
-    assert metrics["status"] == "completed" and metrics["backward_passes"] == 6
+    assert metrics["status"] == "completed" and metrics["backward_passes"] == 3 * parts, metrics["error"]
     trajectory = [json.loads(line)["losses"] for line in (tmp_path / "trajectory.jsonl").read_text().splitlines()]
     logged = [line["loss"] for line in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())
               if line["event"] == "train"]

@@ -270,23 +270,13 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path
     """SIGUSR2 to rank 1 alone (signals reach the ranks at different moments): both ranks of an FSDP2 Adam run
     stop after the same step, so rank 0 checkpoints its shards (a collective) and records `interrupted` instead of
     waiting in the next step's collectives; `resume=` ends where an uninterrupted run ends."""
-    from test_distributed_zo import _rank_pid
+    from test_distributed_zo import signal_rank_when, trajectory_lines
 
     run = QUICK + ["optimizer=adam", "optimizer.lr=1e-4", "train.keep_best=host", "train.steps=150",
                    "train.eval_interval=0", "checkpoint.every=1000", "save_model=true"]
     stopped = tmp_path / "stopped"
     job = torchrun(*run, f"hydra.run.dir={stopped}", wait=False)
-    try:
-        deadline = time.monotonic() + 300
-        while not ((stopped / "trajectory.jsonl").exists()
-                   and len((stopped / "trajectory.jsonl").read_text().splitlines()) >= 20):
-            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read() if job.poll() else ""
-            time.sleep(0.05)
-        os.kill(_rank_pid(job.pid, 1), signal.SIGUSR2)
-        job.wait(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
+    signal_rank_when(job, lambda: trajectory_lines(stopped) >= 20, signal.SIGUSR2, within=300, wait=120)
     metrics = json.loads((stopped / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and 20 <= metrics["steps"] < 150, metrics["error"]
     assert json.loads((stopped / "checkpoint" / "state.json").read_text())["step"] == metrics["steps"]

@@ -35,6 +35,7 @@ class ZOParallel:
     parallel.fo (whose batch split is first_order.RankShare's)."""
     mode: str
     world: World
+    paired: bool = False  # Addax: each step's examples are a pair (B0, B1)
 
     @property
     def label(self) -> str:
@@ -52,9 +53,14 @@ class ZOParallel:
     def local(self, indices):
         """This rank's examples of a step (data mode: a contiguous slice, sizes differing by at most one). Addax's
         pair (B0, B1): B0 as any ZO batch, B1 sliced in every mode (in_place.py)."""
-        if isinstance(indices, tuple):
+        if not self.world.distributed or self.mode in FIRST_ORDER_MODES:
+            return indices  # one process; or a first-order method's micro-batches, already its rank's (RankShare)
+        if self.paired:
             zeroth, first = indices
-            return self.local(zeroth), self.world.share(first)
+            return self.local_zo(zeroth), self.world.share(first)
+        return self.local_zo(indices)
+
+    def local_zo(self, indices: list[int]) -> list[int]:
         return self.world.share(indices) if self.splits_batch else indices
 
 
@@ -65,7 +71,7 @@ def from_spec(spec, world: World) -> ZOParallel:
     from ..optim.base import EVALUATION_ONLY, FIRST_ORDER
     from ..optim.mezo import MeZO
 
-    method, q_key = spec.method, "optimizer.q"
+    method, q_key, paired = spec.method, "optimizer.q", False
     mode, kind = spec.parallel.zo, method.cls.kind
     if not world.distributed or kind == EVALUATION_ONLY:
         return ZOParallel(mode, world)  # one process, or nothing trained: every rank evaluates the same
@@ -73,21 +79,21 @@ def from_spec(spec, world: World) -> ZOParallel:
         from .in_place import check_split
 
         check_split(method.settings, mode, world)
-        method, q_key = zo_half(method.settings), "optimizer.zo_options.q"
+        method, q_key, paired = zo_half(method.settings), "optimizer.zo_options.q", True
     elif kind == FIRST_ORDER:
         from .first_order import check_method
 
         check_method(method.cls, spec.parallel.fo)
         return ZOParallel(spec.parallel.fo, world)
     if mode == "shard":
-        return ZOParallel(mode, world)
+        return ZOParallel(mode, world, paired)
     if not issubclass(method.cls, MeZO):
         raise ZobenchError(f"optimizer={method.name} does not run under torchrun; use one process")
     q = method.settings.q
     if mode == "directions" and q % world.size:
         raise ZobenchError(f"parallel.zo=directions spreads {q_key}={q} directions over {world.size} ranks: "
                            f"set {q_key} to a multiple of {world.size} (or use parallel.zo=data)")
-    return ZOParallel(mode, world)
+    return ZOParallel(mode, world, paired)
 
 
 class Exchange:
