@@ -164,17 +164,20 @@ def test_a_two_rank_addax_run_equals_one_process_and_replay_refuses_it_in_one_li
 
 
 @pytest.mark.slow
-def test_a_killed_sharded_addax_run_resumes_where_an_uninterrupted_one_ends(tmp_path):
-    """shard mode, AdaMeZO as the ZO half (its history is state): rank 1 SIGKILLed mid-way ends the job; `resume=`
-    under torchrun restores each rank's shards, the ZO half's state and the loss scaler, and ends bit for bit
-    where the uninterrupted 2-rank run ends."""
+@pytest.mark.parametrize("mode, half", [
+    ("shard", ["optimizer.zo=adamezo", "+optimizer.zo_options.horizon=2"]),
+    ("data", ["optimizer.zo=adamezo", "+optimizer.zo_options.horizon=2"]),
+    ("directions", ["optimizer.zo=mezo", "+optimizer.zo_options.q=2"])])
+def test_a_killed_addax_run_resumes_where_an_uninterrupted_one_ends(tmp_path, mode, half):
+    """Each mode (AdaMeZO as the ZO half where it can: its history is state): rank 1 SIGKILLed mid-way ends the
+    job; `resume=` under torchrun restores the weights (each rank's shards in shard mode), the ZO half's state and
+    the loss scaler, and ends bit for bit where the uninterrupted 2-rank run ends."""
     import torch
     from safetensors.torch import load_file
 
     from test_distributed_zo import losses, signal_rank_when, torchrun, trajectory_lines
 
-    run = [*QUICK_RUN, "train.steps=12", "checkpoint.every=1", "parallel.zo=shard", "optimizer.zo=adamezo",
-           "+optimizer.zo_options.horizon=2"]
+    run = [*QUICK_RUN, "train.steps=12", "checkpoint.every=1", f"parallel.zo={mode}", *half]
     killed = tmp_path / "killed"
     job = torchrun(*run, f"hydra.run.dir={killed}", wait=False)
     signal_rank_when(job, lambda: trajectory_lines(killed) >= 4)
