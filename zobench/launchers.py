@@ -30,9 +30,11 @@ def survive_dead_workers() -> None:
         from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
     except ImportError:  # the `cluster` extra is not installed: no joblib sweeps
         return
-    if getattr(JoblibLauncher.launch, "survives_dead_workers", False):
-        return
-    one_call = JoblibLauncher.launch
+    _wrap_once(JoblibLauncher, "launch", _surviving_dead_workers)
+
+
+def _surviving_dead_workers(one_call):
+    """JoblibLauncher.launch, which launches the sweep again when one of its workers died."""
 
     def launch(self, job_overrides, initial_job_idx):
         from hydra.core.utils import JobReturn, JobStatus
@@ -56,8 +58,7 @@ def survive_dead_workers() -> None:
                 returns.append(JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=error))
         return returns
 
-    launch.survives_dead_workers = True
-    JoblibLauncher.launch = launch
+    return launch
 
 
 def _worker_died(error: BaseException) -> bool:
@@ -70,9 +71,11 @@ def task_ranks() -> None:
         from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
     except ImportError:  # the `cluster` extra is not installed: no submitit sweeps
         return
-    if getattr(BaseSubmititLauncher.__call__, "task_ranks", False):
-        return
-    one_task = BaseSubmititLauncher.__call__
+    _wrap_once(BaseSubmititLauncher, "__call__", _as_ranks)
+
+
+def _as_ranks(one_task):
+    """BaseSubmititLauncher.__call__ (one task's Hydra job), run as its rank of the job's one run."""
 
     def __call__(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state):
         from .parallel.launch import scratch_folder
@@ -85,5 +88,15 @@ def task_ranks() -> None:
                                f"hydra.job_logging.handlers.file.filename='{log_file}'"]
         return one_task(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
 
-    __call__.task_ranks = True
-    BaseSubmititLauncher.__call__ = __call__
+    return __call__
+
+
+def _wrap_once(owner: type, name: str, wrap) -> None:
+    """Replaces `owner.name` by `wrap(owner.name)`, once: a second call (the CLI and a task both import this
+    module) finds it wrapped already."""
+    original = getattr(owner, name)
+    if getattr(original, "wrapped_by_zobench", False):
+        return
+    wrapped = wrap(original)
+    wrapped.wrapped_by_zobench = True
+    setattr(owner, name, wrapped)
