@@ -172,10 +172,7 @@ def test_a_killed_addax_run_resumes_where_an_uninterrupted_one_ends(tmp_path, mo
     """Each mode (AdaMeZO as the ZO half where it can: its history is state): rank 1 SIGKILLed mid-way ends the
     job; `resume=` under torchrun restores the weights (each rank's shards in shard mode), the ZO half's state and
     the loss scaler, and ends bit for bit where the uninterrupted 2-rank run ends."""
-    import torch
-    from safetensors.torch import load_file
-
-    from test_distributed_zo import losses, signal_rank_when, torchrun, trajectory_lines
+    from test_distributed_zo import assert_resumes_where_a_whole_run_ends, signal_rank_when, torchrun, trajectory_lines
 
     run = [*QUICK_RUN, "train.steps=12", "checkpoint.every=1", f"parallel.zo={mode}", *half]
     killed = tmp_path / "killed"
@@ -184,14 +181,7 @@ def test_a_killed_addax_run_resumes_where_an_uninterrupted_one_ends(tmp_path, mo
     assert job.returncode != 0
     metrics = json.loads((killed / "metrics.json").read_text())
     assert metrics["status"] in ("failed", "interrupted") and 4 <= metrics["steps"] < 12
-    resumed = torchrun(f"resume={killed}")
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    whole = tmp_path / "whole"
-    assert torchrun(*run, f"hydra.run.dir={whole}").returncode == 0
-    assert json.loads((killed / "metrics.json").read_text())["status"] == "completed"
-    assert losses(killed) == losses(whole)
-    first, second = (load_file(str(f / "model" / "model.safetensors")) for f in (killed, whole))
-    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert_resumes_where_a_whole_run_ends(killed, run, tmp_path / "whole")
 
 
 def test_what_addax_cannot_split_over_the_ranks_is_refused_in_one_line():

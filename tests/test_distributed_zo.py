@@ -162,6 +162,18 @@ def trajectory_lines(folder: Path) -> int:
     path = folder / "trajectory.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
 
+def assert_resumes_where_a_whole_run_ends(stopped: Path, run: list[str], whole: Path) -> None:
+    """`resume=` of the stopped 2-rank run completes, and its losses and saved weights are those of the same run
+    uninterrupted (into `whole`), bit for bit."""
+    resumed = torchrun(f"resume={stopped}")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert torchrun(*run, f"hydra.run.dir={whole}").returncode == 0
+    assert json.loads((stopped / "metrics.json").read_text())["status"] == "completed"
+    assert losses(stopped) == losses(whole)
+    first, second = (load_file(str(f / "model" / "model.safetensors")) for f in (stopped, whole))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_job_and_the_run_resumes_where_an_uninterrupted_one_ends(tmp_path):
@@ -173,14 +185,7 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_where_an_uninterrupted_o
     assert job.returncode != 0
     metrics = json.loads((killed / "metrics.json").read_text())
     assert metrics["status"] in ("failed", "interrupted") and metrics["steps"] < 40
-    resumed = torchrun(f"resume={killed}")
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    whole = tmp_path / "whole"
-    assert torchrun(*run, f"hydra.run.dir={whole}").returncode == 0
-    assert json.loads((killed / "metrics.json").read_text())["status"] == "completed"
-    assert losses(killed) == losses(whole)
-    first, second = (load_file(str(f / "model" / "model.safetensors")) for f in (killed, whole))
-    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert_resumes_where_a_whole_run_ends(killed, run, tmp_path / "whole")
 
 
 def test_what_cannot_run_over_ranks_is_refused_in_one_line(tmp_path):

@@ -148,21 +148,6 @@ def test_a_two_task_submitit_job_is_the_two_rank_torchrun_run_bit_for_bit(tmp_pa
     assert run_files(job) == run_files(two)
 
 
-def _task_pids(sweep_dir: Path) -> list[int]:
-    """The pids of submitit's task processes (`python -u -m submitit.core._submit FOLDER`) of this sweep."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"submitit.core._submit" in command and any(str(sweep_dir).encode() in part for part in command):
-            pids.append(int(entry.name))
-    return pids
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [["optimizer=mezo"],  # ZO data mode; FSDP2 Adam: sharded checkpoints
                                     ["optimizer=adam", "optimizer.lr=1e-4", "train.keep_best=host"]])
@@ -172,6 +157,8 @@ def test_a_two_task_job_signalled_before_its_time_limit_is_requeued_as_one_job_a
     stop after the same step, rank 0 records `interrupted` with its checkpoint and requeues the job (all its tasks:
     exit 144, which the local controller restarts as `scontrol requeue` does); the restarted tasks resume as 2 ranks
     and end where an uninterrupted 2-rank run ends, bit for bit."""
+    from test_requeue import submitit_tasks
+
     run = QUICK + [*method, "train.steps=150", "train.eval_interval=0", "checkpoint.every=1000", "save_model=true"]
     sweep_dir = tmp_path / "sweep"
     launcher = sweep(*run, "hydra.launcher.timeout_min=30", f"hydra.sweep.dir={sweep_dir}", wait=False)
@@ -182,7 +169,7 @@ def test_a_two_task_job_signalled_before_its_time_limit_is_requeued_as_one_job_a
                     and len((folder / "trajectory.jsonl").read_text().splitlines()) >= 20)):
             assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-3000:]
             time.sleep(0.05)
-        tasks = _task_pids(sweep_dir)
+        tasks = submitit_tasks(str(sweep_dir))
         assert len(tasks) == 2
         for pid in tasks:  # as the controller does signal_delay_s before the limit
             os.kill(pid, signal.SIGUSR2)

@@ -20,9 +20,10 @@ from test_resume import SETTINGS, _log_without_clock, _start, _wait_for_steps
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
 
-def _submitit_task(marker: str) -> int | None:
-    """The pid of submitit's task process (`python -u -m submitit.core._submit FOLDER`) whose folder holds
-    `marker`: the process submitit's own Job._interrupt() signals."""
+def submitit_tasks(marker: str) -> list[int]:
+    """The pids of submitit's task processes (`python -u -m submitit.core._submit FOLDER`) whose folder holds
+    `marker`: the processes submitit's own Job._interrupt() signals."""
+    pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -31,8 +32,8 @@ def _submitit_task(marker: str) -> int | None:
         except OSError:
             continue
         if b"submitit.core._submit" in command and any(marker.encode() in part for part in command):
-            return int(entry.name)
-    return None
+            pids.append(int(entry.name))
+    return pids
 
 
 @pytest.mark.slow
@@ -49,7 +50,7 @@ def test_a_submitit_job_signalled_with_sigusr2_is_requeued_and_ends_as_one_unint
             time.sleep(0.1)
         assert run_dir is not None, launcher.stderr.read() if launcher.poll() is not None else "no run folder"
         _wait_for_steps(run_dir, 50, launcher)
-        task = _submitit_task(str(sweep))
+        task = next(iter(submitit_tasks(str(sweep))), None)
         assert task is not None
         os.kill(task, signal.SIGUSR2)  # what submitit's controller sends signal_delay_s before the time limit
         assert launcher.wait(timeout=900) == 0, launcher.stderr.read()[-3000:]
