@@ -32,8 +32,7 @@ import math
 
 import torch
 
-from ..errors import Diverged, ZobenchError
-from ..models import trained_parameters
+from ..errors import ZobenchError
 from ..optim.engine import decays
 from ..optim.ip_sgd import InPlaceSGDStep, chunks, sum_on_one_device
 from .world import World
@@ -107,39 +106,27 @@ class ShardedSGDStep(InPlaceSGDStep):
         super().__init__(model, precision)
         self.exchange = exchange
 
-    def __call__(self, loss_fn, batch, lr: float, weight_decay: float = 0.0) -> float:
-        self.model.train()
-        named = list(trained_parameters(self.model).items())
-        for _, param in named:
-            param.grad = None
-        loss = loss_fn(batch)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise Diverged(f"loss is {value}")
-        scale = self.scaler.scale if self.scaler is not None else 1.0
+    # InPlaceSGDStep.__call__ takes the step's decisions (loss scale, overflow skip, clipping coefficient); only
+    # its two passes differ here: one backward through FSDP2, then the update of each rank's rows
+
+    def _norm_pass(self, named, scaled: torch.Tensor, scale: float) -> float:
+        scaled.backward()  # the one backward: FSDP2 reduce-scatters the gradients into the shards, held
+        norm = self._sharded_norm(named) / scale
+        if not math.isfinite(norm):  # the step is skipped (or the run diverged): no gradient is kept
+            _free_gradients(named)
+        return norm
+
+    def _update_pass(self, named, scaled: torch.Tensor, lr: float, weight_decay: float, factor: float) -> None:
         try:
-            (loss * scale if scale != 1.0 else loss).backward()
-            coefficient = 1.0
-            if self.scaler is not None or self.clip is not None:  # as InPlaceSGDStep's norm pass decides
-                norm = self.grad_norm = self._sharded_norm(named) / scale
-                if not math.isfinite(norm):
-                    if self.scaler is None:
-                        raise Diverged(f"gradient norm is {norm}")
-                    self.scaler.update(overflow=True)  # every rank sees the same norm: all skip this step
-                    return value
-                if self.clip is not None:
-                    coefficient = min(1.0, self.clip / (norm + 1e-6))
+            if all(param.grad is None for _, param in named):  # no norm was needed: the backward is this one
+                scaled.backward()
             with torch.no_grad():
                 for name, param in named:
                     if param.grad is not None:
                         self.apply(_rows(name, param), _rows(name, param.grad), lr,
-                                   weight_decay if decays(name) else 0.0, coefficient / scale)
+                                   weight_decay if decays(name) else 0.0, factor)
         finally:
-            for _, param in named:
-                param.grad = None  # the sharded gradients go as soon as the step is taken
-        if self.scaler is not None:
-            self.scaler.update(overflow=False)
-        return value
+            _free_gradients(named)  # the sharded gradients go as soon as the step is taken
 
     @torch.no_grad()
     def _sharded_norm(self, named) -> float:
@@ -162,6 +149,11 @@ def _gather_buffers_outside_inference_mode(model: torch.nn.Module) -> None:
         if isinstance(module, FSDPModule):
             module.unshard()
     reshard_all(model)
+
+
+def _free_gradients(named) -> None:
+    for _, param in named:
+        param.grad = None
 
 
 def _rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
