@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .best_weights import FILE as BEST_WEIGHTS
 from .errors import RefusedInput, ZobenchError
 from .models import trained_parameters
 from .parallel import sharded_checkpoint as shards
@@ -306,11 +307,6 @@ def check_z_source(optimizer, records: list[dict[str, Any]], path: Path, doing: 
                            f"precision.zo_generator=portable")
 
 
-def _tensors(saved) -> dict[str, torch.Tensor]:
-    """A file's tensors, or a callable that gets them (a rank's shards, received as rank 0 writes them)."""
-    return saved() if callable(saved) else saved
-
-
 # -- the checkpoint folder: safetensors files and their manifest (state.json) -----------------------------
 def write_checkpoint(directory: RunDir, step: int, state: dict[str, Any],
                      tensors: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -320,7 +316,7 @@ def write_checkpoint(directory: RunDir, step: int, state: dict[str, Any],
     def write(folder: Path) -> None:
         files = {}
         for name, named in tensors.items():
-            named = _tensors(named)  # a rank's shards arrive as rank 0 writes them (sharded_checkpoint.py)
+            named = shards.tensors_of(named)  # a rank's shards arrive as rank 0 writes them
             size, digest = write_safetensors(folder / name, named, directory.file_metadata(step))
             files[name] = {"bytes": size, "sha256": digest}
         atomic_write_text(folder / MANIFEST, json.dumps({"format": CHECKPOINT_FORMAT, "run_id": directory.run_id,
@@ -449,7 +445,7 @@ def _check_job(job: dict[str, Any]) -> None:
         if "files" in best:  # FSDP2: a file per rank (best_weights.py), named as it names them
             files = _expect(best["files"], dict, "state.job.best_weights.files")
             ranks = range(min(len(files), _MAX_RANKS))
-            if set(files) != {shards.rank_file("best_weights.safetensors", r) for r in ranks}:
+            if set(files) != {shards.rank_file(BEST_WEIGHTS, r) for r in ranks}:
                 raise _Bad("state.job.best_weights.files", "best_weights.rank<r>.safetensors for r = 0, 1, …")
             for name, entry in files.items():
                 _file_entry(entry, f"state.job.best_weights.files.{name}")

@@ -52,7 +52,7 @@ def full_weights(model: torch.nn.Module, keep: bool = True, trained_only: bool =
     for name, param in model.named_parameters():
         if trained_only and not param.requires_grad:
             continue
-        whole = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach()
+        whole = _whole(param)
         if keep:
             weights[name] = whole.cpu().clone()
     return weights
@@ -170,6 +170,12 @@ def gather_files(files: dict[str, dict[str, torch.Tensor]], world) -> dict[str, 
     return gathered
 
 
+def tensors_of(saved) -> dict[str, torch.Tensor]:
+    """One file's tensors in gather_files' answer: the tensors, or a callable that receives them (a rank's shards,
+    received as rank 0 writes them)."""
+    return saved() if callable(saved) else saved
+
+
 # -- files of one kind per rank, outside a checkpoint (best_weights.py's best-on-dev shards) ---------------------
 def write_rank_files(name: str, tensors: dict[str, torch.Tensor], world, folder, metadata: dict[str, str]) \
         -> dict[str, dict] | None:
@@ -185,7 +191,7 @@ def write_rank_files(name: str, tensors: dict[str, torch.Tensor], world, folder,
     written: dict[str, dict] = {}
     for file, saved in gathered.items():
         def write(tmp, file=file, saved=saved):
-            size, digest = write_safetensors(tmp, saved() if callable(saved) else saved, metadata)
+            size, digest = write_safetensors(tmp, tensors_of(saved), metadata)
             written[file] = {"bytes": size, "sha256": digest}
 
         atomic_write(folder / file, write)
