@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..errors import Interrupted, ZobenchError
+from .sharded_checkpoint import local
 from .zo_shard import local_piece
 
 INDEX = "model.safetensors.index.json"
@@ -194,7 +195,7 @@ def fill(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch
     sources = key_map(model, files)
     aliases = _aliases(model)
     # drawn at init, not read: an adapter's parameters (adapters_drawn_on_host), this rank's rows kept
-    drawn = {name: _local(param).detach().clone() for name, param in model.named_parameters()
+    drawn = {name: local(param).detach().clone() for name, param in model.named_parameters()
              if param.device.type != "meta"}
     wanted: dict[Path, list[tuple[str, str]]] = defaultdict(list)  # file: (parameter or buffer, key), by file
     for name, names in aliases.items():
@@ -224,13 +225,8 @@ def fill(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch
         if base_name(name) not in sources:  # computed at init (LLaMA's inv_freq): the skeleton's value
             model.get_buffer(name).copy_(value)
     for name, value in drawn.items():
-        _local(model.get_parameter(name)).copy_(value)
+        local(model.get_parameter(name)).copy_(value)
     return read
-
-
-def _local(param: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of a sharded parameter (a view: writing it writes the shard), or the tensor itself."""
-    return param.to_local() if hasattr(param, "to_local") else param
 
 
 def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -260,14 +256,14 @@ def _read_rows(name: str, param: torch.Tensor, source, key: str, dtype: torch.dt
                            f"the checkpoint does not fit model.path's config")
     piece = local_piece(name, param)
     if piece is None:
-        local, first, count = param, 0, param.shape[0] if param.dim() else None
+        mine, first, count = param, 0, param.shape[0] if param.dim() else None
     else:
-        local, start, _ = piece
+        mine, start, _ = piece
         row = max(1, math.prod(param.shape[1:]))
-        first, count = start // row, local.shape[0] if param.dim() else None
+        first, count = start // row, mine.shape[0] if param.dim() else None
     if count == 0:
         return 0  # this rank holds none of its rows
     rows = source[first:first + count] if count is not None else source[:]
     # from_pretrained's cast (stored -> the run's dtype), then the parameter's own (fp32 master weights)
-    local.copy_(rows.to(dtype).to(local.dtype))
+    mine.copy_(rows.to(dtype).to(mine.dtype))
     return rows.numel() * rows.element_size()
