@@ -29,6 +29,7 @@ import torch
 
 from ..errors import Diverged, ZobenchError
 from ..models import trained_parameters
+from ..parallel.sharded_checkpoint import local, shard_state_like_params
 from .base import Optimizer
 from .engine import decays
 from .hf_adamw import HFAdamW
@@ -76,7 +77,7 @@ class TorchOptimizer(Optimizer):
         named = list(trained_parameters(model).items())
         self.autocast_dtype = policy.weights if policy.half and policy.master_weights else None
         if self.autocast_dtype is not None:
-            _to_fp32(named)
+            to_fp32(named)
         elif policy.weights == torch.float16:
             raise ZobenchError(
                 f"optimizer.torch_class={name} on float16 weights needs fp32 master weights: add "
@@ -163,8 +164,6 @@ class TorchOptimizer(Optimizer):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        from ..parallel.sharded_checkpoint import shard_state_like_params
-
         shard_state_like_params(self.optimizer)  # FSDP2: the loaded local shards laid out as the parameters
         if self.scaler is not None and "loss_scaler" in state:
             self.scaler.load_state_dict(state["loss_scaler"])
@@ -184,13 +183,13 @@ def clip_gradients(params, max_norm: float | None) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    device = _local(grads[0]).device
+    device = local(grads[0]).device
     sums = {kind: torch.zeros((), dtype=torch.float64, device=device) for kind in ("shards", "whole")}
     for grad in grads:
-        local = _local(grad)
-        for part in local.reshape(-1).split(NORM_CHUNK):
-            sums["whole" if local is grad else "shards"] += part.double().square().sum().to(device)
-    if any(_local(grad) is not grad for grad in grads):  # every rank adds the other ranks' shards
+        mine = local(grad)
+        for part in mine.reshape(-1).split(NORM_CHUNK):
+            sums["whole" if mine is grad else "shards"] += part.double().square().sum().to(device)
+    if any(local(grad) is not grad for grad in grads):  # every rank adds the other ranks' shards
         import torch.distributed as dist
 
         dist.all_reduce(sums["shards"])
@@ -202,13 +201,8 @@ def clip_gradients(params, max_norm: float | None) -> float:
     return norm
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (FSDP2's gradients); a plain tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 @torch.no_grad()
-def _to_fp32(named) -> None:
+def to_fp32(named) -> None:
     """Master weights: the trained parameters become fp32 in place (same Parameter objects, so tied
     weights stay tied and the runner's checkpoints and best-weights copies see the fp32 values)."""
     for _, param in named:

@@ -36,6 +36,7 @@ from ..errors import ZobenchError
 from ..models import trained_parameters
 from ..objective import loss_terms
 from ..optim.base import FIRST_ORDER
+from ..optim.first_order import to_fp32
 from .world import World
 
 
@@ -92,7 +93,7 @@ def parallelize(model: torch.nn.Module, method_class: type, world: World, parall
         return Parallel(world)
     check_method(method_class, parallel.fo)
     if precision.half and precision.master_weights:
-        _to_fp32(model)  # the master weights are what FSDP shards (and DDP replicates): fp32 before wrapping
+        to_fp32(trained_parameters(model).items())  # the master weights are what FSDP shards (and DDP replicates): fp32 before wrapping
     if parallel.fo == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -109,14 +110,6 @@ def parallelize(model: torch.nn.Module, method_class: type, world: World, parall
     # reshard after every forward, the root included: a unit left gathered after an evaluation would serve the
     # next forward its stale copy of weights changed since (a restore, a step) -- issue 20's g = -1.15 for -0.39
     return Parallel(world, "fsdp", shard(model, policy, reshard_after_forward=True))
-
-
-@torch.no_grad()
-def _to_fp32(model: torch.nn.Module) -> None:
-    """As first_order._to_fp32 does in one process: the trained parameters become fp32 (same Parameters)."""
-    for param in trained_parameters(model).values():
-        if param.dtype != torch.float32:
-            param.data = param.data.float()
 
 
 @dataclass(frozen=True)
