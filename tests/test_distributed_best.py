@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_distributed_zo import run_files, torchrun
+from test_distributed_zo import both_ways, run_files, torchrun
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
@@ -29,16 +29,8 @@ WORKER = Path(__file__).with_name("distributed_best_worker.py")
 
 
 def both(tmp_path: Path, *words: str) -> tuple[Path, Path]:
-    """The run over 2 ranks (`torchrun -m zobench`) and in one process (zobench.run.run, as the CLI's job)."""
-    from zobench.configs import compose
-    from zobench.run import run
-
-    two, one = tmp_path / "two", tmp_path / "one"
-    result = torchrun(*RUN, *words, f"hydra.run.dir={two}")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    one.mkdir()
-    assert run(compose(RUN + list(words)), one)["status"] == "completed"
-    return one, two
+    """The run in one process (zobench.run.run, as the CLI's job) and over 2 ranks (`torchrun -m zobench`)."""
+    return both_ways(tmp_path, *RUN, *words)
 
 
 def figures_of_test(folder: Path) -> tuple[dict, dict]:

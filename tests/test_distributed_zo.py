@@ -34,13 +34,26 @@ def torchrun(*args: str, timeout: float = 240, wait: bool = True):
 
 def one_process(tmp_path: Path, name: str, *overrides: str) -> Path:
     """The same run in this process (zobench.run.run, as the CLI's job calls it)."""
+    return run_here(tmp_path / name, *FEW, *overrides)
+
+
+def run_here(folder: Path, *words: str) -> Path:
+    """The run of `words` (all its overrides) in this process, into `folder`, completed."""
     from zobench.configs import compose
     from zobench.run import run
 
-    folder = tmp_path / name
     folder.mkdir()
-    assert run(compose(FEW + list(overrides)), folder)["status"] == "completed"
+    assert run(compose(list(words)), folder)["status"] == "completed"
     return folder
+
+
+def both_ways(tmp_path: Path, *words: str) -> tuple[Path, Path]:
+    """(one process, 2 ranks): the run folders of the run of `words` (all its overrides) in this process and
+    under `torchrun --nproc_per_node=2`."""
+    two = tmp_path / "two"
+    result = torchrun(*words, f"hydra.run.dir={two}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_here(tmp_path / "one", *words), two
 
 
 def losses(folder: Path) -> list[list[float]]:

@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_distributed_zo import losses, torchrun
+from test_distributed_zo import both_ways, losses
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
@@ -42,14 +42,7 @@ DATA_BOUNDS = {"mezo": (1e-4, 2e-3, 1.0), "zo_adam": (1e-6, 1e-4, 0.002)}
 
 def both(tmp_path: Path, *words: str) -> tuple[Path, Path]:
     """(one process, 2 ranks) run folders of the same run."""
-    from zobench.configs import compose
-    from zobench.run import run
-
-    one, two = tmp_path / "one", tmp_path / "two"
-    result = torchrun(*FP16, *words, f"hydra.run.dir={two}")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    one.mkdir()
-    assert run(compose(FP16 + list(words)), one)["status"] == "completed"
+    one, two = both_ways(tmp_path, *FP16, *words)
     assert json.loads((two / "metrics.json").read_text())["replicas_identical"] is True
     return one, two
 
